@@ -1,0 +1,206 @@
+"""The `flashbench` command. Bad input: one line on stderr, exit status 2, nothing written."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bench.errors import UserError
+
+METHOD_SUMMARY = {
+    "teacher": "the multi-step teacher with DDIM / DPM-Solver++ / Euler / UniPC (training-free)",
+    "imagine-flash": "Imagine Flash: backward distillation + shifted reconstruction loss + noise correction + GAN",
+    "lcm": "latent consistency distillation (skipping-step DDIM solver, w-embedding, EMA target)",
+    "add": "adversarial diffusion distillation (hinge GAN on teacher features + score distillation)",
+    "progressive": "guided progressive distillation (Meng et al.): CFG distillation then halving rounds",
+    "dmd2": "distribution matching distillation v2 (fake score, two time-scale updates, GAN, backward simulation)",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"flashbench: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _int_csv(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers like 1,2,4; got {text!r}") from None
+    if not vals:
+        raise UserError(f"{what} must name at least one integer; got {text!r}")
+    return vals
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="flashbench", description="Few-step text-to-image distillation at fixed NFE budgets.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a suite (default: the default suite)")
+    r.add_argument("suite", nargs="?", default=None, help="suite name (see `flashbench list`) or a .toml path")
+    r.add_argument("--methods", help="comma-separated method names or labels of the suite to run")
+    r.add_argument("--nfe", help="comma-separated NFE budgets, replacing the suite's")
+    r.add_argument("--samples", type=int, help="number of prompts (the first N of the suite's set)")
+    r.add_argument("--seeds", help="comma-separated seeds")
+    r.add_argument("--out", type=Path, help="run directory (default results/<suite>-<time>); never overwritten")
+    r.add_argument("--resume", type=Path, metavar="RUN", help="finish an interrupted run in RUN")
+    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--cache", type=Path, help="cache of trained students and FID references "
+                   "(default $FLASHBENCH_CACHE or ~/.cache/flashbench)")
+    r.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sw = sub.add_parser("sweep", help="sweep Imagine Flash's SRL settings (rho, k) on validation prompts")
+    sw.add_argument("--rho", default="0.25,0.5,0.75,1.0", help="comma-separated values of rho in (0, 1]")
+    sw.add_argument("--k", default="1,2,4", help="comma-separated teacher step counts")
+    sw.add_argument("--samples", type=int, default=500)
+    sw.add_argument("--updates", type=int, help="student updates per setting (default: the method's)")
+    sw.add_argument("--out", type=Path)
+    sw.add_argument("--device", default="cpu")
+    sw.add_argument("--cache", type=Path)
+    sw.add_argument("--no-progress", action="store_true")
+
+    sub.add_parser("list", help="registered methods and available suites")
+
+    t = sub.add_parser("table", help="rebuild a run's tables, plots and grid overview from its results")
+    t.add_argument("run", type=Path)
+
+    tt = sub.add_parser("train-teacher", help="train the embedded shapes teacher (reproduces the shipped weights)")
+    tt.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
+    tt.add_argument("--steps", type=int)
+    tt.add_argument("--device", default="cpu")
+
+    te = sub.add_parser("train-evaluators", help="train the frozen evaluators (reproduces the shipped weights)")
+    te.add_argument("--out", type=Path, default=Path("artifacts/evaluators"))
+    return p
+
+
+def cmd_run(args) -> int:
+    from bench import runner, suite as suite_mod
+
+    if args.resume is not None:
+        import json
+
+        cfg = args.resume / runner.CONFIG_FILE
+        if not cfg.exists():
+            raise UserError(f"cannot resume {args.resume}: no {runner.CONFIG_FILE} there (not a flashbench run)")
+        s = suite_mod.parse_resolved(json.loads(cfg.read_text())["suite"])
+        out, resume = args.resume, True
+    else:
+        s = suite_mod.load(args.suite)
+        s = suite_mod.override(
+            s,
+            methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+            nfe=_int_csv(args.nfe, "--nfe") if args.nfe else None,
+            samples=args.samples,
+            seeds=_int_csv(args.seeds, "--seeds") if args.seeds else None,
+        )
+        out, resume = args.out, False
+    opts = runner.Options(out=out, device=args.device, cache=args.cache, resume=resume,
+                          progress=not args.no_progress, dry_run=args.dry_run)
+    path = runner.run(s, opts)
+    if path is not None:
+        print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")
+        print((path / "tables" / "main.md").read_text())
+    return 0
+
+
+def _float_csv(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip() != ""]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated numbers like 0.25,0.5; got {text!r}") from None
+    if not vals:
+        raise UserError(f"{what} must name at least one number; got {text!r}")
+    return vals
+
+
+def cmd_sweep(args) -> int:
+    from bench import runner, sweep
+
+    s = sweep.build(_float_csv(args.rho, "--rho"), _int_csv(args.k, "--k"), args.samples, args.updates)
+    opts = runner.Options(out=args.out, device=args.device, cache=args.cache, progress=not args.no_progress)
+    path = runner.run(s, opts)
+    print(sweep.write_table(path))
+    return 0
+
+
+def cmd_list(_args) -> int:
+    from bench.suite import available
+    from methods.base import names
+
+    print("methods:")
+    for n in names():
+        print(f"  {n:15s} {METHOD_SUMMARY.get(n, '')}")
+    print("suites:")
+    for name, path in available().items():
+        desc = ""
+        for line in path.read_text().splitlines():
+            if line.startswith("description"):
+                desc = line.split("=", 1)[1].strip().strip('"')
+                break
+        print(f"  {name:15s} {desc}")
+    return 0
+
+
+def cmd_table(args) -> int:
+    from bench import runner
+
+    path = runner.table_only(args.run)
+    print((path / "tables" / "main.md").read_text())
+    return 0
+
+
+def _fresh_out(out: Path, product: str) -> None:
+    if (out / product).exists():
+        raise UserError(f"{out / product} already exists; choose another --out")
+
+
+def cmd_train_teacher(args) -> int:
+    from methods.pretrain import TeacherTrainConfig, train_teacher
+
+    from bench.runner import check_device
+
+    check_device(args.device)
+    _fresh_out(args.out, "teacher.safetensors")
+    cfg = TeacherTrainConfig()
+    if args.steps is not None:
+        if args.steps < 1:
+            raise UserError(f"--steps must be a positive integer, got {args.steps}")
+        cfg.steps = args.steps
+    path = train_teacher(cfg, args.out, device=args.device)
+    print(f"teacher: {path}")
+    return 0
+
+
+def cmd_train_evaluators(args) -> int:
+    import json
+
+    from bench.evaluators import EvaluatorTrainConfig, train_evaluators
+
+    _fresh_out(args.out, "attribute_net.safetensors")
+    report = train_evaluators(EvaluatorTrainConfig(), args.out)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "table": cmd_table, "train-teacher": cmd_train_teacher,
+            "train-evaluators": cmd_train_evaluators}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except UserError as e:
+        print(f"flashbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("flashbench: interrupted; finished cells are kept — continue with `flashbench run --resume RUN`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The runner: suite -> trained/loaded methods -> samples -> metrics -> results/<run>/.
+
+Reading order: ``run()`` validates, opens the run directory, loads the teacher, evaluators and
+prompts, then ``_run_cell`` produces one results row per (method entry, NFE, seed). Rows are data
+(``results.jsonl``); tables, plots and grids are derived from them (``bench.tables``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from bench import io
+from bench.errors import UserError
+from bench.suite import Suite
+
+RESULTS_FILE = "results.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("FLASHBENCH_CACHE", Path.home() / ".cache" / "flashbench"))
+
+
+def git_hash() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("flashbench", "torch", "diffusers", "torchmetrics", "open_clip_torch", "numpy", "pandas"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def check_device(device: str) -> str:
+    import torch
+
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
+    return device
+
+
+class RunDir:
+    """results/<run>/: a lock against a second writer, atomic rows, derived tables."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = None
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    def create(self, resume: bool) -> None:
+        if self.path.exists() and not resume:
+            if any(self.path.iterdir()):
+                raise UserError(f"run directory {self.path} already exists; choose a new --out, or --resume it")
+        if resume and not (self.path / CONFIG_FILE).exists():
+            raise UserError(f"cannot resume {self.path}: it has no {CONFIG_FILE} (not a flashbench run)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock()
+
+    def lock(self) -> None:
+        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise UserError(f"run {self.path} is in use by another flashbench process; wait for it or use another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    def rows(self) -> list[dict]:
+        return load_rows(self.path)
+
+    def write_rows(self, rows: list[dict]) -> None:
+        io.write_text(self.results, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+
+
+def load_rows(run: Path) -> list[dict]:
+    path = Path(run) / RESULTS_FILE
+    if not path.exists():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{n}: corrupt results row; the file was not written by flashbench") from None
+    return rows
+
+
+def cell_key(label: str, nfe: int, seed: int) -> str:
+    return f"{label}|nfe={nfe}|seed={seed}"
+
+
+@dataclasses.dataclass
+class Options:
+    out: Path | None = None
+    device: str = "cpu"
+    cache: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    dry_run: bool = False
+
+
+def plan(suite: Suite) -> list[tuple]:
+    return [(e, n, s, seed) for e in suite.entries for n, s in zip(e.nfe, e.steps) for seed in suite.seeds]
+
+
+def run(suite: Suite, opts: Options) -> Path | None:
+    """Run a suite; returns the run directory (None for a dry run)."""
+    from prompts import load_prompts
+
+    # 1. validate everything before anything is written
+    check_device(opts.device)
+    prompts = load_prompts(suite.prompts)
+    if suite.samples > len(prompts):
+        raise UserError(f"samples = {suite.samples} but prompts {suite.prompts!r} has only {len(prompts)}")
+    prompts = prompts[: suite.samples]
+    cells = plan(suite)
+    if opts.dry_run:
+        for e, nfe, steps, seed in cells:
+            print(f"{e.label:32s} method={e.name:14s} steps={steps:<3d} nfe={nfe:<3d} seed={seed} n={suite.samples}")
+        print(f"{len(cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); nothing written (dry run)")
+        return None
+    from methods.shapes import ShapesBackbone
+
+    from bench.evaluators import load_evaluators
+
+    backbone = ShapesBackbone.load(opts.device)
+    evaluators = load_evaluators(opts.device)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
+    rd.create(opts.resume)
+    try:
+        return _run(suite, opts, rd, prompts, cells, backbone, evaluators)
+    finally:
+        rd.unlock()
+
+
+def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
+    import torch
+
+    from bench import metrics, tables
+    from methods import base
+    from prompts.loaders import prompt_sets
+
+    cache = Path(opts.cache or default_cache())
+    config = {
+        "suite": suite.to_dict(),
+        "versions": versions(),
+        "git": git_hash(),
+        "device": opts.device,
+        "threads": torch.get_num_threads(),
+        "teacher": backbone.identity(),
+        "evaluators": evaluators.identity(),
+        "prompt_set_sha256": prompt_sets().get(suite.prompts, {}).get("sha256"),
+    }
+    cfg_path = rd.path / CONFIG_FILE
+    if opts.resume and cfg_path.exists():
+        old = json.loads(cfg_path.read_text())
+        if old["suite"] != config["suite"]:
+            raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
+        config["started"] = old.get("started")
+        config["resumed"] = old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")]
+    else:
+        config["started"] = dt.datetime.now().isoformat(timespec="seconds")
+    io.write_json(cfg_path, config)
+
+    # 2. reference statistics (cached by content hash) and the real-vs-real floor
+    ref = None
+    if "fid" in suite.metrics:
+        ref = metrics.build_reference(prompts, evaluators.attr, evaluators.identity(), cache / "metrics")
+    floor_path = rd.path / "floor.json"
+    if ref is not None and not floor_path.exists():
+        floor = metrics.fid_floor(prompts, evaluators, ref)
+        io.write_json(floor_path, {"real_vs_real": floor, "n": len(prompts),
+                                   "what": "renders of the same prompts with other nuisance draws vs the reference"})
+
+    rows = rd.rows()
+    done = {cell_key(r["label"], r["nfe"], r["seed"]) for r in rows}
+    ctx = base.Context(cache_dir=cache / "students", device=opts.device, progress=opts.progress, scale=suite.scale)
+    protocol = _protocol(suite, config, ref, len(prompts))
+    t_run = time.time()
+    bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not opts.progress)
+    methods_by_label: dict[str, object] = {}
+    latency_by_cell: dict[tuple, dict] = {}
+    for entry, nfe, steps, seed in cells:
+        if cell_key(entry.label, nfe, seed) in done:
+            bar.update(1)
+            continue
+        if entry.label not in methods_by_label:
+            cls = base.get(entry.name)
+            methods_by_label[entry.label] = cls(backbone, cls.make_config(entry.settings, entry.label), ctx)
+        method = methods_by_label[entry.label]
+        bar.set_postfix_str(f"{entry.label} nfe={nfe} seed={seed}")
+        row = _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol,
+                        latency_by_cell, opts)
+        rows.append(row)
+        rd.write_rows(rows)
+        bar.update(1)
+    bar.close()
+    summary = {"wall_seconds_this_session": round(time.time() - t_run, 1), "cells": len(cells),
+               "finished": dt.datetime.now().isoformat(timespec="seconds")}
+    io.write_json(rd.path / "summary.json", summary)
+    tables.write_all(rd.path)
+    return rd.path
+
+
+def _protocol(suite: Suite, config: dict, ref, n: int) -> dict:
+    from bench.metrics import BOOTSTRAP, CI_LEVEL
+
+    ev = config["evaluators"]
+    return {
+        "prompts": {"set": suite.prompts, "sha256": config["prompt_set_sha256"], "n": n},
+        "fid": None if ref is None else {
+            "library": f"torchmetrics {config['versions'].get('torchmetrics')}",
+            "feature": ev["feature"], "feature_sha256": ev["attribute_net_sha256"],
+            "reference": {"key": ref.key, "n": ref.n, "images": "real renders (variant 0) of the same prompts"},
+            "resize": "none (native resolution)", "accumulation": "float64",
+        },
+        "clip_score": {"model": ev["clip_model"], "sha256": ev["clip_sha256"], "score": "100*max(cos,0)"},
+        "accuracy": {"evaluator": "attribute_net", "sha256": ev["attribute_net_sha256"]},
+        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL},
+        "teacher": config["teacher"],
+        "device": config["device"],
+        "dtype": "float32",
+    }
+
+
+def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol, latency_by_cell,
+              opts) -> dict:
+    import torch
+
+    from bench import latency, metrics, tables
+    from methods.training import DivergenceError
+
+    row = {
+        "suite": suite.name, "method": entry.name, "label": entry.label, "variant": entry.variant,
+        "settings": method.settings(), "steps": steps, "nfe": nfe, "seed": seed, "n_samples": len(prompts),
+        "protocol": protocol, "status": "ok", "error": None,
+    }
+    try:
+        # 1. train or load (cached by config hash)
+        info = method.prepare(nfe)
+        row["train"] = info.to_dict()
+        # 2. sample every prompt, counting network evaluations
+        t0 = time.time()
+        method.reset_nfe()
+        chunks = []
+        for i in tqdm(range(0, len(prompts), suite.batch_size), desc="  sample", leave=False,
+                      disable=not opts.progress):
+            batch = prompts[i : i + suite.batch_size]
+            chunks.append(method.sample([p.text for p in batch], [(p.id, seed) for p in batch], nfe).cpu())
+        images = torch.cat(chunks)
+        row["nfe_counted"] = method.counted_nfe() / len(prompts)
+        row["sample_seconds"] = round(time.time() - t0, 2)
+        if row["nfe_counted"] != nfe:
+            raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {nfe}")
+        if not torch.isfinite(images).all():
+            raise DivergenceError("samples", -1)
+        # 3. metrics
+        t0 = time.time()
+        row.update(metrics.evaluate(images, prompts, evaluators, ref))
+        row["eval_seconds"] = round(time.time() - t0, 2)
+        # 4. latency (once per method and budget; the same for every seed)
+        if "latency" in suite.metrics:
+            key = (entry.label, nfe)
+            if key not in latency_by_cell:
+                latency_by_cell[key] = latency.measure(method, prompts, nfe, suite.latency["throughput_batch"],
+                                                       opts.device, suite.latency["warmup"], suite.latency["repeats"])
+            row.update(latency_by_cell[key])
+        # 5. a sample grid of the first prompts
+        if seed == suite.seeds[0]:
+            tables.save_grid(images[: suite.grid], rd.path / "grids" / f"{entry.label}_nfe{nfe}.png")
+    except DivergenceError as e:
+        row.update(status="failed", error=f"diverged: {e}", failed_step=e.step)
+    return row
+
+
+def table_only(run_dir: Path) -> Path:
+    from bench import tables
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RESULTS_FILE).exists():
+        raise UserError(f"{run_dir} has no {RESULTS_FILE}; give a run directory written by `flashbench run`")
+    tables.write_all(run_dir)
+    return run_dir
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `flashbench run`")

@@ -1,0 +1,230 @@
+"""Suites: TOML files naming methods x budgets x metrics x sample count x seeds.
+
+    name = "default"
+    prompts = "shapes-eval"      # a shipped set or a prompt file
+    samples = 500                # the first N prompts of the set
+    seeds = [0]
+    batch_size = 250
+    metrics = ["fid", "clip_score", "accuracy", "latency"]
+
+    [[methods]]
+    name = "teacher"             # a registered method
+    label = "teacher-ddim"       # unique row label (defaults to the name)
+    steps = [1, 2, 4]            # or nfe = [2, 4, 8]
+    settings = { solver = "ddim" }
+
+Everything is validated before anything is loaded or written; errors are one-line UserErrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from bench.errors import UserError, unknown
+from methods import base
+
+SUITES_DIR = Path(__file__).parent / "suites"
+METRICS = ("fid", "clip_score", "accuracy", "latency")
+TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "batch_size", "metrics", "methods", "grid",
+            "latency", "train", "scale"}
+ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
+LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
+
+
+@dataclasses.dataclass
+class Entry:
+    name: str
+    label: str
+    settings: dict
+    nfe: list[int]
+    steps: list[int]
+    variant: str | None = None
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    description: str
+    prompts: str
+    samples: int
+    seeds: list[int]
+    batch_size: int
+    metrics: list[str]
+    entries: list[Entry]
+    grid: int = 16
+    latency: dict = dataclasses.field(default_factory=lambda: {"warmup": 2, "repeats": 7, "throughput_batch": 64})
+    train: dict = dataclasses.field(default_factory=dict)  # shared training settings (e.g. student_updates)
+    scale: float = 1.0
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def available() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SUITES_DIR.glob("*.toml"))}
+
+
+def _int_list(value, what: str, where: str, allow_zero: bool = False) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise UserError(f"{where}: {what} must be a non-empty list of integers, got {value!r}")
+    low = 0 if allow_zero else 1
+    bad = [v for v in value if v < low]
+    if bad:
+        raise UserError(f"{where}: {what} must be >= {low}, got {bad[0]}")
+    return list(value)
+
+
+def _positive_int(value, what: str, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UserError(f"{where}: {what} must be a positive integer, got {value!r}")
+    return value
+
+
+def load(spec: str | None) -> Suite:
+    """A suite by name (bench/suites/NAME.toml) or path; None is the default suite."""
+    spec = spec or "default"
+    suites = available()
+    path = suites.get(spec)
+    if path is None:
+        p = Path(spec)
+        if p.suffix == ".toml" and p.is_file():
+            path = p
+        elif p.suffix == ".toml":
+            raise UserError(f"suite file not found: {spec}")
+        else:
+            raise unknown("suite", spec, suites)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path.name}: invalid TOML ({e}); see bench/suites/default.toml for the format") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path.name}: not valid UTF-8 text") from None
+    return parse(raw, path.name)
+
+
+def parse(raw: dict, where: str = "suite") -> Suite:
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise unknown(f"key in {where}", key, TOP_KEYS)
+    name = raw.get("name", Path(where).stem)
+    if not isinstance(name, str) or not name.replace("-", "").replace("_", "").isalnum():
+        raise UserError(f"{where}: name must be letters, digits, '-' or '_', got {name!r}")
+    prompts = raw.get("prompts", "shapes-eval")
+    if not isinstance(prompts, str):
+        raise UserError(f"{where}: prompts must be a set name or a file path, got {prompts!r}")
+    metrics = raw.get("metrics", list(METRICS))
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise UserError(f"{where}: metrics must be a list of names from {METRICS}")
+    for m in metrics:
+        if m not in METRICS:
+            raise unknown(f"metric in {where}", m, METRICS)
+    latency = {"warmup": 2, "repeats": 7, "throughput_batch": 64}
+    lat_raw = raw.get("latency", {})
+    if not isinstance(lat_raw, dict):
+        raise UserError(f"{where}: [latency] must be a table with {sorted(LATENCY_KEYS)}")
+    for k, v in lat_raw.items():
+        if k not in LATENCY_KEYS:
+            raise unknown(f"latency key in {where}", k, LATENCY_KEYS)
+        latency[k] = _positive_int(v, f"latency.{k}", where) if k != "warmup" else _int_list(v, k, where, True)[0]
+    train = raw.get("train", {})
+    if not isinstance(train, dict):
+        raise UserError(f"{where}: [train] must be a table of training settings shared by every method")
+    scale = raw.get("scale", 1.0)
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
+        raise UserError(f"{where}: scale must be a positive number, got {scale!r}")
+    entries_raw = raw.get("methods")
+    if not isinstance(entries_raw, list) or not entries_raw:
+        raise UserError(f"{where}: needs at least one [[methods]] entry")
+    entries = [_entry(e, i, where, train) for i, e in enumerate(entries_raw)]
+    labels = [e.label for e in entries]
+    dup = {x for x in labels if labels.count(x) > 1}
+    if dup:
+        raise UserError(f"{where}: method labels must be unique; {sorted(dup)[0]!r} appears twice (set label = ...)")
+    return Suite(
+        name=name,
+        description=str(raw.get("description", "")),
+        prompts=prompts,
+        samples=_positive_int(raw.get("samples", 500), "samples", where),
+        seeds=_int_list(raw.get("seeds", [0]), "seeds", where, allow_zero=True),
+        batch_size=_positive_int(raw.get("batch_size", 250), "batch_size", where),
+        metrics=list(metrics),
+        entries=entries,
+        grid=_positive_int(raw.get("grid", 16), "grid", where),
+        latency=latency,
+        train=dict(train),
+        scale=float(scale),
+        source=where,
+    )
+
+
+def _entry(e, i: int, where: str, train: dict) -> Entry:
+    at = f"{where} [[methods]] #{i + 1}"
+    if not isinstance(e, dict):
+        raise UserError(f"{at}: must be a table")
+    for key in e:
+        if key not in ENTRY_KEYS:
+            raise unknown(f"key in {at}", key, ENTRY_KEYS)
+    name = e.get("name")
+    if not isinstance(name, str):
+        raise UserError(f"{at}: needs name = one of {base.names()}")
+    cls = base.get(name)
+    settings = e.get("settings", {})
+    if not isinstance(settings, dict):
+        raise UserError(f"{at}: settings must be a table")
+    # shared [train] settings apply where the method has such a field
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
+    merged = {k: v for k, v in train.items() if k in fields}
+    merged.update(settings)
+    label = e.get("label", name)
+    if not isinstance(label, str) or not label:
+        raise UserError(f"{at}: label must be a non-empty string")
+    config = cls.make_config(merged, f"{at} ({name})")
+    if ("steps" in e) == ("nfe" in e):
+        raise UserError(f"{at}: give exactly one of steps = [...] or nfe = [...]")
+    variant = e.get("variant")
+    if variant is not None and not isinstance(variant, str):
+        raise UserError(f"{at}: variant must be a string")
+    entry = Entry(name, label, merged, [], [], variant)
+    if "steps" in e:
+        entry.steps = _int_list(e["steps"], "steps", at)
+        entry.nfe = [s * cls.nfe_per_step(config) for s in entry.steps]
+    else:
+        entry.nfe = _int_list(e["nfe"], "nfe", at)
+    entry.steps = [cls.steps_for_nfe(config, n) for n in entry.nfe]
+    return entry
+
+
+def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | None = None,
+             samples: int | None = None, seeds: list[int] | None = None) -> Suite:
+    """Apply CLI overrides (validated as strictly as the file)."""
+    s = dataclasses.replace(suite, entries=[dataclasses.replace(e) for e in suite.entries])
+    if methods:
+        known = sorted({e.label for e in s.entries} | {e.name for e in s.entries})
+        for m in methods:
+            if m not in known:
+                # a registered method absent from this suite still gets the registry's "did you mean"
+                if m not in base.LAZY:
+                    raise unknown("method", m, known)
+                raise UserError(f"method {m!r} is not in suite {s.name!r}; it has: {', '.join(known)}")
+        s.entries = [e for e in s.entries if e.label in methods or e.name in methods]
+    if nfe is not None:
+        for e in s.entries:
+            cls = base.get(e.name)
+            config = cls.make_config(e.settings, e.label)
+            e.steps = [cls.steps_for_nfe(config, n) for n in nfe]
+            e.nfe = list(nfe)
+    if samples is not None:
+        s.samples = _positive_int(samples, "--samples", "command line")
+    if seeds is not None:
+        s.seeds = _int_list(seeds, "--seeds", "command line", allow_zero=True)
+    return s
+
+
+def parse_resolved(d: dict) -> Suite:
+    """Rebuild a Suite from the resolved form stored in a run's config.json (for --resume)."""
+    return Suite(**{**d, "entries": [Entry(**e) for e in d["entries"]]})

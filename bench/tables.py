@@ -1,0 +1,190 @@
+"""Tables, plots and grids: pure functions of a run's results files (no model is imported).
+
+``write_all(run)`` reads ``results.jsonl`` (+ ``floor.json``) and writes
+``tables/main.{md,csv,tex}``, ``plots/quality_vs_nfe.png``, ``plots/quality_vs_latency.png`` and
+``grids/overview.png``. ``flashbench table RUN`` calls it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench import claims, io
+
+METRIC_COLUMNS = [
+    # (key, header, decimals)
+    ("fid", "FID ↓", 2),
+    ("clip_score", "CLIP ↑", 2),
+    ("accuracy", "Acc ↑", 3),
+    ("acc_color", "colour", 3),
+    ("acc_shape", "shape", 3),
+    ("acc_size", "size", 3),
+    ("acc_position", "position", 3),
+    ("acc_count", "count", 3),
+    ("saturation", "sat.", 3),
+    ("contrast", "contrast", 3),
+]
+
+
+def load(run: Path) -> tuple[pd.DataFrame, dict | None]:
+    from bench.runner import load_rows
+
+    rows = load_rows(run)
+    floor_path = Path(run) / "floor.json"
+    floor = json.loads(floor_path.read_text()) if floor_path.exists() else None
+    return pd.DataFrame(rows), floor
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (label, NFE): metric means over seeds (CI bounds averaged), failures kept as failures."""
+    if df.empty:
+        return df
+    out = []
+    order = list(dict.fromkeys(df["label"]))
+    for (label, nfe), g in df.groupby(["label", "nfe"], sort=False):
+        ok = g[g["status"] == "ok"]
+        r = {"label": label, "method": g["method"].iloc[0], "variant": g.get("variant", pd.Series([None])).iloc[0],
+             "steps": int(g["steps"].iloc[0]), "nfe": int(nfe), "n_seeds": len(ok), "n_samples": int(g["n_samples"].iloc[0]),
+             "status": "ok" if len(ok) == len(g) else "failed",
+             "error": None if len(ok) == len(g) else "; ".join(str(e) for e in g["error"].dropna().unique())}
+        for key, _, _ in METRIC_COLUMNS + [("latency_ms", "", 0), ("throughput", "", 0)]:
+            for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
+                col = key + suffix
+                if col in ok and len(ok) == len(g) and ok[col].notna().any():
+                    r[col] = float(ok[col].mean())
+        out.append(r)
+    agg = pd.DataFrame(out)
+    agg["_order"] = agg["label"].map({k: i for i, k in enumerate(order)})
+    return agg.sort_values(["_order", "nfe"]).drop(columns="_order").reset_index(drop=True)
+
+
+def _fmt(v, d: int) -> str:
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+
+def _cell(r: dict, key: str, d: int, with_ci: bool) -> str:
+    if r.get("status") == "failed":
+        return "failed"
+    v = r.get(key)
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if with_ci and r.get(f"{key}_ci_low") is not None and not math.isnan(r.get(f"{key}_ci_low")):
+        return f"{v:.{d}f} [{r[f'{key}_ci_low']:.{d}f}, {r[f'{key}_ci_high']:.{d}f}]"
+    return _fmt(v, d)
+
+
+def display_table(agg: pd.DataFrame, floor: dict | None = None, with_ci: bool = True,
+                  columns=METRIC_COLUMNS) -> pd.DataFrame:
+    """The human table: method, steps, NFE, each metric (with CI), latency and throughput."""
+    recs = []
+    for r in agg.to_dict("records"):
+        rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
+        for key, head, d in columns:
+            rec[head] = _cell(r, key, d, with_ci and key in ("fid", "clip_score", "accuracy"))
+        rec["latency ms (b=1)"] = _cell(r, "latency_ms", 1, False)
+        rec["img/s"] = _cell(r, "throughput", 1, False)
+        recs.append(rec)
+    if floor is not None:
+        f = floor["real_vs_real"]
+        rec = {"method": "real renders (floor)", "steps": "—", "NFE": "—"}
+        for key, head, d in columns:
+            rec[head] = _cell(f, key, d, with_ci and key in ("fid", "clip_score", "accuracy"))
+        rec["latency ms (b=1)"] = rec["img/s"] = "—"
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def write_all(run: Path) -> None:
+    run = Path(run)
+    df, floor = load(run)
+    agg = aggregate(df)
+    tdir = run / "tables"
+    disp = display_table(agg, floor)
+    io.write_text(tdir / "main.md", disp.to_markdown(index=False) + "\n")
+    io.write_text(tdir / "main.csv", agg.to_csv(index=False))
+    io.write_text(tdir / "main.tex", display_table(agg, floor, with_ci=False).to_latex(index=False))
+    if not agg.empty and (agg["status"] == "ok").any():
+        plot_quality(agg, run / "plots")
+        overview(agg, run / "grids")
+        claims.write(run, agg)
+
+
+# --- plots and grids ----------------------------------------------------------------------------
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_quality(agg: pd.DataFrame, out: Path) -> None:
+    plt = _plt()
+    ok = agg[agg["status"] == "ok"]
+    keys = [k for k in ("fid", "clip_score", "accuracy") if k in ok]
+    for x, name, xlabel in (("nfe", "quality_vs_nfe", "NFE per image"),
+                            ("latency_ms", "quality_vs_latency", "latency per image at batch 1 (ms)")):
+        if x not in ok or not keys:
+            continue
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+        axes = [axes] if len(keys) == 1 else axes
+        for ax, key in zip(axes, keys):
+            for label, g in ok.groupby("label", sort=False):
+                g = g.sort_values(x)
+                yerr = None
+                if f"{key}_ci_low" in g:
+                    yerr = [(g[key] - g[f"{key}_ci_low"]).clip(lower=0), (g[f"{key}_ci_high"] - g[key]).clip(lower=0)]
+                ax.errorbar(g[x], g[key], yerr=yerr, marker="o", ms=3, capsize=2, label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_title({"fid": "FID ↓", "clip_score": "CLIP score ↑", "accuracy": "compositional accuracy ↑"}[key])
+            ax.grid(alpha=0.3)
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{name}.tmp.png"
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(out / f"{name}.png")
+
+
+def save_grid(images, path: Path, nrow: int = 8, upscale: int = 4) -> None:
+    import torch.nn.functional as F
+    import torchvision
+
+    big = F.interpolate(images.float(), scale_factor=upscale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow=nrow, padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    torchvision.utils.save_image(grid, tmp)
+    tmp.replace(path)
+
+
+def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, size: int = 16) -> None:
+    """One figure: the first row of every cell's grid (same prompts, same seeds), labelled."""
+    import matplotlib.image as mpimg
+
+    plt = _plt()
+    cells = [(r["label"], r["nfe"]) for r in agg.to_dict("records") if (grids / f"{r['label']}_nfe{r['nfe']}.png").exists()]
+    if not cells:
+        return
+    h = 2 + size * upscale + 2
+    fig, axes = plt.subplots(len(cells), 1, figsize=(8, 0.95 * len(cells) + 0.3), squeeze=False)
+    for ax, (label, nfe) in zip(axes[:, 0], cells):
+        img = mpimg.imread(grids / f"{label}_nfe{nfe}.png")[:h]
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(f"{label}\nNFE {nfe}", rotation=0, ha="right", va="center", fontsize=7)
+    fig.tight_layout()
+    tmp = grids / ".overview.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(grids / "overview.png")

@@ -1,0 +1,161 @@
+"""All diffusion math of the project, in one place.
+
+Symbols (one meaning each, everywhere):
+  alpha_bar  diffusers' ``alphas_cumprod``                     (ᾱ_t)
+  alpha      sqrt(alpha_bar)                                   (α_t)
+  sigma      sqrt(1 - alpha_bar)                               (σ_t)
+  x_t        alpha * x0 + sigma * eps                          (forward process)
+  t          a discrete timestep in [0, T), T = 1000
+  eps, v, x0 network predictions (ε-, v- and x0-parameterisations)
+Every adapter imports these functions; nobody re-derives them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+T_TRAIN = 1000
+
+
+def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-sample coefficient [B] (or scalar) against a batch [B, ...]."""
+    a = torch.as_tensor(a, dtype=like.dtype, device=like.device)
+    return a.reshape(-1, *([1] * (like.ndim - 1))) if a.ndim else a
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A discrete DDPM noise schedule (ᾱ_t for t = 0..T-1), stored in float64."""
+
+    alpha_bar: torch.Tensor
+
+    @classmethod
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, T: int = T_TRAIN) -> Schedule:
+        """The SD/Emu schedule: betas linear in sqrt-space; non-zero terminal SNR (ᾱ_999 ≈ 0.0047)."""
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+        return cls(torch.cumprod(1.0 - betas, dim=0))
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> Schedule:
+        return cls(torch.as_tensor(scheduler.alphas_cumprod, dtype=torch.float64).clone())
+
+    @property
+    def T(self) -> int:
+        return self.alpha_bar.shape[0]
+
+    def _at(self, t) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.long)
+        return self.alpha_bar[t.cpu()]
+
+    def alpha(self, t) -> torch.Tensor:
+        return self._at(t).sqrt()
+
+    def sigma(self, t) -> torch.Tensor:
+        return (1.0 - self._at(t)).sqrt()
+
+    def snr(self, t) -> torch.Tensor:
+        ab = self._at(t)
+        return ab / (1.0 - ab)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """Forward process x_t = α_t x0 + σ_t ε."""
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+
+
+# --- conversions between parameterisations ---------------------------------------------------
+
+
+def x0_from_eps(x_t, eps, alpha, sigma):
+    """x̂_0(x_t, ε̂) = (x_t − σ_t ε̂) / α_t."""
+    return (x_t - _bcast(sigma, x_t) * eps) / _bcast(alpha, x_t)
+
+
+def eps_from_x0(x_t, x0, alpha, sigma):
+    """ε̂ = (x_t − α_t x̂_0) / σ_t."""
+    return (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
+
+
+def x0_from_v(x_t, v, alpha, sigma):
+    """x̂_0 = α_t x_t − σ_t v (v = α ε − σ x0)."""
+    return _bcast(alpha, x_t) * x_t - _bcast(sigma, x_t) * v
+
+
+def eps_from_v(x_t, v, alpha, sigma):
+    return _bcast(sigma, x_t) * x_t + _bcast(alpha, x_t) * v
+
+
+def v_from_x0_eps(x0, eps, alpha, sigma):
+    return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
+
+
+def cfg(eps_uncond, eps_cond, w: float | torch.Tensor):
+    """Classifier-free guidance ε̂^w = ε̂_∅ + w (ε̂_c − ε̂_∅)."""
+    w = _bcast(w, eps_cond) if torch.is_tensor(w) else w
+    return eps_uncond + w * (eps_cond - eps_uncond)
+
+
+# --- steps ------------------------------------------------------------------------------------
+
+
+def ddim_step(x0, eps, alpha_next, sigma_next):
+    """Deterministic DDIM step f(x_t) = α_{t'} x̂_0 + σ_{t'} ε̂ (η = 0)."""
+    return _bcast(alpha_next, x0) * x0 + _bcast(sigma_next, x0) * eps
+
+
+def noise_corrected_step(x0, x_T, alpha_next, sigma_next):
+    """Noise correction at the first step (Imagine Flash): f(x_T) = α_{T'} x̂_0 + σ_{T'} x_T."""
+    return _bcast(alpha_next, x0) * x0 + _bcast(sigma_next, x0) * x_T
+
+
+def renoise(x0, eps, alpha_next, sigma_next):
+    """Re-noise a clean estimate with fresh noise: α_{t'} x̂_0 + σ_{t'} ε'."""
+    return _bcast(alpha_next, x0) * x0 + _bcast(sigma_next, x0) * eps
+
+
+# --- grids ------------------------------------------------------------------------------------
+
+
+def trailing_timesteps(steps: int, T: int = T_TRAIN) -> list[int]:
+    """diffusers' "trailing" spacing: starts at T-1 (the only grid that visits pure noise)."""
+    if steps < 1 or steps > T:
+        raise ValueError(f"steps must be in [1, {T}], got {steps}")
+    ratio = T / steps
+    return [int(round(T - i * ratio)) - 1 for i in range(steps)]
+
+
+def gamma_shift(t, rho: float):
+    """Teacher time of the shifted reconstruction loss, γ(t) = ρ·t (a bench setting; not in the paper)."""
+    if not 0.0 < rho <= 1.0:
+        raise ValueError(f"rho must be in (0, 1], got {rho}")
+    t = torch.as_tensor(t)
+    return torch.clamp(torch.round(t.double() * rho).long(), min=0)
+
+
+# --- distillation targets ---------------------------------------------------------------------
+
+
+def progressive_target(z_t, z_tpp, alpha_t, sigma_t, alpha_tpp, sigma_tpp):
+    """Progressive distillation x̃: one DDIM step from z_t predicting x̃ lands on z'' (Salimans & Ho, Eq. 8).
+
+    x̃ = (z'' − (σ''/σ_t) z_t) / (α'' − (σ''/σ_t) α_t)
+    """
+    ratio = _bcast(sigma_tpp, z_t) / _bcast(sigma_t, z_t)
+    return (z_tpp - ratio * z_t) / (_bcast(alpha_tpp, z_t) - ratio * _bcast(alpha_t, z_t))
+
+
+def snr_truncated_weight(snr):
+    """max(SNR, 1): the "truncated SNR" weighting of the x-space loss (Salimans & Ho)."""
+    return torch.clamp(torch.as_tensor(snr), min=1.0)
+
+
+def lcm_boundary(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """LCM consistency-function coefficients (c_skip, c_out) at timestep t.
+
+    c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / sqrt((s t)² + σ_d²); c_skip(0) = 1, c_out(0) = 0.
+    """
+    st = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (st**2 + sigma_data**2)
+    c_out = st / (st**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out

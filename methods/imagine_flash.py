@@ -1,0 +1,170 @@
+"""Imagine Flash (Kohler et al. 2024, arXiv 2405.05224): backward distillation, shifted
+reconstruction loss (SRL), noise correction, and an adversarial term.
+
+Each component is a switch, so the paper's ablation is one field per row:
+  backward_distillation  student inputs come from its own sampler (off: real images noised to t)
+  srl                    teacher target from the re-noised student x̂_0 at γ(t) = ρ·t (off: from x_t)
+  noise_correction       first sampling step uses x_T as its direction (inference only)
+  adversarial            hinge GAN on frozen teacher-encoder features, weight lambda_adv
+The paper prints neither γ nor k: both are settings (rho, teacher_steps), recorded in every result;
+their defaults come from `flashbench sweep` (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from methods import diffusion as D
+from methods.base import TrainInfo, register
+from methods.discriminator import TeacherFeatureDiscriminator
+from methods.sampling import Denoiser, ddim_trajectory, per_sample_noise
+from methods.student import DistillConfig, DistilledMethod
+
+
+@dataclasses.dataclass
+class ImagineFlashConfig(DistillConfig):
+    backward_distillation: bool = True
+    srl: bool = True
+    noise_correction: bool = True
+    adversarial: bool = True
+    rho: float = 0.5  # γ(t) = ρ·t, the SRL teacher time
+    teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target
+    lambda_adv: float = 0.1
+    disc_lr: float = 2e-4
+    disc_t_max: int = 500
+    max_steps: int = 3  # students exist for 1..max_steps sampling steps
+    shared_student: bool = False  # one student for every step count (trained on random grids) or one per count
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.teacher_steps < 1:
+            raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+        if self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+
+def teacher_target(teacher: Denoiser, chi, t_start: int, k: int, cond, uncond, w: float) -> torch.Tensor:
+    """x̂_0 after k guided teacher DDIM steps from χ at t_start (the final estimate, no gradient)."""
+    grid = [int(round(t_start * (1 - j / k))) for j in range(k)]
+    grid = [g for i, g in enumerate(grid) if i == 0 or g < grid[i - 1]]  # strictly decreasing near t=0
+    with torch.no_grad():
+        return ddim_trajectory(lambda x, t: teacher.predict_guided(x, t, cond, uncond, w), teacher.schedule, chi, grid)
+
+
+def srl_input(x0_student, t, rho: float, schedule: D.Schedule, eps_fresh):
+    """χ = α_{γ(t)} sg(x̂_0^Θ) + σ_{γ(t)} ε' with γ(t) = ρ·t (Imagine Flash, shifted reconstruction)."""
+    t_phi = int(D.gamma_shift(t, rho))
+    chi = schedule.add_noise(x0_student.detach(), eps_fresh, t_phi).to(x0_student.dtype)
+    return chi, t_phi
+
+
+def distillation_loss(x0_student, target) -> torch.Tensor:
+    """‖x̂_0^Θ − sg(target)‖² (mean over pixels)."""
+    return F.mse_loss(x0_student, target.detach())
+
+
+@register("imagine-flash")
+class ImagineFlash(DistilledMethod):
+    Config = ImagineFlashConfig
+    INFERENCE_FIELDS = frozenset({"noise_correction"})
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...]:
+        return tuple(range(1, config.max_steps + 1))
+
+    @classmethod
+    def smoke_settings(cls) -> dict:
+        return {"student_updates": 2, "batch_size": 2, "max_steps": 2}
+
+    def student_steps(self, steps: int) -> int:
+        return self.config.max_steps if self.config.shared_student else steps
+
+    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+        cfg, bb = self.config, self.backbone
+        student = Denoiser(unet, bb.schedule, bb.prediction_type)
+        teacher = self.teacher()
+        opt = self.optimizer(unet.parameters())
+        modules, opts = {"student": unet}, {"student": opt}
+        disc = None
+        if cfg.adversarial:
+            disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
+                                               t_max=cfg.disc_t_max).to(bb.device)
+            d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+            modules["disc"], opts["disc"] = disc.heads, d_opt
+        uncond_one = bb.encode_text([""])
+        teacher_nfe = 0
+
+        def update(step: int) -> dict:
+            nonlocal teacher_nfe
+            g = self.generator(step)
+            real, captions = self.captions_batch(step)
+            n = len(captions)
+            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            # 1. the training latent at a grid time t
+            steps = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
+            timesteps = D.trailing_timesteps(steps)
+            i = int(torch.randint(0, steps, (1,), generator=g))
+            t = timesteps[i]
+            if cfg.backward_distillation:
+                # roll the student's own sampler from pure noise down to t, without gradient
+                x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)
+                with torch.no_grad():
+                    x_t = ddim_trajectory(lambda x, s: student.predict(x, s, cond), bb.schedule, x_T, timesteps,
+                                          cfg.noise_correction, stop_at=i)
+            else:
+                # forward distillation: a real image noised to t
+                eps = torch.randn(real.shape, generator=g).to(bb.device)
+                x_t = bb.schedule.add_noise(bb.from_images(real), eps, t).float()
+            # 2. the student's clean estimate
+            x0_s, _ = student.predict(x_t, t, cond)
+            # 3. the teacher target: from the re-noised student estimate at γ(t) (SRL) or from x_t
+            if cfg.srl:
+                eps_fresh = torch.randn(x_t.shape, generator=g).to(bb.device)
+                chi, t_start = srl_input(x0_s, t, cfg.rho, bb.schedule, eps_fresh)
+            else:
+                chi, t_start = x_t, t
+            target = teacher_target(teacher, chi, t_start, cfg.teacher_steps, cond, uncond, cfg.guidance_scale)
+            teacher_nfe += 2 * cfg.teacher_steps * n
+            loss_d = distillation_loss(x0_s, target)
+            losses = {"distill": loss_d.item()}
+            loss = loss_d
+            # 4. adversarial term through the frozen teacher features
+            if disc is not None:
+                disc.heads.requires_grad_(False)
+                g_adv = disc.g_loss(x0_s, cond, g)
+                disc.heads.requires_grad_(True)
+                loss = loss + cfg.lambda_adv * g_adv
+                losses["g_adv"] = g_adv.item()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            if disc is not None:
+                d_loss = disc.d_loss(bb.from_images(real), cond, x0_s.detach(), cond, g)
+                d_opt.zero_grad(set_to_none=True)
+                d_loss.backward()
+                d_opt.step()
+                losses["d"] = d_loss.item()
+            return losses
+
+        from methods.training import run_updates
+
+        log = run_updates(update, self.updates(), ckpt, modules, opts, desc=f"imagine-flash {grid}-step",
+                          progress=self.ctx.progress)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+
+    @torch.no_grad()
+    def sample(self, texts, noise_keys, nfe):
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb = self.backbone
+        student = self.student(steps)
+        cond = bb.encode_text(texts)
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T,
+                             D.trailing_timesteps(steps), self.config.noise_correction)
+        return bb.to_images(x0)

@@ -1,0 +1,110 @@
+"""Training the embedded shapes teacher from scratch (`flashbench train-teacher`).
+
+ε-prediction on renders of the world's train split, SD's scaled-linear schedule, caption dropout
+for classifier-free guidance, min-SNR-γ loss weighting, an EMA of the weights. The EMA weights are
+what ships.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from bench import io, world
+from methods import shapes
+from methods.diffusion import Schedule
+from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint, warmup_cosine
+
+
+@dataclasses.dataclass
+class TeacherTrainConfig:
+    steps: int = 16000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 500
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 500
+
+
+def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", progress: bool = True) -> Path:
+    """Train (or resume) the teacher; writes teacher.safetensors + teacher.json into out_dir."""
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "teacher-train.ckpt.safetensors"
+    torch.manual_seed(cfg.seed)
+    model = nn.ModuleDict({"unet": shapes.build_unet(), "text": shapes.TextEncoder()}).to(device)
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    lr_at = warmup_cosine(cfg.warmup, cfg.steps)
+    schedule = Schedule.scaled_linear(shapes.SCHEDULE_CONFIG["beta_start"], shapes.SCHEDULE_CONFIG["beta_end"])
+    model.train()
+    step = 0
+    if ckpt.exists():
+        step, _ = load_checkpoint(ckpt, {"model": model, "ema": ema.module}, {"opt": opt})
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log = []
+    t_start = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, desc="train-teacher", disable=not progress)
+    while step < cfg.steps:
+        gen.manual_seed(cfg.seed * 1_000_003 + step)  # the batch is a function of the step: resumable
+        # 1. a batch of real renders and captions, some dropped for CFG
+        scenes = world.scenes("train", step * cfg.batch_size, cfg.batch_size)
+        x0 = world.render(scenes).to(device) * 2 - 1
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
+        captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
+        ids, _ = shapes.tokenize(captions)
+        # 2. noise to a uniform timestep, predict ε
+        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(device)
+        x_t = schedule.add_noise(x0, eps, t).float()
+        pred = model["unet"](x_t, t.to(device), model["text"](ids.to(device))).sample
+        # 3. min-SNR-γ weighted ε loss
+        snr = schedule.snr(t).float().to(device)
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        check_finite(loss, "teacher loss", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_at(step)
+        opt.step()
+        ema.update(model, step)
+        step += 1
+        log.append(loss.item())
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{sum(log[-50:]) / 50:.4f}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save_checkpoint(ckpt, step, {"model": model, "ema": ema.module}, {"opt": opt})
+    bar.close()
+    return export_teacher(ema.module, cfg, out_dir, train_seconds=time.time() - t_start)
+
+
+def export_teacher(model: nn.ModuleDict, cfg: TeacherTrainConfig, out_dir: Path, train_seconds: float) -> Path:
+    tensors = {f"unet.{k}": v for k, v in model["unet"].state_dict().items()}
+    tensors.update({f"text.{k}": v for k, v in model["text"].state_dict().items()})
+    path = out_dir / shapes.TEACHER_WEIGHTS.name
+    digest = io.save_tensors(path, tensors)
+    card = {
+        "sha256": digest,
+        "unet_config": shapes.UNET_CONFIG,
+        "text_config": {},
+        "schedule": shapes.SCHEDULE_CONFIG,
+        "train_config": dataclasses.asdict(cfg),
+        "params": sum(v.numel() for v in tensors.values()),
+        "train_seconds_last_session": round(train_seconds, 1),
+        "command": f"flashbench train-teacher --steps {cfg.steps}",
+    }
+    io.write_text(out_dir / shapes.TEACHER_CARD.name, json.dumps(card, indent=2, default=list) + "\n")
+    return path

@@ -1,0 +1,169 @@
+"""Sampling loops shared by the adapters, and per-sample noise.
+
+Noise is a function of (prompt id, seed, stream) only, as in EDM: each sample has its own
+generator, so batch size and process count never change an image. ``stream`` 0 is the starting
+noise x_T; stochastic samplers draw stream k at their k-th re-noising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+import torch
+
+from methods import diffusion as D
+from methods.backbone import Cond, guidance_embedding
+
+SOLVERS = ("ddim", "dpmsolver++", "euler", "unipc")
+# solvers whose state is x_t in the VP parameterisation, where noise correction is defined
+NOISE_CORRECTABLE = ("ddim", "dpmsolver++")
+
+
+def noise_seed(prompt_id: str, seed: int, stream: int = 0) -> int:
+    h = hashlib.sha256(f"{prompt_id}\x1f{seed}\x1f{stream}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def per_sample_noise(keys: list[tuple[str, int]], shape: tuple[int, ...], stream: int = 0,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """Standard normal noise [N, *shape]; row i depends on keys[i] and stream only."""
+    rows = [torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(pid, s, stream)))
+            for pid, s in keys]
+    return torch.stack(rows).to(device)
+
+
+def per_sample_generators(keys: list[tuple[str, int]], stream: int) -> list[torch.Generator]:
+    """One generator per sample, for diffusers schedulers that take a list (randn_tensor)."""
+    return [torch.Generator().manual_seed(noise_seed(pid, s, stream)) for pid, s in keys]
+
+
+class Denoiser:
+    """A UNet behind (x_t, t, cond[, w]) -> model output / (x̂_0, ε̂), with classifier-free guidance.
+
+    ``net`` should be NFE-counted; a guided prediction is one batched call on [uncond; cond].
+    """
+
+    def __init__(self, net, schedule: D.Schedule, prediction_type: str = "epsilon", w_dim: int | None = None):
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        self.net, self.schedule, self.prediction_type, self.w_dim = net, schedule, prediction_type, w_dim
+
+    def _t(self, t, n: int, device) -> torch.Tensor:
+        t = torch.as_tensor(t, device=device)
+        return t.expand(n) if t.ndim == 0 else t
+
+    def raw(self, x, t, cond: Cond, w=None) -> torch.Tensor:
+        kwargs = {}
+        if self.w_dim:
+            w = torch.full((x.shape[0],), float(w)) if not torch.is_tensor(w) else w.float().expand(x.shape[0])
+            kwargs["timestep_cond"] = guidance_embedding(w, self.w_dim).to(x.device, x.dtype)
+        if cond.added is not None:
+            kwargs["added_cond_kwargs"] = cond.added
+        return self.net(x, self._t(t, x.shape[0], x.device), encoder_hidden_states=cond.states, **kwargs).sample
+
+    def raw_guided(self, x, t, cond: Cond, uncond: Cond, w: float, w_embed=None) -> torch.Tensor:
+        """CFG on the raw output (linear, so equal to guiding ε̂): one call on [x; x]."""
+        n = x.shape[0]
+        out = self.raw(torch.cat([x, x]), torch.cat([self._t(t, n, x.device)] * 2), uncond.cat(cond),
+                       None if w_embed is None else torch.cat([w_embed, w_embed]))
+        return D.cfg(out[:n], out[n:], w)
+
+    def split(self, x_t, t, out) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model output -> (x̂_0, ε̂) through the schedule."""
+        t = self._t(t, x_t.shape[0], "cpu")
+        alpha = self.schedule.alpha(t).to(x_t.device, x_t.dtype)
+        sigma = self.schedule.sigma(t).to(x_t.device, x_t.dtype)
+        if self.prediction_type == "epsilon":
+            return D.x0_from_eps(x_t, out, alpha, sigma), out
+        return D.x0_from_v(x_t, out, alpha, sigma), D.eps_from_v(x_t, out, alpha, sigma)
+
+    def predict(self, x_t, t, cond: Cond, w=None):
+        return self.split(x_t, t, self.raw(x_t, t, cond, w))
+
+    def predict_guided(self, x_t, t, cond: Cond, uncond: Cond, w: float):
+        return self.split(x_t, t, self.raw_guided(x_t, t, cond, uncond, w))
+
+
+Predict = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _coef(schedule: D.Schedule, t: int | None, like: torch.Tensor):
+    """(α, σ) at grid time t; t=None is the end of sampling (clean image: α=1, σ=0)."""
+    if t is None:
+        return torch.tensor(1.0, dtype=like.dtype), torch.tensor(0.0, dtype=like.dtype)
+    return schedule.alpha(t).to(like.dtype), schedule.sigma(t).to(like.dtype)
+
+
+def ddim_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list[int],
+                    noise_correction: bool = False, stop_at: int | None = None) -> torch.Tensor:
+    """Deterministic DDIM down `timesteps`; returns x̂_0 after the last step, or x at timesteps[stop_at].
+
+    With noise_correction the first step (from x_T) uses the true noise x_T as the direction term.
+    """
+    x = x_T
+    end = len(timesteps) if stop_at is None else stop_at
+    for i in range(end):
+        t = timesteps[i]
+        x0, eps = predict(x, t)
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        a, s = _coef(schedule, t_next, x)
+        if noise_correction and i == 0:
+            x = D.noise_corrected_step(x0, x_T, a, s)
+        else:
+            x = D.ddim_step(x0, eps, a, s)
+    return x
+
+
+def renoise_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list[int],
+                       fresh_noise: Callable[[int], torch.Tensor], stop_at: int | None = None) -> torch.Tensor:
+    """Few-step sampling of ADD/DMD2 students: predict x̂_0, re-noise it with fresh noise to the next time."""
+    x = x_T
+    end = len(timesteps) if stop_at is None else stop_at
+    for i in range(end):
+        x0, _ = predict(x, timesteps[i])
+        if i + 1 == len(timesteps):
+            return x0
+        a, s = _coef(schedule, timesteps[i + 1], x)
+        x = D.renoise(x0, fresh_noise(i + 1).to(x), a, s)
+    return x
+
+
+def make_scheduler(solver: str, scheduler_config: dict):
+    """A diffusers scheduler for the teacher; the final step always lands on the clean estimate."""
+    import diffusers
+
+    cfg = dict(scheduler_config, timestep_spacing="trailing")
+    if solver == "ddim":
+        return diffusers.DDIMScheduler.from_config(cfg, set_alpha_to_one=True)
+    if solver == "dpmsolver++":
+        return diffusers.DPMSolverMultistepScheduler.from_config(
+            cfg, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=True)
+    if solver == "euler":
+        return diffusers.EulerDiscreteScheduler.from_config(cfg, final_sigmas_type="zero")
+    if solver == "unipc":
+        return diffusers.UniPCMultistepScheduler.from_config(cfg, solver_order=2, final_sigmas_type="zero",
+                                                             lower_order_final=True)
+    raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+
+
+def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
+                  prediction_type: str = "epsilon", noise_correction: bool = False) -> torch.Tensor:
+    """Run a diffusers scheduler for `steps` steps; model_output(x_in, t) returns the (guided) raw output.
+
+    Noise correction (ddim, dpmsolver++ only) replaces the first step's result by
+    α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
+    """
+    scheduler.set_timesteps(steps)
+    x = x_T * scheduler.init_noise_sigma
+    ts = [int(t) for t in scheduler.timesteps]
+    for i, t in enumerate(ts):
+        out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
+        x_next = scheduler.step(out, scheduler.timesteps[i], x).prev_sample
+        if noise_correction and i == 0:
+            split = Denoiser(None, schedule, prediction_type).split
+            x0, _ = split(x, t, out)
+            a, s = _coef(schedule, ts[1] if steps > 1 else None, x)
+            x_next = D.noise_corrected_step(x0, x_T, a, s)
+        x = x_next
+    return x

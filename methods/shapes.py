@@ -1,0 +1,157 @@
+"""The embedded teacher: a small pixel-space ε-prediction model of the shapes world.
+
+Its parts are a word-level tokenizer over the world's grammar, a small transformer text encoder
+of its own (not an evaluator), and diffusers' ``UNet2DConditionModel`` with cross-attention at the
+lowest resolution and the pooled text added to the time embedding. Trained weights ship with the
+package (``methods/assets/teacher.safetensors``, with config and sha256 beside them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import world
+from bench.errors import UserError
+from bench.io import sha256_file
+from bench.text import WordTokenizer
+from methods.backbone import Backbone, Cond, add_w_embedding
+from methods.diffusion import Schedule
+
+ASSETS = Path(__file__).parent / "assets"
+TEACHER_WEIGHTS = ASSETS / "teacher.safetensors"
+TEACHER_CARD = ASSETS / "teacher.json"
+
+MAX_TOKENS = 20
+TOKENIZER = WordTokenizer(max_tokens=MAX_TOKENS)
+
+
+def tokenize(texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+    """Word-level ids [B, MAX_TOKENS] (pad 0, unknown 1) and whether each text was truncated."""
+    return TOKENIZER(texts)
+
+
+class TextEncoder(nn.Module):
+    """Token + position embedding and a small pre-norm transformer: [B, L] ids -> [B, L, dim]."""
+
+    def __init__(self, vocab_size: int = TOKENIZER.vocab_size, dim: int = 64, layers: int = 2, heads: int = 4,
+                 max_tokens: int = MAX_TOKENS):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.blocks(self.tok(ids) + self.pos[: ids.shape[1]]))
+
+
+UNET_CONFIG = dict(
+    sample_size=world.RESOLUTION,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    cross_attention_dim=64,
+    attention_head_dim=8,
+    norm_num_groups=8,
+    addition_embed_type="text",
+    addition_embed_type_num_heads=4,
+    resnet_time_scale_shift="scale_shift",
+)
+SCHEDULE_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=0,
+    timestep_spacing="trailing",
+)
+
+
+def build_unet(config: dict | None = None) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(**(config or UNET_CONFIG))
+
+
+class WeightsError(UserError):
+    """Missing or corrupt shipped weights."""
+
+
+def load_safetensors_checked(path: Path, card_path: Path) -> tuple[dict, dict]:
+    """Load tensors after checking the file against the sha256 on its card."""
+    from safetensors.torch import load_file
+
+    if not path.exists() or not card_path.exists():
+        raise WeightsError(f"weights not found: {path.name} (with {card_path.name}); reproduce them with the train command named in the README")
+    card = json.loads(card_path.read_text())
+    digest = sha256_file(path)
+    if digest != card["sha256"]:
+        raise WeightsError(f"weights {path.name} are corrupt: sha256 {digest[:12]}… does not match {card['sha256'][:12]}… on {card_path.name}")
+    return load_file(str(path)), card
+
+
+class ShapesBackbone(Backbone):
+    """The shapes-world teacher behind the Backbone interface (pixel space, images in [-1, 1])."""
+
+    prediction_type = "epsilon"
+
+    def __init__(self, unet: nn.Module, text_encoder: TextEncoder, card: dict | None = None,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
+        self.card = card or {}
+        self.schedule = Schedule.scaled_linear(SCHEDULE_CONFIG["beta_start"], SCHEDULE_CONFIG["beta_end"])
+        self.scheduler_config = dict(SCHEDULE_CONFIG)
+
+    @classmethod
+    def load(cls, device: str | torch.device = "cpu", weights: Path = TEACHER_WEIGHTS,
+             card: Path = TEACHER_CARD) -> ShapesBackbone:
+        state, card_d = load_safetensors_checked(weights, card)
+        unet = build_unet(card_d.get("unet_config", UNET_CONFIG))
+        text = TextEncoder(**card_d.get("text_config", {}))
+        unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
+        return cls(unet, text, card_d, device)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (3, world.RESOLUTION, world.RESOLUTION)
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> Cond:
+        ids, _ = tokenize(texts)
+        return Cond(self.text_encoder(ids.to(self.device)))
+
+    def to_images(self, x0: torch.Tensor) -> torch.Tensor:
+        return ((x0 + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def from_images(self, images: torch.Tensor) -> torch.Tensor:
+        return images * 2.0 - 1.0
+
+    def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
+        from diffusers import UNet2DConditionModel
+
+        if time_cond_proj_dim:
+            return add_w_embedding(UNet2DConditionModel, self.unet, time_cond_proj_dim)
+        student = UNet2DConditionModel.from_config(self.unet.config)
+        student.load_state_dict(self.unet.state_dict())
+        return student.to(self.device)
+
+    def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:
+        scenes = world.scenes("train", (step * n) % (world.SPLIT_SIZE - n), n)
+        return world.render(scenes).to(self.device), [s.caption for s in scenes]
+
+    def identity(self) -> dict:
+        return {"backbone": "shapes", "teacher_sha256": self.card.get("sha256"), "resolution": world.RESOLUTION}

@@ -1,0 +1,110 @@
+"""What every distilled method shares: settings, the student cache, per-step or shared students."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from bench import io
+from methods.base import Method, TrainInfo
+from methods.sampling import Denoiser
+from methods.training import cached_student
+
+
+@dataclasses.dataclass
+class DistillConfig:
+    """Training settings every distillation method has (equal footing: same student_updates)."""
+
+    student_updates: int = 400
+    batch_size: int = 32
+    lr: float = 5e-5
+    guidance_scale: float = 3.0  # the teacher's CFG scale when it builds targets
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("student_updates", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+class DistilledMethod(Method):
+    """A method whose sampler is a trained student UNet, cached by a hash of what made it."""
+
+    # settings that change only inference, never the student (excluded from the cache key)
+    INFERENCE_FIELDS: frozenset[str] = frozenset()
+    # the guidance-scale embedding width of the student UNet (None: guidance distilled away)
+    w_dim: int | None = None
+
+    def __init__(self, backbone, config, ctx):
+        super().__init__(backbone, config, ctx)
+        self.students: dict[int, Denoiser] = {}
+        self.train_info: dict[int, TrainInfo] = {}
+
+    # --- which student serves a step count ---------------------------------------------------
+    def student_steps(self, steps: int) -> int:
+        """The grid a student is trained for, when it serves `steps` (per-step by default)."""
+        return steps
+
+    def updates(self) -> int:
+        return max(1, round(self.config.student_updates * self.ctx.scale))
+
+    def cache_stem(self, steps: int) -> str:
+        training = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.INFERENCE_FIELDS}
+        key = io.content_hash({"method": self.name, "training": training, "updates": self.updates(),
+                               "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
+                               "device": self.ctx.device.split(":")[0]})
+        return f"{self.name}-{self.student_steps(steps)}step-{key}"
+
+    def prepare(self, nfe: int) -> TrainInfo:
+        steps = self.steps_for_nfe(self.config, nfe)
+        grid = self.student_steps(steps)
+        if grid in self.students:
+            return self.train_info[grid]
+        unet = self.backbone.new_unet(self.w_dim)
+
+        def train(ckpt):
+            t0 = time.time()
+            unet.train()
+            info = self.train_student(unet, grid, ckpt)
+            info.wall_seconds = round(time.time() - t0, 1)
+            return unet.state_dict(), dataclasses.asdict(info)
+
+        def load(state):
+            unet.load_state_dict(state)
+
+        info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load)
+        unet.eval().requires_grad_(False)
+        self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.backbone.prediction_type,
+                                       self.w_dim)
+        self.train_info[grid] = TrainInfo(**{k: v for k, v in info.items() if k in TrainInfo.__dataclass_fields__})
+        return self.train_info[grid]
+
+    def student(self, steps: int) -> Denoiser:
+        grid = self.student_steps(steps)
+        if grid not in self.students:
+            self.prepare(steps * self.nfe_per_step(self.config))
+        return self.students[grid]
+
+    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+        """Train `unet` in place for a `grid`-step sampler; return what it cost."""
+        raise NotImplementedError
+
+    # --- helpers for trainers -------------------------------------------------------------------
+    def teacher(self) -> Denoiser:
+        """The frozen teacher behind the Denoiser interface (not NFE-counted: training cost is tracked apart)."""
+        return Denoiser(self.backbone.unet, self.backbone.schedule, self.backbone.prediction_type)
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+
+    def captions_batch(self, step: int, stream: int = 0):
+        """Real training images and captions of the world's train split (never evaluation data)."""
+        n = self.config.batch_size
+        return self.backbone.training_batch(n, (self.config.seed * 7919 + stream) * 1_000_003 + step)
+
+    def generator(self, step: int, stream: int = 0) -> torch.Generator:
+        return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) * 31 + stream)

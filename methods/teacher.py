@@ -1,0 +1,58 @@
+"""The multi-step teacher with diffusers' training-free solvers (DDIM, DPM-Solver++, Euler, UniPC)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from bench.errors import UserError, unknown
+from methods.base import Method, register
+from methods.sampling import NOISE_CORRECTABLE, SOLVERS, Denoiser, make_scheduler, per_sample_noise, solver_sample
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    solver: str = "dpmsolver++"
+    guidance_scale: float = 3.0
+    guided: bool = True  # classifier-free guidance: 2 NFE per step
+    noise_correction: bool = False
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise unknown("solver", self.solver, SOLVERS)
+        if self.noise_correction and self.solver not in NOISE_CORRECTABLE:
+            raise UserError(f"noise_correction needs a solver whose state is x_t ({', '.join(NOISE_CORRECTABLE)}), "
+                            f"not {self.solver!r}")
+
+
+@register("teacher")
+class Teacher(Method):
+    Config = TeacherConfig
+
+    def __init__(self, backbone, config: TeacherConfig, ctx):
+        super().__init__(backbone, config, ctx)
+        self.denoiser = Denoiser(self.counted(backbone.unet), backbone.schedule, backbone.prediction_type)
+
+    @classmethod
+    def nfe_per_step(cls, config: TeacherConfig) -> int:
+        return 2 if config.guided else 1
+
+    @torch.no_grad()
+    def sample(self, texts, noise_keys, nfe):
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb, cfg = self.backbone, self.config
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        cond = bb.encode_text(texts)
+        if cfg.guided:
+            uncond = bb.encode_text([""] * len(texts))
+
+            def model_output(x, t):
+                return self.denoiser.raw_guided(x, t, cond, uncond, cfg.guidance_scale)
+        else:
+            def model_output(x, t):
+                return self.denoiser.raw(x, t, cond)
+
+        scheduler = make_scheduler(cfg.solver, bb.scheduler_config)
+        x0 = solver_sample(model_output, scheduler, bb.schedule, x_T, steps, bb.prediction_type, cfg.noise_correction)
+        return bb.to_images(x0)

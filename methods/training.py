@@ -1,0 +1,166 @@
+"""Small training utilities shared by every trainer: EMA, LR schedule, checkpoints, divergence checks."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench import io
+
+
+class DivergenceError(RuntimeError):
+    """A loss or a sample became NaN/Inf; carries the step where it happened."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"{what} is not finite at step {step}")
+        self.what, self.step = what, step
+
+
+def check_finite(value: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(value).all():
+        raise DivergenceError(what, step)
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (buffers copied)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int | None = None) -> None:
+        # warm-up as in common practice: decay ramps from 0 towards self.decay
+        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.module.parameters(), module.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.module.buffers(), module.buffers()):
+            e.copy_(b)
+
+
+def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
+    """LR multiplier: linear warm-up, then cosine decay to `floor`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return tensors, {f"{prefix}.param_groups": json.dumps(sd["param_groups"])}
+
+
+def _unflatten_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict, meta: dict) -> None:
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + "."):
+            idx, k = key[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta[f"{prefix}.param_groups"])})
+
+
+def save_checkpoint(path: Path, step: int, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer], extra: dict | None = None) -> str:
+    """One safetensors file with every module and optimizer state; written atomically."""
+    tensors, meta = {}, {"step": str(step), "extra": json.dumps(extra or {})}
+    for name, m in modules.items():
+        tensors.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
+    for name, opt in optimizers.items():
+        t, m = _flatten_optimizer(opt, f"opt:{name}")
+        tensors.update(t)
+        meta.update(m)
+    return io.save_tensors(path, tensors, meta)
+
+
+def load_checkpoint(path: Path, modules: dict[str, nn.Module],
+                    optimizers: dict[str, torch.optim.Optimizer]) -> tuple[int, dict]:
+    """Restore modules and optimizers in place; returns (step, extra)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for name, m in modules.items():
+        pre = name + "."
+        m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    for name, opt in optimizers.items():
+        _unflatten_optimizer(opt, f"opt:{name}", tensors, meta)
+    return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+# --- the loop every distillation method shares ----------------------------------------------------
+
+
+def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
+                optimizers: dict[str, torch.optim.Optimizer], desc: str, progress: bool = True,
+                ckpt_every: int = 100, log_every: int = 10) -> dict:
+    """Call ``update(step) -> {loss name: float}`` for steps [start, total); resumable from ``ckpt``.
+
+    Checkpoints (modules + optimizers + loss log) are written atomically every ``ckpt_every``
+    updates; a killed training resumes at its last checkpoint. NaN/Inf in any loss raises
+    DivergenceError with the step. Returns the loss log: per loss, means over windows of
+    ``log_every`` updates.
+    """
+    from tqdm import tqdm
+
+    start, log = 0, {}
+    if ckpt.exists():
+        start, extra = load_checkpoint(ckpt, modules, optimizers)
+        log = extra.get("log", {})
+    window: dict[str, list[float]] = {}
+    bar = tqdm(total=total, initial=start, desc=desc, leave=False, disable=not progress)
+    for step in range(start, total):
+        losses = update(step)
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                raise DivergenceError(f"{desc} loss {k!r}", step)
+            window.setdefault(k, []).append(v)
+        if (step + 1) % log_every == 0 or step + 1 == total:
+            for k, vs in window.items():
+                log.setdefault(k, []).append(round(sum(vs) / len(vs), 6))
+            window = {}
+            bar.set_postfix({k: v[-1] for k, v in log.items()})
+        bar.update(1)
+        if (step + 1) % ckpt_every == 0 and step + 1 < total:
+            save_checkpoint(ckpt, step + 1, modules, optimizers, {"log": log})
+    bar.close()
+    return log
+
+
+def cached_student(cache_dir: Path, stem: str, train, load) -> dict:
+    """Load a trained student from the cache, or train it and cache it (safetensors + card with sha256).
+
+    ``train(ckpt_path) -> (state_dict, info dict)``; ``load(state_dict)`` installs the weights. A
+    card whose sha256 does not match its weights marks a corrupt cache entry: it is retrained.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(cache_dir) / f"{stem}.safetensors"
+    card_path = path.with_suffix(".json")
+    if path.exists() and card_path.exists():
+        card = json.loads(card_path.read_text())
+        if card.get("sha256") == io.sha256_file(path):
+            load(load_file(str(path)))
+            return {**card["info"], "cached": True, "checkpoint": path.name, "checkpoint_sha256": card["sha256"]}
+    ckpt = path.with_suffix(".ckpt.safetensors")
+    state, info = train(ckpt)
+    digest = io.save_tensors(path, state)
+    io.write_json(card_path, {"sha256": digest, "info": info})
+    if ckpt.exists():
+        ckpt.unlink()
+    load(state)
+    return {**info, "cached": False, "checkpoint": path.name, "checkpoint_sha256": digest}

@@ -1,0 +1,169 @@
+"""Prompt loaders. Every prompt has a stable id; noise seeds are a function of (id, seed) only.
+
+Formats:
+* shipped sets (``shapes-eval``, ``shapes-val``): JSONL written by ``prompts/build.py``, checked
+  against the sha256 in ``prompts/data/manifest.json``;
+* PartiPrompts TSV (header ``Prompt  Category  Challenge  Note``);
+* GenEval metadata JSONL (``{"tag", "include", "prompt", ...}`` per line);
+* plain caption files (one prompt per line; blank lines and ``#`` comments skipped).
+Captions in the shapes world's grammar get their objects parsed, so accuracy can be measured.
+A malformed file raises PromptFileError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io as _io
+import json
+from pathlib import Path
+
+from bench import world
+from bench.errors import UserError, unknown
+
+DATA = Path(__file__).parent / "data"
+MANIFEST = DATA / "manifest.json"
+MAX_PROMPT_CHARS = 2000
+
+
+class PromptFileError(UserError):
+    """A malformed prompt file; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str
+    objects: tuple[world.Obj, ...] | None = None  # ground truth when the prompt is of the shapes grammar
+    scene_seed: int | None = None  # the scene whose render is this prompt's real reference image
+    meta: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def scene(self) -> world.Scene | None:
+        if self.objects is None or self.scene_seed is None:
+            return None
+        return world.Scene(self.objects, self.scene_seed)
+
+
+def prompt_sets() -> dict[str, dict]:
+    """The shipped sets: name -> manifest entry (file, sha256, counts)."""
+    return json.loads(MANIFEST.read_text())["sets"]
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise PromptFileError(f"prompt file not found: {path}")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PromptFileError(f"{path.name}:{line}: not valid UTF-8; prompt files must be UTF-8 text") from None
+
+
+def _check_text(text: str, where: str) -> str:
+    text = text.strip()
+    if not text:
+        raise PromptFileError(f"{where}: empty prompt; every entry needs a non-empty prompt")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise PromptFileError(f"{where}: prompt is {len(text)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+    if any(ord(c) < 32 and c not in "\t" for c in text):
+        raise PromptFileError(f"{where}: prompt contains control characters; expected plain text")
+    return text
+
+
+def load_shipped(name: str) -> list[Prompt]:
+    sets = prompt_sets()
+    if name not in sets:
+        raise unknown("prompt set", name, sets)
+    entry = sets[name]
+    path = DATA / entry["file"]
+    from bench.io import sha256_file
+
+    if not path.is_file() or sha256_file(path) != entry["sha256"]:
+        raise PromptFileError(f"prompt set {name!r} ({entry['file']}) is missing or fails its checksum; "
+                              "rebuild it with `python -m prompts.build`")
+    return load_shapes_jsonl(path)
+
+
+def load_shapes_jsonl(path: Path) -> list[Prompt]:
+    out = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{n}"
+        try:
+            d = json.loads(line)
+            objs = tuple(world.Obj(**o) for o in d["objects"])
+            out.append(Prompt(d["id"], _check_text(d["text"], where), objs, int(d["scene_seed"])))
+        except PromptFileError:
+            raise
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise PromptFileError(f"{where}: malformed shapes prompt ({type(e).__name__}: {e}); "
+                                  "expected JSON with id, text, objects, scene_seed") from None
+    return out
+
+
+def load_partiprompts(path: Path) -> list[Prompt]:
+    text = _read_text(path)
+    rows = list(csv.reader(_io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
+    header = ["Prompt", "Category", "Challenge", "Note"]
+    if not rows or rows[0][: len(header)] != header:
+        raise PromptFileError(f"{path.name}:1: expected the PartiPrompts header {' / '.join(header)} (tab-separated)")
+    out = []
+    for n, row in enumerate(rows[1:], 2):
+        if not row:
+            continue
+        where = f"{path.name}:{n}"
+        if len(row) != len(header):
+            raise PromptFileError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)}")
+        meta = (("category", row[1]), ("challenge", row[2]))
+        out.append(Prompt(f"parti-{n - 1:05d}", _check_text(row[0], where), meta=meta))
+    return out
+
+
+def load_geneval(path: Path) -> list[Prompt]:
+    out = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path.name}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{where}: invalid JSON ({e.msg}); expected one GenEval object per line") from None
+        if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or "tag" not in d:
+            raise PromptFileError(f"{where}: expected a GenEval object with string 'prompt' and 'tag'")
+        meta = (("tag", str(d["tag"])), ("include", json.dumps(d.get("include", []), sort_keys=True)))
+        out.append(Prompt(f"geneval-{n - 1:05d}", _check_text(d["prompt"], where), meta=meta))
+    return out
+
+
+def load_captions(path: Path) -> list[Prompt]:
+    out = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        text = _check_text(line, f"{path.name}:{n}")
+        out.append(Prompt(f"{path.stem}-{n:05d}", text, world.parse_caption(text)))
+    return out
+
+
+def load_prompts(spec: str | Path) -> list[Prompt]:
+    """A shipped set by name, or a file by extension (.tsv Parti, .jsonl GenEval/shapes, else captions)."""
+    spec = str(spec)
+    path = Path(spec)
+    if spec in prompt_sets():
+        return load_shipped(spec)
+    if not path.exists():
+        raise PromptFileError(f"prompts {spec!r}: neither a shipped set ({', '.join(prompt_sets())}) nor an existing file")
+    if path.suffix == ".tsv":
+        prompts = load_partiprompts(path)
+    elif path.suffix == ".jsonl":
+        first = next((ln for ln in _read_text(path).splitlines() if ln.strip()), "")
+        prompts = load_shapes_jsonl(path) if '"scene_seed"' in first else load_geneval(path)
+    else:
+        prompts = load_captions(path)
+    if not prompts:
+        raise PromptFileError(f"{path.name}: no prompts found; expected at least one")
+    return prompts

@@ -1,0 +1,56 @@
+"""The contract every registered method must pass (like diffusers' SchedulerCommonTest)."""
+
+import pytest
+import torch
+
+from bench.errors import UserError
+from methods import base
+
+TEXTS = ["a large red circle at the top left", "a small blue square in the center",
+         "a large green cross at the top right and a small yellow triangle at the bottom left"]
+KEYS = [("p0", 0), ("p1", 0), ("p2", 0)]
+
+
+@pytest.fixture(scope="module", params=base.names())
+def method(request, tiny, tmp_path_factory):
+    cls = base.get(request.param)
+    ctx = base.Context(cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    return cls(tiny, cls.make_config(cls.smoke_settings()), ctx)
+
+
+def test_registry_lists_and_rejects():
+    assert "teacher" in base.names()
+    with pytest.raises(UserError, match="did you mean 'teacher'"):
+        base.get("teachr")
+    for name in base.names():
+        assert base.get(name).name == name
+
+
+def test_contract(method):
+    for nfe in method.smoke_nfe(method.config):
+        method.prepare(nfe)
+        method.reset_nfe()
+        a = method.sample(TEXTS, KEYS, nfe)
+        # counted NFE equals the budget (network calls per sample, never inferred from steps)
+        assert method.counted_nfe() == nfe * len(TEXTS), (method.name, nfe, method.counted_nfe())
+        assert a.shape == (3, *method.backbone.sample_shape) and a.dtype == torch.float32
+        assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
+        # seed determinism
+        assert torch.equal(a, method.sample(TEXTS, KEYS, nfe))
+        # batch-size invariance: a sample does not depend on its batch
+        one = method.sample(TEXTS[1:2], KEYS[1:2], nfe)
+        assert torch.allclose(one[0], a[1], atol=1e-5)
+        # a different seed gives a different sample
+        other = method.sample(TEXTS[:1], [("p0", 1)], nfe)
+        assert not torch.equal(other[0], a[0])
+
+
+def test_unreachable_budgets_are_user_errors(method):
+    cls = type(method)
+    with pytest.raises(UserError):
+        cls.steps_for_nfe(method.config, 0)
+    with pytest.raises(UserError):
+        cls.steps_for_nfe(method.config, -2)
+    if cls.nfe_per_step(method.config) == 2:
+        with pytest.raises(UserError, match="not reachable"):
+            cls.steps_for_nfe(method.config, 3)
