@@ -51,6 +51,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
              "steps": int(g["steps"].iloc[0]), "nfe": int(nfe), "n_seeds": len(ok), "n_samples": int(g["n_samples"].iloc[0]),
              "status": "ok" if len(ok) == len(g) else "failed",
              "error": None if len(ok) == len(g) else "; ".join(str(e) for e in g["error"].dropna().unique())}
+        train = g["train"].iloc[0] if "train" in g and isinstance(g["train"].iloc[0], dict) else {}
+        for k in ("student_updates", "teacher_nfe", "wall_seconds"):
+            r[f"train_{k}"] = train.get(k)
         for key, _, _ in METRIC_COLUMNS + [("latency_ms", "", 0), ("throughput", "", 0)]:
             for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
                 col = key + suffix
@@ -98,6 +101,72 @@ def display_table(agg: pd.DataFrame, floor: dict | None = None, with_ci: bool = 
     return pd.DataFrame(recs)
 
 
+def reference_row(agg: pd.DataFrame) -> dict | None:
+    """The 25-step teacher (DPM-Solver++ preferred): the reference of Table B and of speedups."""
+    t = agg[(agg["method"] == "teacher") & (agg["steps"] == 25) & (agg["status"] == "ok")]
+    if t.empty:
+        return None
+    dpm = t[t["label"].str.contains("dpm")]
+    return (dpm if not dpm.empty else t).iloc[0].to_dict()
+
+
+TABLE_A_COLUMNS = [("fid", "FID ↓", 2), ("clip_score", "CLIP ↑", 2), ("accuracy", "Acc ↑", 3),
+                   ("acc_color", "colour", 3), ("acc_shape", "shape", 3), ("acc_size", "size", 3),
+                   ("acc_position", "spatial", 3), ("acc_count", "count", 3)]
+
+
+def table_a(agg: pd.DataFrame) -> pd.DataFrame:
+    """Table A: every method at each step count; best value per column at equal steps in bold."""
+    ref = reference_row(agg)
+    ok = agg[agg["status"] == "ok"]
+    best = {}
+    for steps, g in ok.groupby("steps"):
+        for key, _, _ in TABLE_A_COLUMNS:
+            if key in g and g[key].notna().any():
+                best[(steps, key)] = g[key].min() if key == "fid" else g[key].max()
+    recs = []
+    for r in agg.to_dict("records"):
+        rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
+        for key, head, d in TABLE_A_COLUMNS:
+            cell = _cell(r, key, d, key in ("fid", "clip_score", "accuracy"))
+            is_ref = ref is not None and r["label"] == ref["label"] and r["nfe"] == ref["nfe"]
+            if r.get("status") == "ok" and not is_ref and best.get((r["steps"], key)) == r.get(key) \
+                    and len(ok[ok["steps"] == r["steps"]]) > 1:
+                cell = f"**{cell}**"
+            rec[head] = cell
+        rec["latency ms"] = _cell(r, "latency_ms", 1, False)
+        lat = r.get("latency_ms")
+        rec["speedup"] = (f"{ref['latency_ms'] / lat:.1f}×" if ref is not None and lat and ref.get("latency_ms")
+                          and r.get("status") == "ok" else "—")
+        rec["student updates"] = _train(r, "student_updates")
+        rec["teacher NFE (train)"] = _train(r, "teacher_nfe")
+        rec["train s"] = _train(r, "wall_seconds")
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
+def _train(r: dict, key: str) -> str:
+    v = r.get(f"train_{key}")
+    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) or v == 0 else f"{v:,.0f}"
+
+
+def table_b(agg: pd.DataFrame) -> pd.DataFrame | None:
+    """Table B: each method relative to the teacher at 25 steps, in % (as the paper prints it)."""
+    ref = reference_row(agg)
+    if ref is None:
+        return None
+    recs = []
+    for r in agg.to_dict("records"):
+        if r["label"] == ref["label"] and r["nfe"] == ref["nfe"]:
+            continue
+        rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
+        for key, head in (("fid", "FID %"), ("clip_score", "CLIP %"), ("accuracy", "Acc %")):
+            ok = r.get("status") == "ok" and r.get(key) is not None and ref.get(key)
+            rec[head] = f"{100 * r[key] / ref[key]:.0f}%" if ok else ("failed" if r.get("status") != "ok" else "—")
+        recs.append(rec)
+    return pd.DataFrame(recs)
+
+
 def write_all(run: Path) -> None:
     run = Path(run)
     df, floor = load(run)
@@ -107,6 +176,15 @@ def write_all(run: Path) -> None:
     io.write_text(tdir / "main.md", disp.to_markdown(index=False) + "\n")
     io.write_text(tdir / "main.csv", agg.to_csv(index=False))
     io.write_text(tdir / "main.tex", display_table(agg, floor, with_ci=False).to_latex(index=False))
+    if not agg.empty and reference_row(agg) is not None:
+        a, b = table_a(agg), table_b(agg)
+        ref = reference_row(agg)
+        io.write_text(tdir / "table_a.md", f"Reference for speedups: {ref['label']} at {ref['steps']} steps.\n\n"
+                      + a.to_markdown(index=False) + "\n")
+        io.write_text(tdir / "table_a.tex", a.to_latex(index=False))
+        io.write_text(tdir / "table_b.md", f"Relative to {ref['label']} at {ref['steps']} steps (=100%).\n\n"
+                      + b.to_markdown(index=False) + "\n")
+        io.write_text(tdir / "table_b.tex", b.to_latex(index=False))
     if not agg.empty and (agg["status"] == "ok").any():
         plot_quality(agg, run / "plots")
         overview(agg, run / "grids")

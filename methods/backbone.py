@@ -133,9 +133,7 @@ def add_w_embedding(unet_cls, teacher_unet: nn.Module, time_cond_proj_dim: int) 
 
     With the new projection at zero the student starts exactly as the teacher.
     """
-    cfg = dict(teacher_unet.config)
-    cfg["time_cond_proj_dim"] = time_cond_proj_dim
-    student = unet_cls.from_config(cfg)
+    student = unet_cls.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
     missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     nn.init.zeros_(student.time_embedding.cond_proj.weight)

@@ -23,6 +23,10 @@ from bench.errors import UserError, unknown
 LAZY: dict[str, str] = {
     "teacher": "methods.teacher",
     "imagine-flash": "methods.imagine_flash",
+    "lcm": "methods.lcm",
+    "add": "methods.add",
+    "progressive": "methods.progressive",
+    "dmd2": "methods.dmd2",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

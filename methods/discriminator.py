@@ -88,7 +88,14 @@ class TeacherFeatureDiscriminator(nn.Module):
     def d_loss(self, real_x0, real_cond: Cond, fake_x0, fake_cond: Cond, gen=None, r1_gamma: float = 0.0):
         """Hinge loss for the heads (fake detached); R1 = γ/2 E‖∇_x D(real)‖² when r1_gamma > 0."""
         real_x0 = real_x0.detach().requires_grad_(r1_gamma > 0)
-        d_real = self.logits(real_x0, real_cond, gen)
+        if r1_gamma > 0:
+            # R1 needs a double backward, which fused attention kernels do not implement
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                d_real = self.logits(real_x0, real_cond, gen)
+        else:
+            d_real = self.logits(real_x0, real_cond, gen)
         d_fake = self.logits(fake_x0.detach(), fake_cond, gen)
         loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
         if r1_gamma > 0:

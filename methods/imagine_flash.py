@@ -63,6 +63,13 @@ def srl_input(x0_student, t, rho: float, schedule: D.Schedule, eps_fresh):
     return chi, t_phi
 
 
+def backward_latent(predict, schedule: D.Schedule, x_T, timesteps: list[int], i: int,
+                    noise_correction: bool) -> torch.Tensor:
+    """x^Θ_{T→t}: the student's own sampler from pure noise down to grid time timesteps[i], without gradient."""
+    with torch.no_grad():
+        return ddim_trajectory(predict, schedule, x_T, timesteps, noise_correction, stop_at=i)
+
+
 def distillation_loss(x0_student, target) -> torch.Tensor:
     """‖x̂_0^Θ − sg(target)‖² (mean over pixels)."""
     return F.mse_loss(x0_student, target.detach())
@@ -113,9 +120,8 @@ class ImagineFlash(DistilledMethod):
             if cfg.backward_distillation:
                 # roll the student's own sampler from pure noise down to t, without gradient
                 x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)
-                with torch.no_grad():
-                    x_t = ddim_trajectory(lambda x, s: student.predict(x, s, cond), bb.schedule, x_T, timesteps,
-                                          cfg.noise_correction, stop_at=i)
+                x_t = backward_latent(lambda x, s: student.predict(x, s, cond), bb.schedule, x_T, timesteps, i,
+                                      cfg.noise_correction)
             else:
                 # forward distillation: a real image noised to t
                 eps = torch.randn(real.shape, generator=g).to(bb.device)

@@ -69,7 +69,8 @@ class DistilledMethod(Method):
         def train(ckpt):
             t0 = time.time()
             unet.train()
-            info = self.train_student(unet, grid, ckpt)
+            with torch.enable_grad():  # prepare may be reached lazily from a no-grad sample()
+                info = self.train_student(unet, grid, ckpt)
             info.wall_seconds = round(time.time() - t0, 1)
             return unet.state_dict(), dataclasses.asdict(info)
 

@@ -1,0 +1,118 @@
+"""Adversarial diffusion distillation (Sauer et al. 2023, SDXL-Turbo).
+
+The student (teacher copy) is trained at 4 grid times including pure noise, from real images
+noised to that time. Loss = adversarial (hinge; a discriminator on frozen teacher features with
+trainable text-conditioned heads and an R1 penalty) + λ·distillation: the student output is
+re-noised to a random t, the guided teacher denoises it, and the student output regresses onto
+that estimate with weight c(t) = ᾱ_t. Inference: 1-4 steps without CFG (x̂_0, then re-noise).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from methods import diffusion as D
+from methods.base import TrainInfo, register
+from methods.discriminator import TeacherFeatureDiscriminator
+from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
+from methods.student import DistillConfig, DistilledMethod
+from methods.training import run_updates
+
+
+@dataclasses.dataclass
+class ADDConfig(DistillConfig):
+    lambda_distill: float = 2.5
+    r1_gamma: float = 1e-5
+    disc_lr: float = 2e-4
+    disc_t_max: int = 500
+    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # the 4 training grid times, pure noise first
+    max_steps: int = 4
+
+
+def add_distillation_loss(x0_student, x0_teacher, t, schedule: D.Schedule) -> torch.Tensor:
+    """c(t)·‖x̂_0^θ − sg(x̂_0^ψ)‖² with c(t) = ᾱ_t (ADD's exponential weighting)."""
+    c = schedule.alpha_bar[torch.as_tensor(t).cpu()].to(x0_student)
+    per = (x0_student - x0_teacher.detach()).pow(2).flatten(1).mean(1)
+    return (c * per).mean()
+
+
+@register("add")
+class ADD(DistilledMethod):
+    Config = ADDConfig
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...]:
+        return tuple(range(1, config.max_steps + 1))
+
+    @classmethod
+    def smoke_settings(cls) -> dict:
+        return {"student_updates": 2, "batch_size": 2}
+
+    def student_steps(self, steps: int) -> int:
+        return 0  # one student for every step count
+
+    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+        cfg, bb = self.config, self.backbone
+        student = Denoiser(unet, bb.schedule, bb.prediction_type)
+        teacher = self.teacher()
+        opt = self.optimizer(unet.parameters())
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
+                                           t_max=cfg.disc_t_max).to(bb.device)
+        d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+        uncond_one = bb.encode_text([""])
+        taus = torch.tensor(cfg.student_timesteps)
+        teacher_nfe = 0
+
+        def update(step: int) -> dict:
+            nonlocal teacher_nfe
+            g = self.generator(step)
+            real, captions = self.captions_batch(step)
+            n = len(captions)
+            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            x0_real = bb.from_images(real)
+            # 1. student input: a real image noised to one of the 4 student times
+            tau = taus[torch.randint(0, len(taus), (n,), generator=g)]
+            eps = torch.randn(x0_real.shape, generator=g).to(x0_real)
+            x_tau = bb.schedule.add_noise(x0_real, eps, tau).float()
+            x0_s, _ = student.predict(x_tau, tau, cond)
+            # 2. distillation: re-noise the student output to a random t; the guided teacher denoises it
+            t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+            eps2 = torch.randn(x0_s.shape, generator=g).to(x0_s)
+            x_t = bb.schedule.add_noise(x0_s.detach(), eps2, t).float()
+            with torch.no_grad():
+                x0_teacher, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
+            teacher_nfe += 2 * n
+            l_distill = add_distillation_loss(x0_s, x0_teacher, t, bb.schedule)
+            # 3. adversarial (generator side), gradients through the frozen teacher features
+            disc.heads.requires_grad_(False)
+            l_adv = disc.g_loss(x0_s, cond, g)
+            disc.heads.requires_grad_(True)
+            loss = l_adv + cfg.lambda_distill * l_distill
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            # 4. discriminator: hinge + R1 on real images
+            d_loss = disc.d_loss(x0_real, cond, x0_s.detach(), cond, g, r1_gamma=cfg.r1_gamma)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            return {"distill": l_distill.item(), "g_adv": l_adv.item(), "d": d_loss.item()}
+
+        log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": disc.heads},
+                          {"student": opt, "disc": d_opt}, desc="add", progress=self.ctx.progress)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+
+    @torch.no_grad()
+    def sample(self, texts, noise_keys, nfe):
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb = self.backbone
+        student = self.student(steps)
+        cond = bb.encode_text(texts)
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        grid = D.trailing_timesteps(steps)
+        fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
+        x0 = renoise_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T, grid, fresh)
+        return bb.to_images(x0)

@@ -1,0 +1,162 @@
+"""DMD2 (Yin et al. 2024): distribution matching distillation with two time-scale updates, a GAN
+term and backward simulation for the multi-step generator. (Beyond the Imagine Flash paper.)
+
+Generator G (a teacher copy) produces x̂_0. The distribution-matching gradient at a noised
+x_t' = α x̂_0 + σ ε is the difference between the fake score (a second UNet trained online with a
+denoising loss on G's outputs) and the real score (the guided teacher), normalised per sample:
+  loss_DM = ½‖x̂_0 − sg(x̂_0 − (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|)‖².
+The fake score takes ``fake_updates`` steps per generator step (two time-scale update rule).
+Backward simulation: the generator's inputs at grid time t come from running its own few-step
+sampler from noise (as in Imagine Flash's backward distillation), never from noised real images.
+The GAN term reuses the frozen-teacher-feature discriminator (DMD2 puts its classifier on the
+fake-score network; a documented deviation that keeps one discriminator design in the bench).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from methods import diffusion as D
+from methods.base import TrainInfo, register
+from methods.discriminator import TeacherFeatureDiscriminator
+from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
+from methods.student import DistillConfig, DistilledMethod
+from methods.training import run_updates
+
+
+@dataclasses.dataclass
+class DMD2Config(DistillConfig):
+    lr_fake: float = 1e-4
+    fake_updates: int = 2  # fake-score updates per generator update (DMD2 uses 5 on GPUs)
+    lambda_gan: float = 0.05
+    disc_lr: float = 2e-4
+    disc_t_max: int = 500
+    t_min: int = 20  # the distribution-matching noise range
+    t_max: int = 980
+    max_steps: int = 4  # the generator's grid (trailing); sampling uses its first 1..max_steps points
+    backward_simulation: bool = True
+    shared_student: bool = True  # one generator on the max_steps grid serves every step count
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.fake_updates < 1:
+            raise ValueError(f"fake_updates must be >= 1, got {self.fake_updates}")
+
+
+def dm_loss(x0, x0_real, x0_fake) -> torch.Tensor:
+    """The DMD loss: its gradient w.r.t. x̂_0 is (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real| (per sample)."""
+    norm = (x0 - x0_real).abs().flatten(1).mean(1).clamp(min=1e-5)
+    grad = (x0_fake - x0_real) / D._bcast(norm, x0)
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach(), reduction="sum") / x0.shape[0]
+
+
+@register("dmd2")
+class DMD2(DistilledMethod):
+    Config = DMD2Config
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...]:
+        return tuple(range(1, config.max_steps + 1))
+
+    @classmethod
+    def smoke_settings(cls) -> dict:
+        return {"student_updates": 2, "batch_size": 2, "fake_updates": 1}
+
+    def student_steps(self, steps: int) -> int:
+        return self.config.max_steps if self.config.shared_student else steps
+
+    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+        cfg, bb = self.config, self.backbone
+        gen = Denoiser(unet, bb.schedule, bb.prediction_type)
+        fake_unet = bb.new_unet()
+        fake = Denoiser(fake_unet, bb.schedule, bb.prediction_type)
+        teacher = self.teacher()
+        opt = self.optimizer(unet.parameters())
+        opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
+                                           t_max=cfg.disc_t_max).to(bb.device)
+        d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+        uncond_one = bb.encode_text([""])
+        timesteps = D.trailing_timesteps(grid)
+        teacher_nfe = 0
+
+        def generate(g, cond, real, n, with_grad: bool):
+            """x̂_0 of the generator at a grid time; its input by backward simulation (or noised real data)."""
+            i = int(torch.randint(0, grid, (1,), generator=g))
+            t = timesteps[i]
+            if cfg.backward_simulation:
+                x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)
+                fresh = lambda k: torch.randn((n, *bb.sample_shape), generator=g)  # noqa: E731
+                with torch.no_grad():
+                    x_t = renoise_trajectory(lambda x, s: gen.predict(x, s, cond), bb.schedule, x_T, timesteps,
+                                             fresh, stop_at=i)
+            else:
+                eps = torch.randn(real.shape, generator=g).to(bb.device)
+                x_t = bb.schedule.add_noise(bb.from_images(real), eps, t).float()
+            with torch.set_grad_enabled(with_grad):
+                x0, _ = gen.predict(x_t, t, cond)
+            return x0
+
+        def update(step: int) -> dict:
+            nonlocal teacher_nfe
+            g = self.generator(step)
+            real, captions = self.captions_batch(step)
+            n = len(captions)
+            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            # 1. fake-score updates (the faster time scale): denoising loss on generator samples
+            l_fake = 0.0
+            for _ in range(cfg.fake_updates):
+                x0_fake_data = generate(g, cond, real, n, with_grad=False)
+                t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+                eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
+                x_t = bb.schedule.add_noise(x0_fake_data, eps, t).float()
+                loss_f = F.mse_loss(fake.raw(x_t, t, cond), eps)
+                opt_fake.zero_grad(set_to_none=True)
+                loss_f.backward()
+                torch.nn.utils.clip_grad_norm_(fake_unet.parameters(), 1.0)
+                opt_fake.step()
+                l_fake += loss_f.item() / cfg.fake_updates
+            # 2. generator: distribution matching at a random t' + GAN term
+            x0 = generate(g, cond, real, n, with_grad=True)
+            t = torch.randint(cfg.t_min, cfg.t_max + 1, (n,), generator=g)
+            eps = torch.randn(x0.shape, generator=g).to(x0)
+            x_t = bb.schedule.add_noise(x0.detach(), eps, t).float()
+            with torch.no_grad():
+                x0_real, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
+                x0_fake, _ = fake.predict(x_t, t, cond)
+            teacher_nfe += 2 * n
+            l_dm = dm_loss(x0, x0_real, x0_fake)
+            disc.heads.requires_grad_(False)
+            l_gan = disc.g_loss(x0, cond, g)
+            disc.heads.requires_grad_(True)
+            loss = l_dm + cfg.lambda_gan * l_gan
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            # 3. discriminator heads on real renders vs generator samples
+            d_loss = disc.d_loss(bb.from_images(real), cond, x0.detach(), cond, g)
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            return {"dm": l_dm.item(), "fake": l_fake, "g_gan": l_gan.item(), "d": d_loss.item()}
+
+        log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": disc.heads},
+                          {"student": opt, "fake": opt_fake, "disc": d_opt}, desc=f"dmd2 {grid}-step",
+                          progress=self.ctx.progress)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+
+    @torch.no_grad()
+    def sample(self, texts, noise_keys, nfe):
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb = self.backbone
+        gen = self.student(steps)
+        cond = bb.encode_text(texts)
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
+        x0 = renoise_trajectory(lambda x, t: gen.predict(x, t, cond), bb.schedule, x_T,
+                                D.trailing_timesteps(steps), fresh)
+        return bb.to_images(x0)

@@ -1,0 +1,180 @@
+"""Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023, the paper's "step distillation").
+
+Stage 0 distils classifier-free guidance into a w-conditioned student that samples with DDIM in
+``start_steps`` steps (1 NFE per step). Each following round halves the step count N -> N/2: the
+student (initialised from the previous round's) learns to match, in one DDIM step from z_t, two
+DDIM steps of the previous student, through the target x̃ that makes a single step land on z''.
+Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (16, 8, 4, 2, 1 steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from methods import diffusion as D
+from methods.base import TrainInfo, register
+from methods.sampling import Denoiser, ddim_trajectory, per_sample_noise
+from methods.student import DistillConfig, DistilledMethod
+from methods.training import run_updates
+
+
+@dataclasses.dataclass
+class ProgressiveConfig(DistillConfig):
+    lr: float = 1e-4
+    start_steps: int = 16  # the CFG-distilled student's DDIM steps; rounds halve it down to 1
+    cfg_fraction: float = 0.2  # share of student_updates spent on the CFG-distillation stage
+    w_min: float = 1.5
+    w_max: float = 4.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.start_steps < 1 or self.start_steps & (self.start_steps - 1):
+            raise ValueError(f"start_steps must be a power of two, got {self.start_steps}")
+        if not 0 < self.cfg_fraction < 1:
+            raise ValueError(f"cfg_fraction must be in (0, 1), got {self.cfg_fraction}")
+
+
+def snr_weighted_x_loss(x0_pred, x0_target, t, schedule: D.Schedule) -> torch.Tensor:
+    """max(SNR_t, 1)·‖x̂_0 − x̃‖² ("truncated SNR" weighting)."""
+    w = D.snr_truncated_weight(schedule.snr(torch.as_tensor(t))).to(x0_pred)
+    w = w.expand(x0_pred.shape[0]) if w.ndim == 0 else w
+    return (w * (x0_pred - x0_target.detach()).pow(2).flatten(1).mean(1)).mean()
+
+
+def _coef(schedule: D.Schedule, t: int | None):
+    if t is None:  # the end of sampling: the clean image
+        return torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    return schedule.alpha(t), schedule.sigma(t)
+
+
+@register("progressive")
+class Progressive(DistilledMethod):
+    Config = ProgressiveConfig
+    w_dim = 64
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...]:
+        out, n = [], config.start_steps
+        while n >= 1:
+            out.append(n)
+            n //= 2
+        return tuple(sorted(out))
+
+    @classmethod
+    def smoke_settings(cls) -> dict:
+        return {"student_updates": 6, "batch_size": 2, "start_steps": 2}
+
+    def _stage_updates(self) -> tuple[int, int]:
+        rounds = max(1, self.config.start_steps.bit_length() - 1)
+        total = self.updates()
+        first = max(1, round(total * self.config.cfg_fraction))
+        return first, max(1, (total - first) // rounds)
+
+    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+        cfg = self.config
+        if grid == cfg.start_steps:
+            return self._train_cfg_stage(unet, ckpt)
+        # the previous round's student is this round's teacher, and this round's initialisation
+        prev = self.prepare(2 * grid)
+        teacher_net = self.students[2 * grid].net.net
+        unet.load_state_dict(teacher_net.state_dict())
+        info = self._train_round(unet, teacher_net, grid, ckpt)
+        info.student_updates += prev.student_updates
+        info.teacher_nfe += prev.teacher_nfe
+        return info
+
+    def _w(self, g, n):
+        return self.config.w_min + (self.config.w_max - self.config.w_min) * torch.rand(n, generator=g)
+
+    def _train_cfg_stage(self, unet, ckpt) -> TrainInfo:
+        """Stage 0: x̂_0 of the w-conditioned student matches the guided teacher's, at random t."""
+        bb = self.backbone
+        student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
+        teacher = self.teacher()
+        opt = self.optimizer(unet.parameters())
+        uncond_one = bb.encode_text([""])
+        updates, _ = self._stage_updates()
+        nfe = 0
+
+        def update(step: int) -> dict:
+            nonlocal nfe
+            g = self.generator(step, stream=100)
+            real, captions = self.captions_batch(step)
+            n = len(captions)
+            cond = bb.encode_text(captions)
+            x0 = bb.from_images(real)
+            t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+            x_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t).float()
+            w = self._w(g, n)
+            with torch.no_grad():
+                target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond_one.repeat(n), w.to(x_t)))
+            nfe += 2 * n
+            pred, _ = student.predict(x_t, t, cond, w)
+            loss = snr_weighted_x_loss(pred, target, t, bb.schedule)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            return {"cfg_distill": loss.item()}
+
+        log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
+                          desc=f"progressive cfg ({self.config.start_steps} steps)", progress=self.ctx.progress)
+        return TrainInfo(student_updates=updates, teacher_nfe=nfe, losses=log)
+
+    def _train_round(self, unet, teacher_net, grid: int, ckpt) -> TrainInfo:
+        """One halving round: 2 teacher DDIM steps -> 1 student step, through the x̃ target."""
+        bb = self.backbone
+        student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
+        teacher = Denoiser(teacher_net, bb.schedule, bb.prediction_type, self.w_dim)
+        opt = self.optimizer(unet.parameters())
+        fine = D.trailing_timesteps(2 * grid)  # the teacher's grid; every other point is the student's
+        _, updates = self._stage_updates()
+        nfe = 0
+
+        def update(step: int) -> dict:
+            nonlocal nfe
+            g = self.generator(step, stream=grid)
+            real, captions = self.captions_batch(step)
+            n = len(captions)
+            cond = bb.encode_text(captions)
+            x0 = bb.from_images(real)
+            i = int(torch.randint(0, grid, (1,), generator=g))
+            t, t_mid = fine[2 * i], fine[2 * i + 1]
+            t_end = fine[2 * i + 2] if 2 * i + 2 < len(fine) else None
+            z_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t).float()
+            w = self._w(g, n)
+            with torch.no_grad():
+                # 1. two teacher DDIM steps t -> t' -> t''
+                #    (at the last student step t'' is the end, and z'' the teacher's two-step x̂_0)
+                two = [t, t_mid] if t_end is None else [t, t_mid, t_end]
+                z_tpp = ddim_trajectory(lambda x, s: teacher.predict(x, s, cond, w), bb.schedule, z_t, two, stop_at=2)
+                # 2. the x̃ a single DDIM step from z_t must predict to land on z''
+                a_t, s_t = _coef(bb.schedule, t)
+                a2, s2 = _coef(bb.schedule, t_end)
+                x_tilde = D.progressive_target(z_t.double(), z_tpp.double(), a_t, s_t, a2, s2).float()
+            nfe += 2 * n
+            pred, _ = student.predict(z_t, t, cond, w)
+            loss = snr_weighted_x_loss(pred, x_tilde, t, bb.schedule)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            opt.step()
+            return {"pd": loss.item()}
+
+        log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
+                          desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress)
+        return TrainInfo(student_updates=updates, teacher_nfe=nfe, losses=log)
+
+    @torch.no_grad()
+    def sample(self, texts, noise_keys, nfe):
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb = self.backbone
+        student = self.student(steps)
+        cond = bb.encode_text(texts)
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        w = self.config.guidance_scale
+        x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond, w), bb.schedule, x_T,
+                             D.trailing_timesteps(steps))
+        return bb.to_images(x0)

@@ -1,0 +1,146 @@
+"""Mechanics of Imagine Flash's components, and the ablation suite's one-switch rows."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import suite as suite_mod
+from methods import diffusion as D
+from methods.imagine_flash import ImagineFlashConfig, backward_latent, srl_input, teacher_target
+from methods.sampling import Denoiser, ddim_trajectory
+from tests.conftest import ROOT
+
+
+class Recorder:
+    """A fake ε-predictor that records the times it is called at and whether gradients were on."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, t):
+        self.calls.append((int(t), torch.is_grad_enabled()))
+        eps = 0.1 * x
+        s = D.Schedule.scaled_linear()
+        return D.x0_from_eps(x, eps, s.alpha(t).float(), s.sigma(t).float()), eps
+
+
+def test_backward_rollout_runs_the_students_sampler_without_gradient_to_the_grid_time():
+    sched = D.Schedule.scaled_linear()
+    grid = D.trailing_timesteps(3)
+    x_T = torch.randn(2, 3, 4, 4)
+    for i in range(3):
+        rec = Recorder()
+        x_t = backward_latent(rec, sched, x_T, grid, i, noise_correction=True)
+        assert [c[0] for c in rec.calls] == grid[:i]  # the student's own grid, stopping before grid[i]
+        assert not any(c[1] for c in rec.calls)  # no gradient
+        # the latent is exactly the student's sampler state at grid[i] (i = 0: pure noise x_T)
+        assert torch.allclose(x_t, ddim_trajectory(Recorder(), sched, x_T, grid, True, stop_at=i))
+    assert torch.equal(backward_latent(Recorder(), sched, x_T, grid, 0, True), x_T)
+
+
+def test_srl_input_is_built_at_gamma_t_from_the_stop_gradient_prediction():
+    sched = D.Schedule.scaled_linear()
+    x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
+    eps = torch.randn(2, 3, 4, 4)
+    chi, t_phi = srl_input(x0, 666, 0.5, sched, eps)
+    assert t_phi == 333
+    assert not chi.requires_grad  # sg(x̂_0)
+    expected = sched.alpha(333).float() * x0.detach() + sched.sigma(333).float() * eps
+    assert torch.allclose(chi, expected, atol=1e-6)
+
+
+def test_teacher_target_runs_k_guided_steps_from_the_shifted_time(tiny):
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x, t, **kw):
+            calls.append((int(t[0]), x.shape[0]))
+            return tiny.unet(x, t, **kw)
+
+    teacher = Denoiser(Spy(), tiny.schedule)
+    cond = tiny.encode_text(["a large red circle at the top left"] * 2)
+    uncond = tiny.encode_text(["", ""])
+    chi = torch.randn(2, *tiny.sample_shape)
+    out = teacher_target(teacher, chi, 500, 2, cond, uncond, 3.0)
+    assert [c[0] for c in calls] == [500, 250]  # k = 2 DDIM steps from t_Φ = γ(t)
+    assert all(c[1] == 4 for c in calls)  # guided: [uncond; cond] in one call
+    assert out.shape == chi.shape and not out.requires_grad
+
+
+def test_noise_correction_is_inference_only_and_matters_only_beyond_one_step(tiny, tmp_path):
+    from methods import base
+
+    cls = base.get("imagine-flash")
+    ctx = base.Context(cache_dir=tmp_path, progress=False)
+    on = cls(tiny, cls.make_config({"student_updates": 1, "batch_size": 2, "adversarial": False}), ctx)
+    off = cls(tiny, cls.make_config({"student_updates": 1, "batch_size": 2, "adversarial": False,
+                                     "noise_correction": False}), ctx)
+    assert on.cache_stem(3) == off.cache_stem(3)  # the same student serves both rows
+    texts, keys = ["a small blue square in the center"], [("p", 0)]
+    assert torch.equal(on.sample(texts, keys, 1), off.sample(texts, keys, 1))
+    assert not torch.equal(on.sample(texts, keys, 3), off.sample(texts, keys, 3))
+
+
+def test_no_method_imports_an_evaluator():
+    """Static: nothing under methods/ imports the evaluators or the metrics."""
+    for path in (ROOT / "methods").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+            assert not any(n.startswith(("bench.evaluators", "bench.metrics")) for n in names), (path, names)
+
+
+def test_training_every_method_never_loads_an_evaluator():
+    """Runtime: train every registered method (smoke budgets); the evaluator module is never imported."""
+    code = """
+import sys, tempfile, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import tiny_backbone
+from methods import base
+bb = tiny_backbone()
+for name in base.names():
+    cls = base.get(name)
+    m = cls(bb, cls.make_config(cls.smoke_settings()), base.Context(tempfile.mkdtemp(), progress=False))
+    for nfe in m.smoke_nfe(m.config):
+        m.prepare(nfe)
+    if name == "imagine-flash":
+        from methods.discriminator import TeacherFeatureDiscriminator
+        d = TeacherFeatureDiscriminator(bb.unet, bb.schedule, 16)
+        assert d.teacher[0] is bb.unet  # its features are the teacher's
+print("evaluators loaded:", "bench.evaluators" in sys.modules, "bench.metrics" in sys.modules)
+""".format(root=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "evaluators loaded: False False" in r.stdout
+
+
+def test_ablation_rows_change_exactly_one_switch():
+    s = suite_mod.load("ablations")
+    flash = {e.variant: e for e in s.entries if e.name == "imagine-flash"}
+    assert set(flash) == {"full", "no-noise-correction", "no-discriminator", "no-backward-distillation", "no-srl"}
+    switch = {"no-noise-correction": "noise_correction", "no-discriminator": "adversarial",
+              "no-backward-distillation": "backward_distillation", "no-srl": "srl"}
+    full = dataclasses.asdict(ImagineFlashConfig(**flash["full"].settings))
+    for variant, field in switch.items():
+        cfg = dataclasses.asdict(ImagineFlashConfig(**flash[variant].settings))
+        diff = {k for k in full if full[k] != cfg[k]}
+        assert diff == {field}, (variant, diff)
+        assert full[field] is True and cfg[field] is False
+    teacher = sorted(st for e in s.entries if e.name == "teacher" for st in e.steps)
+    assert teacher == [3, 25] and all(e.steps == [3] for e in flash.values())
+
+
+@pytest.mark.parametrize("bad", [{"rho": 0.0}, {"rho": 1.5}, {"teacher_steps": 0}, {"max_steps": 0}])
+def test_bad_settings_are_rejected(bad):
+    from bench.errors import UserError
+    from methods.imagine_flash import ImagineFlash
+
+    with pytest.raises(UserError):
+        ImagineFlash.make_config(bad)
