@@ -182,7 +182,13 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
     from methods import base
     from prompts.loaders import prompt_sets
 
-    cache = Path(opts.cache or default_cache())
+    cfg_path = rd.path / CONFIG_FILE
+    old = json.loads(cfg_path.read_text()) if opts.resume and cfg_path.exists() else None
+    # the cache location is a machine path: kept in a hidden local file (never in results) for --resume
+    cache_file = rd.path / ".cache-path"
+    remembered = cache_file.read_text().strip() if opts.resume and cache_file.exists() else None
+    cache = Path(opts.cache or remembered or default_cache())
+    io.write_text(cache_file, str(cache.resolve()) + "\n")
     config = {
         "suite": suite.to_dict(),
         "versions": versions(),
@@ -193,9 +199,7 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
         "evaluators": evaluators.identity(),
         "prompt_set_sha256": prompt_sets().get(suite.prompts, {}).get("sha256"),
     }
-    cfg_path = rd.path / CONFIG_FILE
-    if opts.resume and cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
+    if old is not None:
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
         config["started"] = old.get("started")
@@ -222,7 +226,8 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
     bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not opts.progress)
     methods_by_label: dict[str, object] = {}
     latency_by_cell: dict[tuple, dict] = {}
-    for entry, nfe, steps, seed in cells:
+    failed_training: dict[str, dict] = {}
+    for index, (entry, nfe, steps, seed) in enumerate(cells):
         if cell_key(entry.label, nfe, seed) in done:
             bar.update(1)
             continue
@@ -232,7 +237,7 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
         method = methods_by_label[entry.label]
         bar.set_postfix_str(f"{entry.label} nfe={nfe} seed={seed}")
         row = _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol,
-                        latency_by_cell, opts)
+                        latency_by_cell, opts, index, failed_training)
         rows.append(row)
         rd.write_rows(rows)
         bar.update(1)
@@ -266,10 +271,10 @@ def _protocol(suite: Suite, config: dict, ref, n: int) -> dict:
 
 
 def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol, latency_by_cell,
-              opts) -> dict:
+              opts, index: int, failed_training: dict) -> dict:
     import torch
 
-    from bench import latency, metrics, tables
+    from bench import faults, latency, metrics, tables
     from methods.training import DivergenceError
 
     row = {
@@ -277,9 +282,18 @@ def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, r
         "settings": method.settings(), "steps": steps, "nfe": nfe, "seed": seed, "n_samples": len(prompts),
         "protocol": protocol, "status": "ok", "error": None,
     }
+    if (entry.label, steps) in failed_training:  # training already diverged in this run: do not retry
+        row.update(failed_training[(entry.label, steps)])
+        return row
     try:
         # 1. train or load (cached by config hash)
-        info = method.prepare(nfe)
+        try:
+            info = method.prepare(nfe)
+        except DivergenceError as e:
+            failed = {"status": "failed", "error": f"training diverged: {e}", "failed_step": e.step}
+            failed_training[(entry.label, steps)] = failed
+            row.update(failed)
+            return row
         row["train"] = info.to_dict()
         # 2. sample every prompt, counting network evaluations
         t0 = time.time()
@@ -287,16 +301,22 @@ def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, r
         chunks = []
         for i in tqdm(range(0, len(prompts), suite.batch_size), desc="  sample", leave=False,
                       disable=not opts.progress):
+            faults.maybe_kill("sample", index)
             batch = prompts[i : i + suite.batch_size]
             chunks.append(method.sample([p.text for p in batch], [(p.id, seed) for p in batch], nfe).cpu())
         images = torch.cat(chunks)
+        if faults.hit("nan", "sample", index):
+            images[0, 0, 0, 0] = float("nan")
         row["nfe_counted"] = method.counted_nfe() / len(prompts)
         row["sample_seconds"] = round(time.time() - t0, 2)
         if row["nfe_counted"] != nfe:
             raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {nfe}")
         if not torch.isfinite(images).all():
-            raise DivergenceError("samples", -1)
+            bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
+            row.update(status="failed", error=f"{bad} of {len(images)} samples are not finite (NaN/Inf)")
+            return row
         # 3. metrics
+        faults.maybe_kill("metrics", index)
         t0 = time.time()
         row.update(metrics.evaluate(images, prompts, evaluators, ref))
         row["eval_seconds"] = round(time.time() - t0, 2)

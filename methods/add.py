@@ -63,10 +63,8 @@ class ADD(DistilledMethod):
         d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
         uncond_one = bb.encode_text([""])
         taus = torch.tensor(cfg.student_timesteps)
-        teacher_nfe = 0
 
         def update(step: int) -> dict:
-            nonlocal teacher_nfe
             g = self.generator(step)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -83,7 +81,6 @@ class ADD(DistilledMethod):
             x_t = bb.schedule.add_noise(x0_s.detach(), eps2, t).float()
             with torch.no_grad():
                 x0_teacher, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
-            teacher_nfe += 2 * n
             l_distill = add_distillation_loss(x0_s, x0_teacher, t, bb.schedule)
             # 3. adversarial (generator side), gradients through the frozen teacher features
             disc.heads.requires_grad_(False)
@@ -103,7 +100,8 @@ class ADD(DistilledMethod):
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": disc.heads},
                           {"student": opt, "disc": d_opt}, desc="add", progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
+                         losses=log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):

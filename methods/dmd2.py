@@ -81,7 +81,6 @@ class DMD2(DistilledMethod):
         d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
         uncond_one = bb.encode_text([""])
         timesteps = D.trailing_timesteps(grid)
-        teacher_nfe = 0
 
         def generate(g, cond, real, n, with_grad: bool):
             """x̂_0 of the generator at a grid time; its input by backward simulation (or noised real data)."""
@@ -101,7 +100,6 @@ class DMD2(DistilledMethod):
             return x0
 
         def update(step: int) -> dict:
-            nonlocal teacher_nfe
             g = self.generator(step)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -127,7 +125,6 @@ class DMD2(DistilledMethod):
             with torch.no_grad():
                 x0_real, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
                 x0_fake, _ = fake.predict(x_t, t, cond)
-            teacher_nfe += 2 * n
             l_dm = dm_loss(x0, x0_real, x0_fake)
             disc.heads.requires_grad_(False)
             l_gan = disc.g_loss(x0, cond, g)
@@ -147,7 +144,8 @@ class DMD2(DistilledMethod):
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": disc.heads},
                           {"student": opt, "fake": opt_fake, "disc": d_opt}, desc=f"dmd2 {grid}-step",
                           progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
+                         losses=log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):

@@ -22,6 +22,7 @@ from methods.base import TrainInfo, register
 from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, ddim_trajectory, per_sample_noise
 from methods.student import DistillConfig, DistilledMethod
+from methods.training import run_updates
 
 
 @dataclasses.dataclass
@@ -104,10 +105,8 @@ class ImagineFlash(DistilledMethod):
             d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
             modules["disc"], opts["disc"] = disc.heads, d_opt
         uncond_one = bb.encode_text([""])
-        teacher_nfe = 0
 
         def update(step: int) -> dict:
-            nonlocal teacher_nfe
             g = self.generator(step)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -135,7 +134,6 @@ class ImagineFlash(DistilledMethod):
             else:
                 chi, t_start = x_t, t
             target = teacher_target(teacher, chi, t_start, cfg.teacher_steps, cond, uncond, cfg.guidance_scale)
-            teacher_nfe += 2 * cfg.teacher_steps * n
             loss_d = distillation_loss(x0_s, target)
             losses = {"distill": loss_d.item()}
             loss = loss_d
@@ -158,11 +156,10 @@ class ImagineFlash(DistilledMethod):
                 losses["d"] = d_loss.item()
             return losses
 
-        from methods.training import run_updates
-
         log = run_updates(update, self.updates(), ckpt, modules, opts, desc=f"imagine-flash {grid}-step",
                           progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+        return TrainInfo(student_updates=self.updates(),
+                         teacher_nfe=self.updates() * cfg.batch_size * 2 * cfg.teacher_steps, losses=log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):

@@ -10,7 +10,6 @@ at each grid time; 1 NFE per step).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
@@ -87,10 +86,8 @@ class LCM(DistilledMethod):
         solver_grid = skipping_grid(cfg.num_ddim_timesteps)
         skip = D.T_TRAIN // cfg.num_ddim_timesteps
         uncond_one = bb.encode_text([""])
-        teacher_nfe = 0
 
         def update(step: int) -> dict:
-            nonlocal teacher_nfe
             g = self.generator(step)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -114,7 +111,6 @@ class LCM(DistilledMethod):
                 # 4. EMA target at t_n (t_n = 0 gives the boundary condition f = x)
                 tgt_x0, _ = target.predict(x_prev, t_prev, cond, w)
                 f_target = consistency(x_prev, tgt_x0, t_prev)
-            teacher_nfe += 2 * n
             loss = consistency_loss(f_online, f_target, cfg.loss, cfg.huber_c)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -125,7 +121,8 @@ class LCM(DistilledMethod):
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "target": target_ema.module}, {"student": opt},
                           desc="lcm", progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=teacher_nfe, losses=log)
+        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
+                         losses=log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):

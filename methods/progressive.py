@@ -96,10 +96,8 @@ class Progressive(DistilledMethod):
         opt = self.optimizer(unet.parameters())
         uncond_one = bb.encode_text([""])
         updates, _ = self._stage_updates()
-        nfe = 0
 
         def update(step: int) -> dict:
-            nonlocal nfe
             g = self.generator(step, stream=100)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -110,7 +108,6 @@ class Progressive(DistilledMethod):
             w = self._w(g, n)
             with torch.no_grad():
                 target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond_one.repeat(n), w.to(x_t)))
-            nfe += 2 * n
             pred, _ = student.predict(x_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, target, t, bb.schedule)
             opt.zero_grad(set_to_none=True)
@@ -121,7 +118,7 @@ class Progressive(DistilledMethod):
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
                           desc=f"progressive cfg ({self.config.start_steps} steps)", progress=self.ctx.progress)
-        return TrainInfo(student_updates=updates, teacher_nfe=nfe, losses=log)
+        return TrainInfo(student_updates=updates, teacher_nfe=updates * self.config.batch_size * 2, losses=log)
 
     def _train_round(self, unet, teacher_net, grid: int, ckpt) -> TrainInfo:
         """One halving round: 2 teacher DDIM steps -> 1 student step, through the x̃ target."""
@@ -131,10 +128,8 @@ class Progressive(DistilledMethod):
         opt = self.optimizer(unet.parameters())
         fine = D.trailing_timesteps(2 * grid)  # the teacher's grid; every other point is the student's
         _, updates = self._stage_updates()
-        nfe = 0
 
         def update(step: int) -> dict:
-            nonlocal nfe
             g = self.generator(step, stream=grid)
             real, captions = self.captions_batch(step)
             n = len(captions)
@@ -154,7 +149,6 @@ class Progressive(DistilledMethod):
                 a_t, s_t = _coef(bb.schedule, t)
                 a2, s2 = _coef(bb.schedule, t_end)
                 x_tilde = D.progressive_target(z_t.double(), z_tpp.double(), a_t, s_t, a2, s2).float()
-            nfe += 2 * n
             pred, _ = student.predict(z_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, x_tilde, t, bb.schedule)
             opt.zero_grad(set_to_none=True)
@@ -165,7 +159,7 @@ class Progressive(DistilledMethod):
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
                           desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress)
-        return TrainInfo(student_updates=updates, teacher_nfe=nfe, losses=log)
+        return TrainInfo(student_updates=updates, teacher_nfe=updates * self.config.batch_size * 2, losses=log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):

@@ -69,7 +69,10 @@ class DistilledMethod(Method):
         def train(ckpt):
             t0 = time.time()
             unet.train()
-            with torch.enable_grad():  # prepare may be reached lazily from a no-grad sample()
+            # prepare may be reached lazily from a no-grad sample(); any fresh weights (discriminator heads,
+            # fake scores) draw from a generator seeded here, never from whatever ran before in the process
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed * 1_000_003 + grid)
                 info = self.train_student(unet, grid, ckpt)
             info.wall_seconds = round(time.time() - t0, 1)
             return unet.state_dict(), dataclasses.asdict(info)

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import io
+from bench import faults, io
 
 
 class DivergenceError(RuntimeError):
@@ -107,7 +107,7 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module],
 
 def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
                 optimizers: dict[str, torch.optim.Optimizer], desc: str, progress: bool = True,
-                ckpt_every: int = 100, log_every: int = 10) -> dict:
+                ckpt_every: int | None = None, log_every: int = 10) -> dict:
     """Call ``update(step) -> {loss name: float}`` for steps [start, total); resumable from ``ckpt``.
 
     Checkpoints (modules + optimizers + loss log) are written atomically every ``ckpt_every``
@@ -117,14 +117,27 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
     """
     from tqdm import tqdm
 
+    ckpt_every = ckpt_every or max(1, min(100, total // 10))
+    log_every = math.gcd(log_every, ckpt_every)  # loss windows never straddle a checkpoint
     start, log = 0, {}
     if ckpt.exists():
-        start, extra = load_checkpoint(ckpt, modules, optimizers)
-        log = extra.get("log", {})
+        try:
+            start, extra = load_checkpoint(ckpt, modules, optimizers)
+            log = extra.get("log", {})
+        except Exception as e:  # a torn or corrupt checkpoint: never used, training restarts
+            import warnings
+
+            warnings.warn(f"ignoring unreadable checkpoint {ckpt.name} ({type(e).__name__}); training from the start",
+                          stacklevel=2)
+            ckpt.unlink()
+            start, log = 0, {}
     window: dict[str, list[float]] = {}
     bar = tqdm(total=total, initial=start, desc=desc, leave=False, disable=not progress)
     for step in range(start, total):
+        faults.maybe_kill("train", step)
         losses = update(step)
+        if faults.hit("nan", "train", step):
+            losses = {**losses, "injected": float("nan")}
         for k, v in losses.items():
             if not math.isfinite(v):
                 raise DivergenceError(f"{desc} loss {k!r}", step)
