@@ -15,6 +15,7 @@ METHOD_SUMMARY = {
     "add": "adversarial diffusion distillation (hinge GAN on teacher features + score distillation)",
     "progressive": "guided progressive distillation (Meng et al.): CFG distillation then halving rounds",
     "dmd2": "distribution matching distillation v2 (fake score, two time-scale updates, GAN, backward simulation)",
+    "pretrained": "published distilled checkpoints from local paths (LCM, LCM-LoRA, SD/SDXL-Turbo, SDXL-Lightning)",
 }
 
 

@@ -191,6 +191,28 @@ class Evaluators:
         self.clip.to(device)
         return self
 
+    @property
+    def fid_net(self) -> nn.Module:
+        return self.attr
+
+    def clip_score(self, images, texts) -> torch.Tensor:
+        return self.clip.score(images, texts)
+
+    def predict_attributes(self, images) -> dict:
+        return self.attr.predict(images)
+
+    def reference(self, prompts, cache_dir):
+        """FID reference: real renders of the same prompts (the world's exact ground truth)."""
+        from bench.metrics import build_reference
+
+        return build_reference(prompts, self.attr, self.identity(), cache_dir)
+
+    def floor(self, prompts, ref) -> dict:
+        """Real-vs-real: renders of the same prompts with other nuisance draws, against the reference."""
+        from bench.metrics import fid_floor
+
+        return fid_floor(prompts, self, ref)
+
 
 def load_evaluators(device: str | torch.device = "cpu", assets: Path = ASSETS) -> Evaluators:
     from methods.shapes import load_safetensors_checked

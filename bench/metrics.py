@@ -21,6 +21,7 @@ import torch
 from bench import io, world
 
 BOOTSTRAP = 200
+FID_BOOTSTRAP_WIDE = 30  # resamples of FID's CI when features are wider than 256 (Inception)
 CI_LEVEL = 0.95
 BOOTSTRAP_SEED = 1234
 ATTRIBUTES = ("color", "shape", "size", "position", "count")
@@ -82,6 +83,15 @@ def build_reference(prompts, feature_net, evaluator_id: dict, cache_dir: Path | 
                     batch: int = 500) -> Reference:
     """Reference statistics of real renders of these prompts; loaded from cache when the hash matches."""
     key = reference_key(prompts, evaluator_id, variant)
+    chunks = (real_images(prompts[i : i + batch], variant) for i in range(0, len(prompts), batch))
+    return cached_reference(key, chunks, feature_net, cache_dir)
+
+
+def cached_reference(key: str, image_chunks, feature_net, cache_dir: Path | None) -> Reference:
+    """FID reference state from image chunks (iterable of [n, 3, H, W] in [0, 1]), cached under `key`.
+
+    A cache entry whose sha256 does not match is rebuilt, never used.
+    """
     path = None if cache_dir is None else Path(cache_dir) / "fid-ref" / f"{key}.safetensors"
     if path is not None and path.exists():
         ref = _load_reference(path, key)
@@ -90,15 +100,15 @@ def build_reference(prompts, feature_net, evaluator_id: dict, cache_dir: Path | 
     fid = new_fid(feature_net)
     feats = []
     with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            imgs = real_images(prompts[i : i + batch], variant).to(_device(feature_net))
+        for imgs in image_chunks:
+            imgs = imgs.to(_device(feature_net))
             fid.update(imgs, real=True)
             feats.append(feature_net(imgs).double().cpu())
     states = {k: getattr(fid, k).detach().cpu().clone() for k in _REAL_STATES}
     ref = Reference(key, states, torch.cat(feats))
     if path is not None:
         digest = io.save_tensors(path, {**states, "features": ref.features})
-        io.write_json(path.with_suffix(".json"), {"sha256": digest, "key": key, "n": len(prompts)})
+        io.write_json(path.with_suffix(".json"), {"sha256": digest, "key": key, "n": ref.n})
     return ref
 
 
@@ -193,20 +203,38 @@ def bootstrap_ratio(num: np.ndarray, den: np.ndarray) -> tuple[float, float, flo
     return float(num.sum() / den.sum()), *percentile_ci(num[idx].sum(1) / den[idx].sum(1))
 
 
+def psd_sqrt(cov: torch.Tensor) -> torch.Tensor:
+    w, v = torch.linalg.eigh(cov.double())
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def frechet_distance_sym(mu1, cov1_sqrt, tr1: float, mu2, cov2) -> float:
+    """The same Fréchet distance with cov1's square root precomputed: Tr sqrt(Σ1Σ2) = Σ sqrt(eig(Σ1½ Σ2 Σ1½)).
+
+    Symmetric eigenvalues only, so a bootstrap over 2048-d Inception features stays affordable.
+    """
+    m = cov1_sqrt @ cov2.double() @ cov1_sqrt
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).pow(2).sum() + tr1 + cov2.trace() - 2 * tr_sqrt)
+
+
 def bootstrap_fid(features: torch.Tensor, ref: Reference, fid: float) -> tuple[float, float]:
     """CI of FID over resamplings of the generated set (the reference statistics held fixed).
 
     Resampling with replacement duplicates samples, which inflates every resampled FID; the
     percentile interval is therefore centred on the point value (bias-centred percentile bootstrap).
+    Wide features (Inception, 2048-d) get fewer resamples (FID_BOOTSTRAP_WIDE): each costs an eigh.
     """
     s = ref.states
     n = s["real_features_num_samples"].double()
     mu_r = s["real_features_sum"] / n
     cov_r = (s["real_features_cov_sum"] - n * torch.outer(mu_r, mu_r)) / (n - 1)
+    root, tr_r = psd_sqrt(cov_r), float(cov_r.trace())
+    b = BOOTSTRAP if features.shape[1] <= 256 else FID_BOOTSTRAP_WIDE
     vals = []
-    for idx in _indices(features.shape[0]):
+    for idx in _indices(features.shape[0], b):
         mu, cov = gaussian_stats(features[torch.from_numpy(idx)])
-        vals.append(frechet_distance(mu_r, cov_r, mu, cov))
+        vals.append(frechet_distance_sym(mu_r, root, tr_r, mu, cov))
     vals = np.asarray(vals)
     lo, hi = percentile_ci(vals - vals.mean() + fid)
     return max(lo, 0.0), hi
@@ -216,29 +244,35 @@ def bootstrap_fid(features: torch.Tensor, ref: Reference, fid: float) -> tuple[f
 
 
 def evaluate(images: torch.Tensor, prompts, evaluators, ref: Reference | None) -> dict:
-    """Every metric of one (method, NFE, seed) cell, with CIs. images: [N, 3, H, W] in [0, 1]."""
-    dev = _device(evaluators.attr)
+    """Every metric of one (method, NFE, seed) cell, with CIs. images: [N, 3, H, W] in [0, 1].
+
+    `evaluators` provides ``fid_net`` (images -> features, with ``num_features``),
+    ``clip_score(images, texts)`` (per image), ``predict_attributes(images)`` (per-slot predictions, or
+    None where no ground-truth evaluator exists) and ``identity()``.
+    """
+    dev = _device(evaluators.fid_net)
     images = images.to(dev)
     row: dict = {"n_samples": len(prompts)}
 
     # 1. FID: torchmetrics with the reference state loaded; the bootstrap reuses its kernel
     if ref is not None:
-        fid = new_fid(evaluators.attr).to(dev)
+        fid = new_fid(evaluators.fid_net).to(dev)
         for k, v in ref.states.items():
             setattr(fid, k, v.to(dev))
         with torch.no_grad():
             fid.update(images, real=False)
-            feats = evaluators.attr(images).double().cpu()
+            feats = evaluators.fid_net(images).double().cpu()
         row["fid"] = float(fid.compute())
         row["fid_ci_low"], row["fid_ci_high"] = bootstrap_fid(feats, ref, row["fid"])
 
     # 2. CLIP score
-    clip = evaluators.clip.score(images, [p.text for p in prompts]).double().cpu().numpy()
+    clip = evaluators.clip_score(images, [p.text for p in prompts]).double().cpu().numpy()
     row["clip_score"], row["clip_score_ci_low"], row["clip_score_ci_high"] = bootstrap_mean(clip)
 
-    # 3. compositional accuracy (only where every prompt has ground truth)
-    if all(p.objects is not None for p in prompts):
-        corr = attribute_correctness(evaluators.attr.predict(images), prompts)
+    # 3. compositional accuracy (only where every prompt has ground truth and an attribute evaluator exists)
+    pred = evaluators.predict_attributes(images) if all(p.objects is not None for p in prompts) else None
+    if pred is not None:
+        corr = attribute_correctness(pred, prompts)
         row["accuracy"], row["accuracy_ci_low"], row["accuracy_ci_high"] = bootstrap_mean(corr["whole"])
         for a in ATTRIBUTES:
             k = f"acc_{a}"

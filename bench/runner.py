@@ -66,6 +66,35 @@ def check_device(device: str) -> str:
     return device
 
 
+def load_backbone(spec: dict, device: str):
+    """The teacher a suite names: the embedded shapes teacher, or an SD/SDXL directory."""
+    if spec["kind"] == "diffusers":
+        from methods.diffusers_backbone import DiffusersBackbone
+
+        if "path" not in spec:
+            raise UserError("[backbone] kind = 'diffusers' needs path = a local SD/SDXL diffusers directory")
+        data = spec.get("train_data")
+        return DiffusersBackbone.load(Path(spec["path"]), device, Path(data) if data else None)
+    from methods.shapes import ShapesBackbone
+
+    return ShapesBackbone.load(device)
+
+
+def load_evaluators_for(spec: dict, device: str):
+    if spec["kind"] == "real":
+        from bench.real_metrics import load_real_evaluators
+
+        for key in ("clip_model", "reference"):
+            if key not in spec:
+                raise UserError(f"[evaluators] kind = 'real' needs {key} = ...")
+        inc = spec.get("inception_dir")
+        return load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"),
+                                    Path(spec["reference"]), device)
+    from bench.evaluators import load_evaluators
+
+    return load_evaluators(device)
+
+
 class RunDir:
     """results/<run>/: a lock against a second writer, atomic rows, derived tables."""
 
@@ -160,12 +189,8 @@ def run(suite: Suite, opts: Options) -> Path | None:
             print(f"{e.label:32s} method={e.name:14s} steps={steps:<3d} nfe={nfe:<3d} seed={seed} n={suite.samples}")
         print(f"{len(cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); nothing written (dry run)")
         return None
-    from methods.shapes import ShapesBackbone
-
-    from bench.evaluators import load_evaluators
-
-    backbone = ShapesBackbone.load(opts.device)
-    evaluators = load_evaluators(opts.device)
+    backbone = load_backbone(suite.backbone, opts.device)
+    evaluators = load_evaluators_for(suite.evaluators, opts.device)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
     rd.create(opts.resume)
@@ -178,7 +203,7 @@ def run(suite: Suite, opts: Options) -> Path | None:
 def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
     import torch
 
-    from bench import metrics, tables
+    from bench import tables
     from methods import base
     from prompts.loaders import prompt_sets
 
@@ -209,13 +234,10 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
     io.write_json(cfg_path, config)
 
     # 2. reference statistics (cached by content hash) and the real-vs-real floor
-    ref = None
-    if "fid" in suite.metrics:
-        ref = metrics.build_reference(prompts, evaluators.attr, evaluators.identity(), cache / "metrics")
+    ref = evaluators.reference(prompts, cache / "metrics") if "fid" in suite.metrics else None
     floor_path = rd.path / "floor.json"
-    if ref is not None and not floor_path.exists():
-        floor = metrics.fid_floor(prompts, evaluators, ref)
-        io.write_json(floor_path, {"real_vs_real": floor, "n": len(prompts),
+    if ref is not None and not floor_path.exists() and hasattr(evaluators, "floor"):
+        io.write_json(floor_path, {"real_vs_real": evaluators.floor(prompts, ref), "n": len(prompts),
                                    "what": "renders of the same prompts with other nuisance draws vs the reference"})
 
     rows = rd.rows()
@@ -250,24 +272,33 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
 
 
 def _protocol(suite: Suite, config: dict, ref, n: int) -> dict:
-    from bench.metrics import BOOTSTRAP, CI_LEVEL
+    """Everything that moves a number, stored beside it. `id` hashes the fields that define comparability."""
+    from bench.metrics import BOOTSTRAP, CI_LEVEL, FID_BOOTSTRAP_WIDE
 
     ev = config["evaluators"]
-    return {
+    prot = {
         "prompts": {"set": suite.prompts, "sha256": config["prompt_set_sha256"], "n": n},
+        "evaluators": ev,
         "fid": None if ref is None else {
-            "library": f"torchmetrics {config['versions'].get('torchmetrics')}",
-            "feature": ev["feature"], "feature_sha256": ev["attribute_net_sha256"],
-            "reference": {"key": ref.key, "n": ref.n, "images": "real renders (variant 0) of the same prompts"},
-            "resize": "none (native resolution)", "accumulation": "float64",
+            "library": f"torchmetrics {config['versions'].get('torchmetrics')} FrechetInceptionDistance",
+            "feature": ev.get("feature") or ev.get("fid_feature_id"),
+            "feature_sha256": ev.get("attribute_net_sha256"),
+            "reference": {"key": ref.key, "n": ref.n},
+            "resize": ev.get("fid_library", "none (native resolution)"), "accumulation": "float64",
+            "bootstrap_resamples": BOOTSTRAP if ref.features.shape[1] <= 256 else FID_BOOTSTRAP_WIDE,
         },
-        "clip_score": {"model": ev["clip_model"], "sha256": ev["clip_sha256"], "score": "100*max(cos,0)"},
-        "accuracy": {"evaluator": "attribute_net", "sha256": ev["attribute_net_sha256"]},
-        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL},
+        "clip_score": {"model": ev.get("clip_model"), "sha256": ev.get("clip_sha256") or ev.get("clip_pretrained_sha256"),
+                       "score": "100*max(cos,0)"},
+        "accuracy": {"evaluator": "attribute_net", "sha256": ev["attribute_net_sha256"]}
+        if "attribute_net_sha256" in ev else None,
+        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL, "seed": 1234},
         "teacher": config["teacher"],
         "device": config["device"],
         "dtype": "float32",
     }
+    prot["id"] = io.content_hash({k: prot[k] for k in ("prompts", "evaluators", "fid", "clip_score", "accuracy",
+                                                        "bootstrap")})
+    return prot
 
 
 def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol, latency_by_cell,

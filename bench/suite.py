@@ -28,7 +28,9 @@ from methods import base
 SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "batch_size", "metrics", "methods", "grid",
-            "latency", "train", "scale"}
+            "latency", "train", "scale", "backbone", "evaluators"}
+BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data"}}
+EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference"}}
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
@@ -58,6 +60,8 @@ class Suite:
     train: dict = dataclasses.field(default_factory=dict)  # shared training settings (e.g. student_updates)
     scale: float = 1.0
     source: str = ""
+    backbone: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
+    evaluators: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -137,6 +141,8 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     scale = raw.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise UserError(f"{where}: scale must be a positive number, got {scale!r}")
+    backbone = _component(raw.get("backbone", {"kind": "shapes"}), "backbone", BACKBONE_KEYS, where)
+    evaluators = _component(raw.get("evaluators", {"kind": "shapes"}), "evaluators", EVALUATOR_KEYS, where)
     entries_raw = raw.get("methods")
     if not isinstance(entries_raw, list) or not entries_raw:
         raise UserError(f"{where}: needs at least one [[methods]] entry")
@@ -159,7 +165,23 @@ def parse(raw: dict, where: str = "suite") -> Suite:
         train=dict(train),
         scale=float(scale),
         source=where,
+        backbone=backbone,
+        evaluators=evaluators,
     )
+
+
+def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: [{what}] must be a table with kind = one of {sorted(kinds)}")
+    kind = value.get("kind", "shapes")
+    if kind not in kinds:
+        raise unknown(f"{what} kind in {where}", kind, kinds)
+    for k, v in value.items():
+        if k != "kind" and k not in kinds[kind]:
+            raise unknown(f"key in [{what}] ({kind}) of {where}", k, kinds[kind] or {"kind"})
+        if not isinstance(v, str):
+            raise UserError(f"{where}: [{what}] {k} must be a string, got {v!r}")
+    return {"kind": kind, **{k: v for k, v in value.items() if k != "kind"}}
 
 
 def _entry(e, i: int, where: str, train: dict) -> Entry:

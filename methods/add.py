@@ -58,8 +58,7 @@ class ADD(DistilledMethod):
         student = Denoiser(unet, bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
-                                           t_max=cfg.disc_t_max).to(bb.device)
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
         d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
         uncond_one = bb.encode_text([""])
         taus = torch.tensor(cfg.student_timesteps)

@@ -27,6 +27,7 @@ LAZY: dict[str, str] = {
     "add": "methods.add",
     "progressive": "methods.progressive",
     "dmd2": "methods.dmd2",
+    "pretrained": "methods.pretrained",
 }
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -61,7 +61,8 @@ class _Head(nn.Module):
 class TeacherFeatureDiscriminator(nn.Module):
     """Hinge discriminator: frozen teacher encoder features + trainable text-conditioned heads."""
 
-    def __init__(self, teacher_unet, schedule, text_dim: int, t_max: int = 500, width: int = 32):
+    def __init__(self, teacher_unet, schedule, null_cond: Cond, t_max: int = 500, width: int = 32):
+        """`null_cond`: the teacher's encoding of one prompt (any), to probe feature shapes and text width."""
         super().__init__()
         self.teacher = [teacher_unet]  # a list: not a submodule, never trained, never saved with the heads
         self.schedule = schedule
@@ -69,10 +70,8 @@ class TeacherFeatureDiscriminator(nn.Module):
         with torch.no_grad():
             probe = torch.zeros(1, teacher_unet.config.in_channels, teacher_unet.config.sample_size,
                                 teacher_unet.config.sample_size, device=next(teacher_unet.parameters()).device)
-            cross = teacher_unet.config.cross_attention_dim
-            dummy = Cond(torch.zeros(1, 1, cross, device=probe.device))
-            chans = [f.shape[1] for f in encoder_features(teacher_unet, probe, 0, dummy)]
-        self.heads = nn.ModuleList(_Head(c, text_dim, width) for c in chans)
+            chans = [f.shape[1] for f in encoder_features(teacher_unet, probe, 0, null_cond.index(slice(0, 1)))]
+        self.heads = nn.ModuleList(_Head(c, null_cond.states.shape[-1], width) for c in chans)
         self.feature_passes = 0  # teacher encoder evaluations per sample, summed
 
     def logits(self, x0: torch.Tensor, cond: Cond, gen: torch.Generator | None = None) -> torch.Tensor:

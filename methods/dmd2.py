@@ -76,8 +76,7 @@ class DMD2(DistilledMethod):
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
-                                           t_max=cfg.disc_t_max).to(bb.device)
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
         d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
         uncond_one = bb.encode_text([""])
         timesteps = D.trailing_timesteps(grid)

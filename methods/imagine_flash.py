@@ -100,8 +100,7 @@ class ImagineFlash(DistilledMethod):
         modules, opts = {"student": unet}, {"student": opt}
         disc = None
         if cfg.adversarial:
-            disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]).states.shape[-1],
-                                               t_max=cfg.disc_t_max).to(bb.device)
+            disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
             d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
             modules["disc"], opts["disc"] = disc.heads, d_opt
         uncond_one = bb.encode_text([""])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.sampling import Denoiser, per_sample_generators, per_sample_noise
+from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise, solver_sample
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import EMA, run_updates
 
@@ -134,13 +134,8 @@ class LCM(DistilledMethod):
         cond = bb.encode_text(texts)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
         scheduler = diffusers.LCMScheduler.from_config(
-            dict(bb.scheduler_config), timestep_spacing="trailing",
-            original_inference_steps=self.config.num_ddim_timesteps)
-        scheduler.set_timesteps(steps)
-        x = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
-        denoised = x
-        for i, t in enumerate(scheduler.timesteps):
-            out = student.raw(x, int(t), cond, w)
-            gens = per_sample_generators(noise_keys, stream=i + 1)
-            x, denoised = scheduler.step(out, t, x, generator=gens, return_dict=False)
-        return bb.to_images(denoised)
+            lcm_scheduler_config(bb.scheduler_config), original_inference_steps=self.config.num_ddim_timesteps)
+        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), scheduler, bb.schedule, x_T, steps,
+                           bb.prediction_type, generators=lambda i: per_sample_generators(noise_keys, i + 1))
+        return bb.to_images(x0)

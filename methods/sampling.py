@@ -129,6 +129,13 @@ def renoise_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor
     return x
 
 
+def lcm_scheduler_config(scheduler_config: dict) -> dict:
+    """The teacher's schedule, keeping only what LCMScheduler understands."""
+    keep = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type", "steps_offset",
+            "timestep_spacing", "rescale_betas_zero_snr", "set_alpha_to_one", "clip_sample")
+    return {k: v for k, v in scheduler_config.items() if k in keep}
+
+
 def make_scheduler(solver: str, scheduler_config: dict):
     """A diffusers scheduler for the teacher; the final step always lands on the clean estimate."""
     import diffusers
@@ -148,18 +155,21 @@ def make_scheduler(solver: str, scheduler_config: dict):
 
 
 def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
-                  prediction_type: str = "epsilon", noise_correction: bool = False) -> torch.Tensor:
+                  prediction_type: str = "epsilon", noise_correction: bool = False,
+                  generators: Callable[[int], list[torch.Generator]] | None = None) -> torch.Tensor:
     """Run a diffusers scheduler for `steps` steps; model_output(x_in, t) returns the (guided) raw output.
 
-    Noise correction (ddim, dpmsolver++ only) replaces the first step's result by
-    α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
+    Stochastic schedulers (LCM, Euler ancestral) draw step i's noise from ``generators(i)``, one
+    generator per sample. Noise correction (ddim, dpmsolver++ only) replaces the first step's result
+    by α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
     """
     scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
     ts = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
         out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
-        x_next = scheduler.step(out, scheduler.timesteps[i], x).prev_sample
+        kwargs = {} if generators is None else {"generator": generators(i)}
+        x_next = scheduler.step(out, scheduler.timesteps[i], x, **kwargs).prev_sample
         if noise_correction and i == 0:
             split = Denoiser(None, schedule, prediction_type).split
             x0, _ = split(x, t, out)

@@ -22,13 +22,28 @@ class DistillConfig:
     lr: float = 5e-5
     guidance_scale: float = 3.0  # the teacher's CFG scale when it builds targets
     seed: int = 0
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the attention projections instead of the full UNet
 
     def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         for name in ("student_updates", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def add_lora(unet, rank: int) -> None:
+    """LCM-LoRA style: rank-r adapters on the attention projections; only they (and a w-embedding) train."""
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    for name, p in unet.named_parameters():
+        if "lora_" in name or "cond_proj" in name:
+            p.requires_grad_(True)
 
 
 class DistilledMethod(Method):
@@ -65,6 +80,8 @@ class DistilledMethod(Method):
         if grid in self.students:
             return self.train_info[grid]
         unet = self.backbone.new_unet(self.w_dim)
+        if self.config.lora_rank:
+            add_lora(unet, self.config.lora_rank)
 
         def train(ckpt):
             t0 = time.time()
@@ -103,7 +120,7 @@ class DistilledMethod(Method):
         return Denoiser(self.backbone.unet, self.backbone.schedule, self.backbone.prediction_type)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=self.config.lr, weight_decay=0.0)
+        return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.config.lr, weight_decay=0.0)
 
     def captions_batch(self, step: int, stream: int = 0):
         """Real training images and captions of the world's train split (never evaluation data)."""

@@ -112,7 +112,7 @@ for name in base.names():
         m.prepare(nfe)
     if name == "imagine-flash":
         from methods.discriminator import TeacherFeatureDiscriminator
-        d = TeacherFeatureDiscriminator(bb.unet, bb.schedule, 16)
+        d = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text(['']))
         assert d.teacher[0] is bb.unet  # its features are the teacher's
 print("evaluators loaded:", "bench.evaluators" in sys.modules, "bench.metrics" in sys.modules)
 """.format(root=str(ROOT))

@@ -34,6 +34,16 @@ def test_frechet_matches_closed_forms():
     assert math.isclose(got, ref, rel_tol=1e-6)
 
 
+def test_symmetric_kernel_equals_torchmetrics_kernel():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, 6, generator=g, dtype=torch.float64), 2 * torch.randn(300, 6, generator=g, dtype=torch.float64)
+    mu1, c1 = metrics.gaussian_stats(a @ torch.randn(6, 6, generator=g, dtype=torch.float64))
+    mu2, c2 = metrics.gaussian_stats(b + 1)
+    ref = metrics.frechet_distance(mu1, c1, mu2, c2)
+    sym = metrics.frechet_distance_sym(mu1, metrics.psd_sqrt(c1), float(c1.trace()), mu2, c2)
+    assert math.isclose(ref, sym, rel_tol=1e-6)
+
+
 class _Identity(torch.nn.Module):
     num_features = 3
 

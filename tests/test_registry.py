@@ -11,11 +11,20 @@ TEXTS = ["a large red circle at the top left", "a small blue square in the cente
 KEYS = [("p0", 0), ("p1", 0), ("p2", 0)]
 
 
+def settings_for(name, backbone, tmp):
+    cls = base.get(name)
+    if name == "pretrained":  # a "published" checkpoint written here: a teacher copy saved as a UNet dir
+        backbone.new_unet().save_pretrained(tmp / "turbo-unet", safe_serialization=True)
+        return {"kind": "turbo", "path": str(tmp / "turbo-unet"), "max_steps": 4}
+    return cls.smoke_settings()
+
+
 @pytest.fixture(scope="module", params=base.names())
 def method(request, tiny, tmp_path_factory):
     cls = base.get(request.param)
-    ctx = base.Context(cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
-    return cls(tiny, cls.make_config(cls.smoke_settings()), ctx)
+    tmp = tmp_path_factory.mktemp("cache")
+    ctx = base.Context(cache_dir=tmp, progress=False)
+    return cls(tiny, cls.make_config(settings_for(request.param, tiny, tmp)), ctx)
 
 
 def test_registry_lists_and_rejects():

@@ -1,0 +1,156 @@
+"""Standard metrics at real scale: Inception FID (clean-fid protocol) and open_clip CLIP score.
+
+Everything is local: the Inception network is clean-fid's own file (``inception-2015-12-05.pt``) in a
+directory you give, the CLIP model is an open_clip model name plus a local pretrained file
+(safetensors or a weights-only checkpoint), and the FID reference is a local image folder whose
+statistics are computed once and cached by the content hash of its files. Every protocol field is
+stored with the numbers (``identity()``); results of different protocols never share a column.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+class CleanResize(nn.Module):
+    """clean-fid's "clean" preprocessing: PIL bicubic resize to 299 on uint8-range floats, then the network."""
+
+    def __init__(self, net: nn.Module, num_features: int, size: int = 299):
+        super().__init__()
+        from cleanfid.resize import make_resizer
+
+        self.net, self.num_features, self.size = net, num_features, size
+        self.resize = make_resizer("PIL", False, "bicubic", (size, size))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        x = np.stack([self.resize(im) for im in x])
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).float().to(next(self.net.parameters(), torch.empty(0)).device)
+        return self.net(x).flatten(1)
+
+
+def inception(weights_dir: Path, device: str = "cpu") -> nn.Module:
+    """clean-fid's Inception (pool3, 2048-d) from a local copy of its weights; never downloads."""
+    from cleanfid.inception_torchscript import InceptionV3W
+
+    path = Path(weights_dir) / "inception-2015-12-05.pt"
+    if not path.is_file():
+        raise UserError(f"Inception weights not found at {path}; copy clean-fid's inception-2015-12-05.pt there")
+    net = InceptionV3W(str(weights_dir), download=False, resize_inside=False).to(device)
+    return CleanResize(net, 2048)
+
+
+class OpenCLIPScore(nn.Module):
+    """CLIP score 100·max(cos, 0) with an open_clip model from a local pretrained file."""
+
+    def __init__(self, model_name: str, pretrained: str | None, device: str = "cpu"):
+        super().__init__()
+        import open_clip
+
+        self.model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                           device=device)
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        size = self.model.visual.image_size
+        self.size = size if isinstance(size, int) else size[0]
+        norm = next(t for t in preprocess.transforms if t.__class__.__name__ == "Normalize")
+        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        x = nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="bicubic",
+                                      align_corners=False, antialias=True).clamp(0, 1)
+        img = nn.functional.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+        txt = nn.functional.normalize(self.model.encode_text(self.tokenizer(texts).to(x.device)), dim=-1)
+        return 100.0 * (img * txt).sum(-1).clamp(min=0)
+
+
+def folder_images(folder: Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"reference folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def folder_hash(files: list[Path], root: Path) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root)).encode())
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def load_images(files: list[Path], resolution: int | None = None) -> torch.Tensor:
+    from PIL import Image
+
+    out = []
+    for f in files:
+        im = Image.open(f).convert("RGB")
+        if resolution:
+            im = im.resize((resolution, resolution), Image.BICUBIC)
+        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+@dataclasses.dataclass
+class RealEvaluators:
+    """FID features + CLIP scorer + reference folder, behind the same interface as the shapes evaluators."""
+
+    fid_net: nn.Module
+    clip: nn.Module
+    reference_dir: Path
+    protocol: dict
+
+    def clip_score(self, images, texts) -> torch.Tensor:
+        return self.clip(images, texts)
+
+    def predict_attributes(self, images):
+        return None  # no exact ground truth at real scale (GenEval needs a detector: not bundled)
+
+    def identity(self) -> dict:
+        return dict(self.protocol)
+
+    def reference(self, prompts, cache_dir):
+        from bench.metrics import cached_reference
+
+        files = folder_images(self.reference_dir)
+        key = folder_hash(files, Path(self.reference_dir)) + "-" + self.protocol["fid_feature_id"]
+        self.protocol["reference"] = {"folder_hash": key.split("-")[0], "n": len(files)}
+        chunks = (load_images(files[i : i + 64]) for i in range(0, len(files), 64))
+        return cached_reference(key, chunks, self.fid_net, cache_dir)
+
+
+def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretrained: str | None,
+                         reference_dir: Path, device: str = "cpu", fid_net: nn.Module | None = None) -> RealEvaluators:
+    """Inception FID + open_clip score. `fid_net` overrides the Inception network (tests use random weights)."""
+    import importlib.metadata as md
+
+    if fid_net is None:
+        if inception_dir is None:
+            raise UserError("real-scale FID needs inception_dir = a folder with clean-fid's inception-2015-12-05.pt")
+        fid_net = inception(inception_dir, device)
+        feature_id = "inception-2015-12-05:pool3"
+    else:
+        feature_id = f"custom:{type(fid_net).__name__}:{fid_net.num_features}"
+    weights_sha = None
+    if clip_pretrained and Path(clip_pretrained).is_file():
+        weights_sha = hashlib.sha256(Path(clip_pretrained).read_bytes()).hexdigest()
+    protocol = {
+        "fid_library": f"clean-fid {md.version('clean-fid')} (mode=clean: PIL bicubic resize to 299)",
+        "fid_feature_id": feature_id,
+        "clip_model": clip_model, "clip_pretrained_sha256": weights_sha,
+        "clip_score": "100*max(cos,0), bicubic antialiased resize to the model's size",
+    }
+    return RealEvaluators(fid_net.eval().requires_grad_(False), OpenCLIPScore(clip_model, clip_pretrained, device),
+                          Path(reference_dir), protocol)

@@ -1,0 +1,119 @@
+"""A tiny randomly initialised SD / SDXL-layout pipeline, written to disk in the test itself.
+
+UNet, VAE, CLIP text encoder(s) and a character-level CLIP tokenizer built from configs and a
+generated vocabulary: no downloads. Used to run every method through the latent code path.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import torch
+
+
+def _tokenizer(dir_: Path):
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + ",.'-")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
+    tok.save_pretrained(dir_)
+    return len(vocab)
+
+
+def build(root: Path, sdxl: bool = False, seed: int = 0) -> Path:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    root = Path(root)
+    v = _tokenizer(root / "tokenizer")
+    te_cfg = dict(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=24, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(**te_cfg)).save_pretrained(root / "text_encoder", safe_serialization=True)
+    cross = 16
+    extra = {}
+    if sdxl:
+        _tokenizer(root / "tokenizer_2")
+        CLIPTextModelWithProjection(CLIPTextConfig(**te_cfg, projection_dim=16)).save_pretrained(
+            root / "text_encoder_2", safe_serialization=True)
+        cross = 32
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
+                     projection_class_embeddings_input_dim=6 * 4 + 16)
+    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                         cross_attention_dim=cross, attention_head_dim=4, norm_num_groups=8,
+                         **extra).save_pretrained(root / "unet", safe_serialization=True)
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae",
+                                                                                    safe_serialization=True)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  prediction_type="epsilon").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline" if sdxl
+                                                       else "StableDiffusionPipeline"}))
+    return root
+
+
+def image_folder(root: Path, n: int = 8) -> Path:
+    """Real training images for latent methods: shapes-world renders with their captions."""
+    import numpy as np
+    from PIL import Image
+
+    from bench import world
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, s in enumerate(world.scenes("train", 0, n)):
+        arr = (world.render_scene(s) * 255).round().astype(np.uint8)
+        Image.fromarray(arr).save(root / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "text": s.caption}))
+    (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def fake_inception(root: Path) -> Path:
+    """A random-weight stand-in for clean-fid's Inception file (same TorchScript interface, 2048-d)."""
+    from torch import nn
+
+    class Fake(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.Sequential(nn.Conv2d(3, 2048, 13, stride=13), nn.AdaptiveAvgPool2d(1))
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.jit.script(Fake()).save(str(root / "inception-2015-12-05.pt"))
+    return root
+
+
+def tiny_open_clip(root: Path) -> tuple[str, str]:
+    """A tiny open_clip model config registered under a test name, with random weights as safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = "flashbench-test-tiny-clip"
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (root / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(root / f"{name}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(name)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "clip.safetensors"))
+    return name, str(root / "clip.safetensors")
+
+
+def load_folder(root: Path) -> torch.Tensor:
+    from bench.real_metrics import folder_images, load_images
+
+    return load_images(folder_images(root))
