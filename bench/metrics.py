@@ -47,7 +47,9 @@ def gaussian_stats(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def new_fid(feature_net) -> torch.nn.Module:
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=feature_net, normalize=True, reset_real_features=False)
+    # samples are gathered to process 0 before metrics, so the metric itself never syncs across processes
+    return FrechetInceptionDistance(feature=feature_net, normalize=True, reset_real_features=False,
+                                    sync_on_compute=False)
 
 
 _REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")

@@ -183,24 +183,38 @@ def run(suite: Suite, opts: Options) -> Path | None:
     if suite.samples > len(prompts):
         raise UserError(f"samples = {suite.samples} but prompts {suite.prompts!r} has only {len(prompts)}")
     prompts = prompts[: suite.samples]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(prompts) < world:
+        raise UserError(f"samples = {len(prompts)} is fewer than the {world} processes; use at least one per process")
     cells = plan(suite)
     if opts.dry_run:
         for e, nfe, steps, seed in cells:
             print(f"{e.label:32s} method={e.name:14s} steps={steps:<3d} nfe={nfe:<3d} seed={seed} n={suite.samples}")
         print(f"{len(cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); nothing written (dry run)")
         return None
+    from bench.dist import Dist
+
+    d = Dist(opts.device)
     backbone = load_backbone(suite.backbone, opts.device)
     evaluators = load_evaluators_for(suite.evaluators, opts.device)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = d.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
-    rd.create(opts.resume)
+    error = None
+    if d.main:  # one writer: process 0 creates and locks the run directory
+        try:
+            rd.create(opts.resume)
+        except UserError as e:
+            error = str(e)
+    error = d.broadcast_object(error)
+    if error:
+        raise UserError(error)
     try:
-        return _run(suite, opts, rd, prompts, cells, backbone, evaluators)
+        return _run(suite, opts, rd, prompts, cells, backbone, evaluators, d)
     finally:
         rd.unlock()
 
 
-def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
+def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d) -> Path:
     import torch
 
     from bench import tables
@@ -213,7 +227,8 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
     cache_file = rd.path / ".cache-path"
     remembered = cache_file.read_text().strip() if opts.resume and cache_file.exists() else None
     cache = Path(opts.cache or remembered or default_cache())
-    io.write_text(cache_file, str(cache.resolve()) + "\n")
+    if d.main:
+        io.write_text(cache_file, str(cache.resolve()) + "\n")
     config = {
         "suite": suite.to_dict(),
         "versions": versions(),
@@ -231,21 +246,26 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
         config["resumed"] = old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")]
     else:
         config["started"] = dt.datetime.now().isoformat(timespec="seconds")
-    io.write_json(cfg_path, config)
+    config["processes"] = d.world
+    ref = None
+    if d.main:
+        io.write_json(cfg_path, config)
+        # 2. reference statistics (cached by content hash) and the real-vs-real floor
+        ref = evaluators.reference(prompts, cache / "metrics") if "fid" in suite.metrics else None
+        floor_path = rd.path / "floor.json"
+        if ref is not None and not floor_path.exists() and hasattr(evaluators, "floor"):
+            io.write_json(floor_path, {"real_vs_real": evaluators.floor(prompts, ref), "n": len(prompts),
+                                       "what": "renders of the same prompts with other nuisance draws vs the reference"})
+    d.barrier()
 
-    # 2. reference statistics (cached by content hash) and the real-vs-real floor
-    ref = evaluators.reference(prompts, cache / "metrics") if "fid" in suite.metrics else None
-    floor_path = rd.path / "floor.json"
-    if ref is not None and not floor_path.exists() and hasattr(evaluators, "floor"):
-        io.write_json(floor_path, {"real_vs_real": evaluators.floor(prompts, ref), "n": len(prompts),
-                                   "what": "renders of the same prompts with other nuisance draws vs the reference"})
-
-    rows = rd.rows()
-    done = {cell_key(r["label"], r["nfe"], r["seed"]) for r in rows}
-    ctx = base.Context(cache_dir=cache / "students", device=opts.device, progress=opts.progress, scale=suite.scale)
-    protocol = _protocol(suite, config, ref, len(prompts))
+    rows = rd.rows() if d.main else []
+    done = d.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"]) for r in rows})
+    progress = opts.progress and d.main
+    ctx = base.Context(cache_dir=cache / "students", device=opts.device, progress=progress, scale=suite.scale,
+                       rank=d.rank, world=d.world)
+    protocol = _protocol(suite, config, ref, len(prompts)) if d.main else None
     t_run = time.time()
-    bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not opts.progress)
+    bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not progress)
     methods_by_label: dict[str, object] = {}
     latency_by_cell: dict[tuple, dict] = {}
     failed_training: dict[str, dict] = {}
@@ -259,15 +279,18 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators) -> Path:
         method = methods_by_label[entry.label]
         bar.set_postfix_str(f"{entry.label} nfe={nfe} seed={seed}")
         row = _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol,
-                        latency_by_cell, opts, index, failed_training)
-        rows.append(row)
-        rd.write_rows(rows)
+                        latency_by_cell, opts, index, failed_training, d)
+        if d.main:
+            rows.append(row)
+            rd.write_rows(rows)
         bar.update(1)
     bar.close()
-    summary = {"wall_seconds_this_session": round(time.time() - t_run, 1), "cells": len(cells),
-               "finished": dt.datetime.now().isoformat(timespec="seconds")}
-    io.write_json(rd.path / "summary.json", summary)
-    tables.write_all(rd.path)
+    if d.main:
+        summary = {"wall_seconds_this_session": round(time.time() - t_run, 1), "cells": len(cells),
+                   "processes": d.world, "finished": dt.datetime.now().isoformat(timespec="seconds")}
+        io.write_json(rd.path / "summary.json", summary)
+        tables.write_all(rd.path)
+    d.barrier()
     return rd.path
 
 
@@ -302,7 +325,9 @@ def _protocol(suite: Suite, config: dict, ref, n: int) -> dict:
 
 
 def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol, latency_by_cell,
-              opts, index: int, failed_training: dict) -> dict:
+              opts, index: int, failed_training: dict, d) -> dict | None:
+    """One (method, NFE, seed) cell. Every process trains and samples its shard; process 0 gathers the
+    samples, measures and returns the row (other processes return None)."""
     import torch
 
     from bench import faults, latency, metrics, tables
@@ -326,32 +351,44 @@ def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, r
             row.update(failed)
             return row
         row["train"] = info.to_dict()
-        # 2. sample every prompt, counting network evaluations
+        # 2. sample this process's shard of the prompts, counting network evaluations
         t0 = time.time()
         method.reset_nfe()
+        shard = [prompts[i] for i in d.shard(len(prompts))]
         chunks = []
-        for i in tqdm(range(0, len(prompts), suite.batch_size), desc="  sample", leave=False,
-                      disable=not opts.progress):
+        for i in tqdm(range(0, len(shard), suite.batch_size), desc="  sample", leave=False,
+                      disable=not (opts.progress and d.main)):
             faults.maybe_kill("sample", index)
-            batch = prompts[i : i + suite.batch_size]
-            chunks.append(method.sample([p.text for p in batch], [(p.id, seed) for p in batch], nfe).cpu())
-        images = torch.cat(chunks)
-        if faults.hit("nan", "sample", index):
-            images[0, 0, 0, 0] = float("nan")
-        row["nfe_counted"] = method.counted_nfe() / len(prompts)
+            batch = shard[i : i + suite.batch_size]
+            out = method.sample([p.text for p in batch], [(p.id, seed) for p in batch], nfe).cpu()
+            # images leave the sampler as 8-bit, as they would be saved; NaN/Inf is marked out of band (256)
+            finite = torch.isfinite(out).flatten(1).all(1)
+            if faults.hit("nan", "sample", index) and i == 0 and d.main:
+                finite[0] = False
+            chunks.append(torch.where(finite[:, None, None, None], (out.nan_to_num(0).clamp(0, 1) * 255).round(),
+                                      torch.full_like(out, 256.0)).to(torch.int32))
+        local = torch.cat(chunks)
+        counted = torch.tensor([method.counted_nfe(), len(shard)], dtype=torch.float64)
+        if d.world > 1:
+            torch.distributed.all_reduce(counted)
+        gathered = d.gather(local, len(prompts))
+        if not d.main:
+            return None
+        row["nfe_counted"] = float(counted[0] / counted[1])
         row["sample_seconds"] = round(time.time() - t0, 2)
         if row["nfe_counted"] != nfe:
             raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {nfe}")
-        if not torch.isfinite(images).all():
-            bad = int((~torch.isfinite(images)).flatten(1).any(1).sum())
-            row.update(status="failed", error=f"{bad} of {len(images)} samples are not finite (NaN/Inf)")
+        bad = int((gathered > 255).flatten(1).any(1).sum())
+        if bad:
+            row.update(status="failed", error=f"{bad} of {len(gathered)} samples are not finite (NaN/Inf)")
             return row
+        images = gathered.float() / 255.0
         # 3. metrics
         faults.maybe_kill("metrics", index)
         t0 = time.time()
         row.update(metrics.evaluate(images, prompts, evaluators, ref))
         row["eval_seconds"] = round(time.time() - t0, 2)
-        # 4. latency (once per method and budget; the same for every seed)
+        # 4. latency (process 0; once per method and budget, the same for every seed)
         if "latency" in suite.metrics:
             key = (entry.label, nfe)
             if key not in latency_by_cell:

@@ -63,7 +63,8 @@ class Context:
     device: str = "cpu"
     progress: bool = True
     scale: float = 1.0  # multiplies training budgets (e.g. --scale 20 on a GPU)
-    log: typing.Callable[[str], None] = print
+    rank: int = 0  # this process and the number of processes (accelerate / torchrun)
+    world: int = 1
 
 
 @dataclasses.dataclass

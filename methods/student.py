@@ -69,9 +69,12 @@ class DistilledMethod(Method):
 
     def cache_stem(self, steps: int) -> str:
         training = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.INFERENCE_FIELDS}
-        key = io.content_hash({"method": self.name, "training": training, "updates": self.updates(),
-                               "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
-                               "device": self.ctx.device.split(":")[0]})
+        ident = {"method": self.name, "training": training, "updates": self.updates(),
+                 "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
+                 "device": self.ctx.device.split(":")[0]}
+        if self.ctx.world > 1:  # data-parallel training sees world x the data: another student
+            ident["processes"] = self.ctx.world
+        key = io.content_hash(ident)
         return f"{self.name}-{self.student_steps(steps)}step-{key}"
 
     def prepare(self, nfe: int) -> TrainInfo:
@@ -97,7 +100,7 @@ class DistilledMethod(Method):
         def load(state):
             unet.load_state_dict(state)
 
-        info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load)
+        info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
         unet.eval().requires_grad_(False)
         self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.backbone.prediction_type,
                                        self.w_dim)
@@ -123,9 +126,15 @@ class DistilledMethod(Method):
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.config.lr, weight_decay=0.0)
 
     def captions_batch(self, step: int, stream: int = 0):
-        """Real training images and captions of the world's train split (never evaluation data)."""
+        """Real training images and captions of the world's train split (never evaluation data).
+
+        With several processes each draws its own batch (data parallel); process 0 of a one-process
+        run draws exactly what a single process would.
+        """
         n = self.config.batch_size
+        stream = stream * self.ctx.world + self.ctx.rank
         return self.backbone.training_batch(n, (self.config.seed * 7919 + stream) * 1_000_003 + step)
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
+        stream = stream * self.ctx.world + self.ctx.rank
         return torch.Generator().manual_seed((self.config.seed * 1_000_003 + step) * 31 + stream)

@@ -131,6 +131,8 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
                           stacklevel=2)
             ckpt.unlink()
             start, log = 0, {}
+    handles = _sync_gradients(modules)
+    rank0 = not _distributed() or torch.distributed.get_rank() == 0
     window: dict[str, list[float]] = {}
     bar = tqdm(total=total, initial=start, desc=desc, leave=False, disable=not progress)
     for step in range(start, total):
@@ -148,13 +150,37 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
             window = {}
             bar.set_postfix({k: v[-1] for k, v in log.items()})
         bar.update(1)
-        if (step + 1) % ckpt_every == 0 and step + 1 < total:
+        if (step + 1) % ckpt_every == 0 and step + 1 < total and rank0:
             save_checkpoint(ckpt, step + 1, modules, optimizers, {"log": log})
     bar.close()
+    for h in handles:
+        h.remove()
     return log
 
 
-def cached_student(cache_dir: Path, stem: str, train, load) -> dict:
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _sync_gradients(modules: dict[str, nn.Module]) -> list:
+    """Data-parallel training (as DDP does): average every gradient across processes as it accumulates.
+
+    Identical initial weights + averaged gradients + identical optimizers keep every process's copy equal.
+    """
+    if not _distributed():
+        return []
+    world = torch.distributed.get_world_size()
+
+    def hook(p):
+        torch.distributed.all_reduce(p.grad)
+        p.grad /= world
+
+    return [p.register_post_accumulate_grad_hook(hook) for m in modules.values() for p in m.parameters()
+            if p.requires_grad]
+
+
+def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True) -> dict:
     """Load a trained student from the cache, or train it and cache it (safetensors + card with sha256).
 
     ``train(ckpt_path) -> (state_dict, info dict)``; ``load(state_dict)`` installs the weights. A
@@ -171,6 +197,9 @@ def cached_student(cache_dir: Path, stem: str, train, load) -> dict:
             return {**card["info"], "cached": True, "checkpoint": path.name, "checkpoint_sha256": card["sha256"]}
     ckpt = path.with_suffix(".ckpt.safetensors")
     state, info = train(ckpt)
+    if not write:  # another process (rank 0) writes the cache entry; this one keeps its identical weights
+        load(state)
+        return {**info, "cached": False, "checkpoint": path.name, "checkpoint_sha256": None}
     digest = io.save_tensors(path, state)
     io.write_json(card_path, {"sha256": digest, "info": info})
     if ckpt.exists():

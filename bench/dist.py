@@ -1,0 +1,61 @@
+"""Multi-process sampling and metrics (`accelerate launch` / `torchrun`), identical to one process.
+
+Per-sample seeds make every image independent of which process draws it and of the batch it is in;
+each process samples a contiguous shard of the prompts, shards are padded to equal length with
+duplicates of their last sample, gathered, and the duplicates dropped, so the gathered set equals a
+one-process run's sample for sample. Process 0 alone writes files and measures latency.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+class Dist:
+    def __init__(self, device: str = "cpu"):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1:
+            from accelerate import PartialState
+
+            state = PartialState(cpu=not str(device).startswith("cuda"))
+            self.rank, self.world = state.process_index, state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def shard(self, n: int) -> range:
+        """This process's contiguous share of n items."""
+        per = -(-n // self.world)
+        return range(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+
+    def gather(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Concatenate every process's shard (in rank order) and drop padding: the first n rows."""
+        if self.world == 1:
+            return x
+        per = -(-n // self.world)
+        pad = per - x.shape[0]
+        if pad:  # pad with duplicates of the last row (or zeros for an empty shard)
+            fill = x[-1:].expand(pad, *x.shape[1:]) if x.shape[0] else torch.zeros(pad, *x.shape[1:], dtype=x.dtype)
+            x = torch.cat([x, fill])
+        out = [torch.empty_like(x) for _ in range(self.world)]
+        torch.distributed.all_gather(out, x.contiguous())
+        full = []
+        for r, part in enumerate(out):
+            real = len(range(min(n, r * per), min(n, (r + 1) * per)))
+            full.append(part[:real])
+        return torch.cat(full)[:n]
+
+    def broadcast_object(self, obj):
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
