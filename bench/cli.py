@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--cache", type=Path)
     sw.add_argument("--no-progress", action="store_true")
 
+    bl = sub.add_parser("baseline", help="derive a run's regression tolerances from its seed-to-seed spread")
+    bl.add_argument("run", type=Path)
+    cp = sub.add_parser("compare", help="regression gate: exit 1 if RUN is worse than BASELINE beyond tolerance")
+    cp.add_argument("baseline", type=Path)
+    cp.add_argument("run", type=Path)
+
     sub.add_parser("list", help="registered methods and available suites")
 
     t = sub.add_parser("table", help="rebuild a run's tables, plots and grid overview from its results")
@@ -127,6 +133,22 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_baseline(args) -> int:
+    from bench.compare import TOLERANCES, make_baseline
+
+    tol = make_baseline(args.run)
+    print(f"{args.run / TOLERANCES}: tolerances for {len(tol['cells'])} cells")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bench.compare import compare
+
+    report, regressed = compare(args.baseline, args.run)
+    print(report)
+    return 1 if regressed else 0
+
+
 def cmd_list(_args) -> int:
     from bench.suite import available
     from methods.base import names
@@ -186,7 +208,7 @@ def cmd_train_evaluators(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "list": cmd_list, "table": cmd_table, "train-teacher": cmd_train_teacher,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list, "table": cmd_table, "train-teacher": cmd_train_teacher,
             "train-evaluators": cmd_train_evaluators}
 
 
