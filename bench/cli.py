@@ -208,7 +208,8 @@ def cmd_train_evaluators(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list, "table": cmd_table, "train-teacher": cmd_train_teacher,
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list,
+            "table": cmd_table, "train-teacher": cmd_train_teacher,
             "train-evaluators": cmd_train_evaluators}
 
 

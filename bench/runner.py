@@ -107,9 +107,8 @@ class RunDir:
         return self.path / RESULTS_FILE
 
     def create(self, resume: bool) -> None:
-        if self.path.exists() and not resume:
-            if any(self.path.iterdir()):
-                raise UserError(f"run directory {self.path} already exists; choose a new --out, or --resume it")
+        if self.path.exists() and not resume and any(self.path.iterdir()):
+            raise UserError(f"run directory {self.path} already exists; choose a new --out, or --resume it")
         if resume and not (self.path / CONFIG_FILE).exists():
             raise UserError(f"cannot resume {self.path}: it has no {CONFIG_FILE} (not a flashbench run)")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -121,7 +120,8 @@ class RunDir:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise UserError(f"run {self.path} is in use by another flashbench process; wait for it or use another --out") from None
+            raise UserError(f"run {self.path} is in use by another flashbench process; "
+                            "wait for it or use another --out") from None
         f.seek(0)
         f.truncate()
         f.write(f"{os.getpid()}\n")

@@ -109,7 +109,8 @@ def scenes(split: str, start: int, count: int) -> list[Scene]:
 
 
 _PHRASE_RE = re.compile(
-    r"^an? (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) (?:at the (?P<pos>top left|top right|bottom left|bottom right)|in the (?P<center>center))$"
+    r"^an? (?P<size>\w+) (?P<color>\w+) (?P<shape>\w+) "
+    r"(?:at the (?P<pos>top left|top right|bottom left|bottom right)|in the (?P<center>center))$"
 )
 
 

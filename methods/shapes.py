@@ -93,11 +93,13 @@ def load_safetensors_checked(path: Path, card_path: Path) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     if not path.exists() or not card_path.exists():
-        raise WeightsError(f"weights not found: {path.name} (with {card_path.name}); reproduce them with the train command named in the README")
+        raise WeightsError(f"weights not found: {path.name} (with {card_path.name}); "
+                           "reproduce them with the train command named in the README")
     card = json.loads(card_path.read_text())
     digest = sha256_file(path)
     if digest != card["sha256"]:
-        raise WeightsError(f"weights {path.name} are corrupt: sha256 {digest[:12]}… does not match {card['sha256'][:12]}… on {card_path.name}")
+        raise WeightsError(f"weights {path.name} are corrupt: sha256 {digest[:12]}… does not match "
+                           f"{card['sha256'][:12]}… on {card_path.name}")
     return load_file(str(path)), card
 
 

@@ -93,7 +93,7 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module],
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     for name, m in modules.items():
         pre = name + "."
         m.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})

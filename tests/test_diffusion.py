@@ -58,7 +58,8 @@ def test_trailing_grid_visits_pure_noise():
 def test_progressive_target_solves_the_two_step_equation(sch):
     """One DDIM step from z_t predicting x̃ lands exactly on the two-teacher-step result z''."""
     g = torch.Generator().manual_seed(3)
-    z_t, z_tpp = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    z_t = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
+    z_tpp = torch.randn(3, 3, 4, 4, generator=g, dtype=torch.float64)
     t, tpp = 700, 300
     a_t, s_t, a2, s2 = sch.alpha(t), sch.sigma(t), sch.alpha(tpp), sch.sigma(tpp)
     x_tilde = D.progressive_target(z_t, z_tpp, a_t, s_t, a2, s2)

@@ -99,9 +99,9 @@ def test_no_method_imports_an_evaluator():
 
 def test_training_every_method_never_loads_an_evaluator():
     """Runtime: train every registered method (smoke budgets); the evaluator module is never imported."""
-    code = """
+    code = f"""
 import sys, tempfile, torch
-sys.path.insert(0, {root!r})
+sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import tiny_backbone
 from methods import base
 bb = tiny_backbone()
@@ -115,7 +115,7 @@ for name in base.names():
         d = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text(['']))
         assert d.teacher[0] is bb.unet  # its features are the teacher's
 print("evaluators loaded:", "bench.evaluators" in sys.modules, "bench.metrics" in sys.modules)
-""".format(root=str(ROOT))
+"""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "evaluators loaded: False False" in r.stdout
