@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -105,7 +106,8 @@ def cmd_run(args) -> int:
         )
         out, resume = args.out, False
     opts = runner.Options(out=out, device=args.device, cache=args.cache, resume=resume,
-                          progress=not args.no_progress, dry_run=args.dry_run)
+                          progress=not args.no_progress, dry_run=args.dry_run,
+                          command=getattr(args, "command_line", None))
     path = runner.run(s, opts)
     if path is not None:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")
@@ -127,7 +129,8 @@ def cmd_sweep(args) -> int:
     from bench import runner, sweep
 
     s = sweep.build(_float_csv(args.rho, "--rho"), _int_csv(args.k, "--k"), args.samples, args.updates)
-    opts = runner.Options(out=args.out, device=args.device, cache=args.cache, progress=not args.no_progress)
+    opts = runner.Options(out=args.out, device=args.device, cache=args.cache, progress=not args.no_progress,
+                          command=getattr(args, "command_line", None))
     path = runner.run(s, opts)
     print(sweep.write_table(path))
     return 0
@@ -214,7 +217,9 @@ COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "baseline": cmd_baseline, "compa
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["flashbench", *argv])
     try:
         return COMMANDS[args.cmd](args)
     except UserError as e:

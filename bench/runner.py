@@ -167,6 +167,7 @@ class Options:
     resume: bool = False
     progress: bool = True
     dry_run: bool = False
+    command: str | None = None  # the command line that started the run (recorded in config.json)
 
 
 def plan(suite: Suite) -> list[tuple]:
@@ -177,6 +178,7 @@ def run(suite: Suite, opts: Options) -> Path | None:
     """Run a suite; returns the run directory (None for a dry run)."""
     from prompts import load_prompts
 
+    t_start = time.time()
     # 1. validate everything before anything is written
     check_device(opts.device)
     prompts = load_prompts(suite.prompts)
@@ -209,12 +211,12 @@ def run(suite: Suite, opts: Options) -> Path | None:
     if error:
         raise UserError(error)
     try:
-        return _run(suite, opts, rd, prompts, cells, backbone, evaluators, d)
+        return _run(suite, opts, rd, prompts, cells, backbone, evaluators, d, t_start)
     finally:
         rd.unlock()
 
 
-def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d) -> Path:
+def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d, t_start: float) -> Path:
     import torch
 
     from bench import tables
@@ -243,9 +245,11 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d) -> Pa
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
         config["started"] = old.get("started")
+        config["command"] = old.get("command")
         config["resumed"] = old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")]
     else:
         config["started"] = dt.datetime.now().isoformat(timespec="seconds")
+        config["command"] = opts.command
     config["processes"] = d.world
     ref = None
     if d.main:
@@ -286,7 +290,8 @@ def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d) -> Pa
         bar.update(1)
     bar.close()
     if d.main:
-        summary = {"wall_seconds_this_session": round(time.time() - t_run, 1), "cells": len(cells),
+        summary = {"wall_seconds_this_session": round(time.time() - t_start, 1),
+                   "wall_seconds_cells": round(time.time() - t_run, 1), "cells": len(cells),
                    "processes": d.world, "finished": dt.datetime.now().isoformat(timespec="seconds")}
         io.write_json(rd.path / "summary.json", summary)
         tables.write_all(rd.path)

@@ -2,7 +2,7 @@
 
 Trains one 3-step Imagine Flash student per (ρ, k), evaluates it on the *validation* prompts (never
 the evaluation set the tables report), and writes ``tables/sweep.md``: FID, CLIP and accuracy per
-(ρ, k), with the chosen setting (lowest FID; ties within CI broken by CLIP) marked. The defaults in
+(ρ, k), with the chosen setting (lowest FID, then highest CLIP) marked. The defaults in
 ``methods/imagine_flash.py`` are the choice of the sweep cited in the README.
 """
 

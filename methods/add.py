@@ -15,7 +15,6 @@ import torch
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
@@ -43,10 +42,6 @@ class ADD(DistilledMethod):
     Config = ADDConfig
 
     @classmethod
-    def allowed_steps(cls, config) -> tuple[int, ...]:
-        return tuple(range(1, config.max_steps + 1))
-
-    @classmethod
     def smoke_settings(cls) -> dict:
         return {"student_updates": 2, "batch_size": 2}
 
@@ -58,16 +53,12 @@ class ADD(DistilledMethod):
         student = Denoiser(unet, bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
-        d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
-        uncond_one = bb.encode_text([""])
+        disc, d_opt = self.discriminator()
         taus = torch.tensor(cfg.student_timesteps)
 
         def update(step: int) -> dict:
-            g = self.generator(step)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            g, real, cond, uncond = self.conditioned_batch(step)
+            n = len(cond)
             x0_real = bb.from_images(real)
             # 1. student input: a real image noised to one of the 4 student times
             tau = taus[torch.randint(0, len(taus), (n,), generator=g)]
@@ -104,11 +95,8 @@ class ADD(DistilledMethod):
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
         bb = self.backbone
-        student = self.student(steps)
-        cond = bb.encode_text(texts)
-        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
         grid = D.trailing_timesteps(steps)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
         x0 = renoise_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T, grid, fresh)

@@ -112,9 +112,14 @@ class Backbone(abc.ABC):
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> model space (VAE encode for latent teachers)."""
 
-    @abc.abstractmethod
     def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
         """A trainable copy of the teacher UNet (optionally with a w-embedding, zero-initialised)."""
+        cls = type(self.unet)
+        if time_cond_proj_dim:
+            return add_w_embedding(cls, self.unet, time_cond_proj_dim)
+        student = cls.from_config(self.unet.config)
+        student.load_state_dict(self.unet.state_dict())
+        return student.to(self.device)
 
     @abc.abstractmethod
     def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:

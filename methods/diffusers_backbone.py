@@ -15,11 +15,10 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from bench.errors import UserError
 from bench.io import sha256_file
-from methods.backbone import Backbone, Cond, add_w_embedding
+from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
 
 
@@ -136,15 +135,6 @@ class DiffusersBackbone(Backbone):
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.vae.encode(images.to(self.device) * 2.0 - 1.0).latent_dist.mean * self.scaling
-
-    def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        if time_cond_proj_dim:
-            return add_w_embedding(UNet2DConditionModel, self.unet, time_cond_proj_dim)
-        student = UNet2DConditionModel.from_config(self.unet.config)
-        student.load_state_dict(self.unet.state_dict())
-        return student.to(self.device)
 
     def training_batch(self, n: int, step: int):
         if self.train_data is None:

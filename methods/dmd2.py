@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
@@ -58,10 +57,6 @@ class DMD2(DistilledMethod):
     Config = DMD2Config
 
     @classmethod
-    def allowed_steps(cls, config) -> tuple[int, ...]:
-        return tuple(range(1, config.max_steps + 1))
-
-    @classmethod
     def smoke_settings(cls) -> dict:
         return {"student_updates": 2, "batch_size": 2, "fake_updates": 1}
 
@@ -76,9 +71,7 @@ class DMD2(DistilledMethod):
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
-        d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
-        uncond_one = bb.encode_text([""])
+        disc, d_opt = self.discriminator()
         timesteps = D.trailing_timesteps(grid)
 
         def generate(g, cond, real, n, with_grad: bool):
@@ -99,10 +92,8 @@ class DMD2(DistilledMethod):
             return x0
 
         def update(step: int) -> dict:
-            g = self.generator(step)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            g, real, cond, uncond = self.conditioned_batch(step)
+            n = len(cond)
             # 1. fake-score updates (the faster time scale): denoising loss on generator samples
             l_fake = 0.0
             for _ in range(cfg.fake_updates):
@@ -148,11 +139,8 @@ class DMD2(DistilledMethod):
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
         bb = self.backbone
-        gen = self.student(steps)
-        cond = bb.encode_text(texts)
-        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        steps, gen, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
         x0 = renoise_trajectory(lambda x, t: gen.predict(x, t, cond), bb.schedule, x_T,
                                 D.trailing_timesteps(steps), fresh)

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.discriminator import TeacherFeatureDiscriminator
-from methods.sampling import Denoiser, ddim_trajectory, per_sample_noise
+from methods.sampling import Denoiser, ddim_trajectory
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
 
@@ -82,10 +81,6 @@ class ImagineFlash(DistilledMethod):
     INFERENCE_FIELDS = frozenset({"noise_correction"})
 
     @classmethod
-    def allowed_steps(cls, config) -> tuple[int, ...]:
-        return tuple(range(1, config.max_steps + 1))
-
-    @classmethod
     def smoke_settings(cls) -> dict:
         return {"student_updates": 2, "batch_size": 2, "max_steps": 2}
 
@@ -100,16 +95,12 @@ class ImagineFlash(DistilledMethod):
         modules, opts = {"student": unet}, {"student": opt}
         disc = None
         if cfg.adversarial:
-            disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
-            d_opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+            disc, d_opt = self.discriminator()
             modules["disc"], opts["disc"] = disc.heads, d_opt
-        uncond_one = bb.encode_text([""])
 
         def update(step: int) -> dict:
-            g = self.generator(step)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            g, real, cond, uncond = self.conditioned_batch(step)
+            n = len(cond)
             # 1. the training latent at a grid time t
             steps = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
             timesteps = D.trailing_timesteps(steps)
@@ -162,11 +153,8 @@ class ImagineFlash(DistilledMethod):
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
         bb = self.backbone
-        student = self.student(steps)
-        cond = bb.encode_text(texts)
-        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T,
                              D.trailing_timesteps(steps), self.config.noise_correction)
         return bb.to_images(x0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise, solver_sample
+from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, solver_sample
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import EMA, run_updates
 
@@ -66,10 +66,6 @@ class LCM(DistilledMethod):
     w_dim = 64
 
     @classmethod
-    def allowed_steps(cls, config) -> tuple[int, ...]:
-        return tuple(range(1, config.max_steps + 1))
-
-    @classmethod
     def smoke_settings(cls) -> dict:
         return {"student_updates": 2, "batch_size": 2}
 
@@ -85,13 +81,10 @@ class LCM(DistilledMethod):
         opt = self.optimizer(unet.parameters())
         solver_grid = skipping_grid(cfg.num_ddim_timesteps)
         skip = D.T_TRAIN // cfg.num_ddim_timesteps
-        uncond_one = bb.encode_text([""])
 
         def update(step: int) -> dict:
-            g = self.generator(step)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond, uncond = bb.encode_text(captions), uncond_one.repeat(n)
+            g, real, cond, uncond = self.conditioned_batch(step)
+            n = len(cond)
             x0 = bb.from_images(real)
             # 1. a grid time t_{n+k} and its neighbour t_n = t_{n+k} - skip; x at t_{n+k} from real data
             idx = torch.randint(0, cfg.num_ddim_timesteps, (n,), generator=g)
@@ -128,14 +121,11 @@ class LCM(DistilledMethod):
     def sample(self, texts, noise_keys, nfe):
         import diffusers
 
-        steps = self.steps_for_nfe(self.config, nfe)
         bb = self.backbone
-        student = self.student(steps)
-        cond = bb.encode_text(texts)
+        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
         scheduler = diffusers.LCMScheduler.from_config(
             lcm_scheduler_config(bb.scheduler_config), original_inference_steps=self.config.num_ddim_timesteps)
-        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
         x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), scheduler, bb.schedule, x_T, steps,
                            bb.prediction_type, generators=lambda i: per_sample_generators(noise_keys, i + 1))
         return bb.to_images(x0)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench import io, world
+from bench import faults, io, world
 from methods import shapes
 from methods.diffusion import Schedule
 from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint, warmup_cosine
@@ -24,7 +24,7 @@ from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint
 
 @dataclasses.dataclass
 class TeacherTrainConfig:
-    steps: int = 16000
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 500
@@ -32,9 +32,57 @@ class TeacherTrainConfig:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0
+    # "x0-truncated": x̂_0 loss weighted by clamp(SNR, 1, γ) — full weight on the high-noise steps where
+    # layout and attribute binding are decided; "min-snr": ε loss weighted by min(SNR, γ)/SNR
+    loss_weighting: str = "min-snr"
+    # the text encoder's caption-parsing objective (see CaptionParser), weight in the total loss
+    text_parse_weight: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 500
+
+
+class CaptionParser(nn.Module):
+    """Text-encoder pre-training head (training only, never shipped): per position slot, a learned query
+    attends over the caption's token states and predicts what the caption puts there (shape or
+    nothing, colour, size). Real teachers get phrase structure from a language model pretrained on
+    text; this tiny encoder learns it from the caption grammar's parse. No image, no evaluator.
+    """
+
+    def __init__(self, dim: int = 64, heads: int = 4):
+        super().__init__()
+        self.slots = nn.Parameter(torch.randn(len(world.POSITIONS), dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.shape = nn.Linear(dim, 1 + len(world.SHAPES))
+        self.color = nn.Linear(dim, len(world.COLORS))
+        self.size = nn.Linear(dim, len(world.SIZES))
+
+    def loss(self, states: torch.Tensor, scenes: list, keep: torch.Tensor) -> torch.Tensor:
+        q = self.slots.unsqueeze(0).expand(states.shape[0], -1, -1)
+        h, _ = self.attn(q, states, states)  # [B, slots, dim]
+        shape = torch.zeros(len(scenes), len(world.POSITIONS), dtype=torch.long)
+        color = torch.full_like(shape, -100)
+        size = torch.full_like(shape, -100)
+        for i, s in enumerate(scenes):
+            for o in s.objects:
+                j = world.POSITIONS.index(o.position)
+                shape[i, j] = 1 + world.SHAPES.index(o.shape)
+                color[i, j] = world.COLOR_NAMES.index(o.color)
+                size[i, j] = world.SIZES.index(o.size)
+        k = keep.to(states.device)  # dropped (empty) captions name nothing: no target
+        ce = nn.functional.cross_entropy
+        return (ce(self.shape(h[k]).flatten(0, 1), shape[k].flatten().to(h.device))
+                + ce(self.color(h[k]).flatten(0, 1), color[k].flatten().to(h.device), ignore_index=-100)
+                + ce(self.size(h[k]).flatten(0, 1), size[k].flatten().to(h.device), ignore_index=-100))
+
+
+def teacher_loss_weight(snr: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the ε-prediction loss ‖ε̂ − ε‖² (= SNR·‖x̂_0 − x_0‖²)."""
+    if kind == "min-snr":
+        return torch.clamp(snr, max=gamma) / snr
+    if kind == "x0-truncated":
+        return torch.clamp(snr, min=1.0, max=gamma) / snr
+    raise ValueError(f"loss_weighting must be 'min-snr' or 'x0-truncated', got {kind!r}")
 
 
 def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", progress: bool = True) -> Path:
@@ -44,18 +92,21 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
     torch.manual_seed(cfg.seed)
     model = nn.ModuleDict({"unet": shapes.build_unet(), "text": shapes.TextEncoder()}).to(device)
     ema = EMA(model, cfg.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    parser = CaptionParser().to(device)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(parser.parameters()), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup, cfg.steps)
     schedule = Schedule.scaled_linear(shapes.SCHEDULE_CONFIG["beta_start"], shapes.SCHEDULE_CONFIG["beta_end"])
     model.train()
     step = 0
     if ckpt.exists():
-        step, _ = load_checkpoint(ckpt, {"model": model, "ema": ema.module}, {"opt": opt})
+        step, _ = load_checkpoint(ckpt, {"model": model, "ema": ema.module, "parser": parser}, {"opt": opt})
     gen = torch.Generator().manual_seed(cfg.seed)
     log = []
     t_start = time.time()
     bar = tqdm(total=cfg.steps, initial=step, desc="train-teacher", disable=not progress)
     while step < cfg.steps:
+        faults.maybe_kill("teacher", step)
         gen.manual_seed(cfg.seed * 1_000_003 + step)  # the batch is a function of the step: resumable
         # 1. a batch of real renders and captions, some dropped for CFG
         scenes = world.scenes("train", step * cfg.batch_size, cfg.batch_size)
@@ -67,15 +118,18 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
         t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         x_t = schedule.add_noise(x0, eps, t).float()
-        pred = model["unet"](x_t, t.to(device), model["text"](ids.to(device))).sample
+        states = model["text"](ids.to(device))
+        pred = model["unet"](x_t, t.to(device), states).sample
         # 3. min-SNR-γ weighted ε loss
         snr = schedule.snr(t).float().to(device)
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr
+        weight = teacher_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
         loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        if cfg.text_parse_weight > 0 and (~drop).any():
+            loss = loss + cfg.text_parse_weight * parser.loss(states, scenes, ~drop)
         check_finite(loss, "teacher loss", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(list(model.parameters()) + list(parser.parameters()), cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_at(step)
         opt.step()
@@ -86,7 +140,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(log[-50:]) / 50:.4f}")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save_checkpoint(ckpt, step, {"model": model, "ema": ema.module}, {"opt": opt})
+            save_checkpoint(ckpt, step, {"model": model, "ema": ema.module, "parser": parser}, {"opt": opt})
     bar.close()
     return export_teacher(ema.module, cfg, out_dir, train_seconds=time.time() - t_start)
 
@@ -99,7 +153,7 @@ def export_teacher(model: nn.ModuleDict, cfg: TeacherTrainConfig, out_dir: Path,
     card = {
         "sha256": digest,
         "unet_config": shapes.UNET_CONFIG,
-        "text_config": {},
+        "text_config": model["text"].config,
         "schedule": shapes.SCHEDULE_CONFIG,
         "train_config": dataclasses.asdict(cfg),
         "params": sum(v.numel() for v in tensors.values()),

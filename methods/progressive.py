@@ -15,7 +15,7 @@ import torch
 
 from methods import diffusion as D
 from methods.base import TrainInfo, register
-from methods.sampling import Denoiser, ddim_trajectory, per_sample_noise
+from methods.sampling import Denoiser, ddim_trajectory
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
 
@@ -163,11 +163,8 @@ class Progressive(DistilledMethod):
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
         bb = self.backbone
-        student = self.student(steps)
-        cond = bb.encode_text(texts)
-        x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
+        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
         w = self.config.guidance_scale
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond, w), bb.schedule, x_T,
                              D.trailing_timesteps(steps))

@@ -18,7 +18,7 @@ from bench import world
 from bench.errors import UserError
 from bench.io import sha256_file
 from bench.text import WordTokenizer
-from methods.backbone import Backbone, Cond, add_w_embedding
+from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
 
 ASSETS = Path(__file__).parent / "assets"
@@ -37,11 +37,14 @@ def tokenize(texts: list[str]) -> tuple[torch.Tensor, list[bool]]:
 class TextEncoder(nn.Module):
     """Token + position embedding and a small pre-norm transformer: [B, L] ids -> [B, L, dim]."""
 
-    def __init__(self, vocab_size: int = TOKENIZER.vocab_size, dim: int = 64, layers: int = 2, heads: int = 4,
+    def __init__(self, vocab_size: int = TOKENIZER.vocab_size, dim: int = 64, layers: int = 4, heads: int = 4,
                  max_tokens: int = MAX_TOKENS):
         super().__init__()
+        self.config = {"vocab_size": vocab_size, "dim": dim, "layers": layers, "heads": heads, "max_tokens": max_tokens}
         self.tok = nn.Embedding(vocab_size, dim)
-        self.pos = nn.Parameter(torch.randn(max_tokens, dim) * 0.02)
+        # positions at the same scale as the token embeddings (N(0, 1)): binding a colour word to the
+        # position words of its own phrase needs attention that can see where tokens are
+        self.pos = nn.Parameter(torch.randn(max_tokens, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
@@ -141,15 +144,6 @@ class ShapesBackbone(Backbone):
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
-
-    def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
-        from diffusers import UNet2DConditionModel
-
-        if time_cond_proj_dim:
-            return add_w_embedding(UNet2DConditionModel, self.unet, time_cond_proj_dim)
-        student = UNet2DConditionModel.from_config(self.unet.config)
-        student.load_state_dict(self.unet.state_dict())
-        return student.to(self.device)
 
     def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:
         scenes = world.scenes("train", (step * n) % (world.SPLIT_SIZE - n), n)

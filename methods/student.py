@@ -9,7 +9,7 @@ import torch
 
 from bench import io
 from methods.base import Method, TrainInfo
-from methods.sampling import Denoiser
+from methods.sampling import Denoiser, per_sample_noise
 from methods.training import cached_student
 
 
@@ -58,6 +58,17 @@ class DistilledMethod(Method):
         super().__init__(backbone, config, ctx)
         self.students: dict[int, Denoiser] = {}
         self.train_info: dict[int, TrainInfo] = {}
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...]:
+        return tuple(range(1, config.max_steps + 1))
+
+    def sampling_inputs(self, texts, noise_keys, nfe):
+        """(steps, the student for them, encoded prompts, x_T): the prologue of every student sampler."""
+        steps = self.steps_for_nfe(self.config, nfe)
+        bb = self.backbone
+        return steps, self.student(steps), bb.encode_text(texts), per_sample_noise(noise_keys, bb.sample_shape,
+                                                                                    device=bb.device)
 
     # --- which student serves a step count ---------------------------------------------------
     def student_steps(self, steps: int) -> int:
@@ -134,6 +145,22 @@ class DistilledMethod(Method):
         n = self.config.batch_size
         stream = stream * self.ctx.world + self.ctx.rank
         return self.backbone.training_batch(n, (self.config.seed * 7919 + stream) * 1_000_003 + step)
+
+    def conditioned_batch(self, step: int):
+        """(generator, real images, cond, uncond) for update `step`: the prologue of every trainer's update."""
+        real, captions = self.captions_batch(step)
+        if getattr(self, "_uncond_one", None) is None:
+            self._uncond_one = self.backbone.encode_text([""])
+        return (self.generator(step), real, self.backbone.encode_text(captions),
+                self._uncond_one.repeat(len(captions)))
+
+    def discriminator(self):
+        """The adversarial term's discriminator on frozen teacher features, and its heads' optimizer."""
+        from methods.discriminator import TeacherFeatureDiscriminator
+
+        cfg, bb = self.config, self.backbone
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
+        return disc, torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         stream = stream * self.ctx.world + self.ctx.rank

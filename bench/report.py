@@ -1,0 +1,130 @@
+"""The README's figures about the reference runs, derived from files — never typed.
+
+``python -m bench.report [results/reference]`` reads every run directory under the reference folder
+(``config.json``: the command that made it and the machine's thread count; ``summary.json``: wall
+time; ``results.jsonl``: the rows; ``floor.json``: the real-vs-real FID floor) plus the shipped
+weight cards, and writes ``FIGURES.md`` there: how long each reference run took and with which
+command, the shipped teacher's and evaluators' figures, and the checks the spine's issue asks of the
+teacher (accuracy at 25 steps, 3 steps worse than 25 outside the CIs), decided by rule.
+``python -m bench.readme`` then copies it into the README.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from bench import io
+
+ROOT = Path(__file__).resolve().parent.parent
+TEACHER_CARD = ROOT / "methods" / "assets" / "teacher.json"
+EVALUATOR_CARD = ROOT / "bench" / "assets" / "attribute_net.json"
+ACCURACY_AIM = 0.8
+
+
+def _runs(ref: Path) -> list[Path]:
+    return sorted(p for p in ref.iterdir() if (p / "config.json").exists() and (p / "summary.json").exists())
+
+
+def _minutes(s: float) -> str:
+    return f"{s / 60:.1f} min"
+
+
+def run_table(ref: Path) -> list[str]:
+    lines = ["| run | command | wall time | cells | torch threads |", "|---|---|---|---|---|"]
+    for p in _runs(ref):
+        cfg = json.loads((p / "config.json").read_text())
+        summ = json.loads((p / "summary.json").read_text())
+        resumed = " (resumed)" if cfg.get("resumed") else ""
+        lines.append(f"| `{p.name}` | `{cfg.get('command') or '(not recorded)'}` | "
+                     f"{_minutes(summ['wall_seconds_this_session'])}{resumed} | {summ['cells']} | {cfg.get('threads')} |")
+    return lines
+
+
+def _row(rows: list[dict], label: str, steps: int) -> dict | None:
+    hits = [r for r in rows if r["label"] == label and r["steps"] == steps and r.get("status") == "ok"]
+    return hits[0] if hits else None
+
+
+def _m(r: dict, key: str, d: int) -> str:
+    return f"{r[key]:.{d}f} [{r[key + '_ci_low']:.{d}f}, {r[key + '_ci_high']:.{d}f}]"
+
+
+def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
+    """The teacher's figures at 25 and 1-4 steps, and the spine's two checks, by rule."""
+    from bench.runner import load_rows
+
+    rows = load_rows(run)
+    r25, r3 = _row(rows, label, 25), _row(rows, label, 3)
+    if r25 is None:
+        return [f"(no `{label}` row at 25 steps in `{run.name}`)"]
+    lines = [f"Teacher, DPM-Solver++ with CFG (guidance 3), {r25['n_samples']} evaluation prompts "
+             f"(from `{run.name}`; 95% bootstrap CIs):", "",
+             "| steps | NFE | FID ↓ | CLIP ↑ | accuracy ↑ | two-object accuracy ↑ |", "|---|---|---|---|---|---|"]
+    for steps in (1, 2, 3, 4, 8, 25):
+        r = _row(rows, label, steps)
+        if r is not None:
+            two = r.get("accuracy_two_objects")
+            lines.append(f"| {steps} | {r['nfe']} | {_m(r, 'fid', 2)} | {_m(r, 'clip_score', 2)} | {_m(r, 'accuracy', 3)} | "
+                         f"{'—' if two is None else f'{two:.3f}'} |")
+    acc_ok = r25["accuracy"] >= ACCURACY_AIM
+    lines += ["", f"- Whole-prompt accuracy at 25 steps ≥ {ACCURACY_AIM}: **{'yes' if acc_ok else 'no'}** "
+                  f"({r25['accuracy']:.3f})."]
+    if r3 is not None:
+        fid_sep = r3["fid_ci_low"] > r25["fid_ci_high"]
+        acc_sep = r3["accuracy_ci_high"] < r25["accuracy_ci_low"]
+        lines.append(f"- 3 steps worse than 25 outside the CIs: FID **{'yes' if fid_sep else 'no'}** "
+                     f"({r3['fid']:.2f} [{r3['fid_ci_low']:.2f}, {r3['fid_ci_high']:.2f}] vs "
+                     f"{r25['fid']:.2f} [{r25['fid_ci_low']:.2f}, {r25['fid_ci_high']:.2f}]), "
+                     f"accuracy **{'yes' if acc_sep else 'no'}**.")
+    floor_path = run / "floor.json"
+    if floor_path.exists():
+        f = json.loads(floor_path.read_text())
+        fr = f["real_vs_real"]
+        lines.append(f"- FID floor (real renders of the same {f['n']} prompts, other nuisance draws, against the "
+                     f"reference): {fr['fid']:.2f} [{fr['fid_ci_low']:.2f}, {fr['fid_ci_high']:.2f}]; "
+                     f"CLIP score of real renders {fr['clip_score']:.2f}, accuracy {fr['accuracy']:.3f}.")
+    return lines
+
+
+def weight_cards() -> list[str]:
+    t = json.loads(TEACHER_CARD.read_text())
+    e = json.loads(EVALUATOR_CARD.read_text())
+    h = e["heldout"]
+    tc = t["train_config"]
+    return [
+        f"- Teacher (`methods/assets/teacher.safetensors`, sha256 `{t['sha256'][:12]}…`): {t['params'] / 1e6:.2f} M "
+        f"parameters (UNet + text encoder), {tc['steps']} steps at batch {tc['batch_size']}, "
+        f"{_minutes(t['train_seconds_last_session'])} on this machine; `{t['command']}` reproduces it.",
+        f"- Attribute network (held-out real renders, n = {h['n']}): shape {h['shape']:.4f}, colour {h['color']:.4f}, "
+        f"size {h['size']:.4f}, whole image {h['whole_image']:.4f}. Tiny CLIP: retrieval top-1 among 2000 captions "
+        f"{h['clip_retrieval_top1']:.3f}; CLIP score of matched pairs {h['clip_score_matched']:.1f} vs shuffled "
+        f"{h['clip_score_shuffled']:.1f}. `{e['command']}` reproduces both.",
+    ]
+
+
+def build(ref: Path) -> str:
+    lines = ["### Where the figures come from", "",
+             "Each reference run below was made on this project's machine (2 CPU cores, no GPU) with the command "
+             "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, "
+             "this block by `python -m bench.report`.", ""]
+    lines += run_table(ref) + ["", "### Shipped weights", ""] + weight_cards()
+    default = ref / "default"
+    if (default / "results.jsonl").exists():
+        lines += ["", "### The teacher's quality", ""] + teacher_checks(default)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ref = Path(argv[0]) if argv else ROOT / "results" / "reference"
+    if not ref.is_dir():
+        print(f"bench.report: error: {ref} is not a directory of reference runs", file=sys.stderr)
+        return 2
+    io.write_text(ref / "FIGURES.md", build(ref))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The README's figures are copied from committed results, and the report's rules decide as written."""
+
+import json
+
+import pytest
+
+from bench import readme, report
+
+REF = readme.ROOT / "results" / "reference"
+
+
+def test_readme_blocks_equal_the_committed_results():
+    assert readme.main(["--check"]) == 0, "run `python -m bench.readme`"
+
+
+@pytest.mark.skipif(not (REF / "FIGURES.md").exists(), reason="no committed reference runs")
+def test_figures_are_regenerated_identically_from_the_reference_runs():
+    assert report.build(REF) == (REF / "FIGURES.md").read_text(), "run `python -m bench.report`"
+
+
+def test_render_copies_a_file_between_markers(tmp_path):
+    (tmp_path / "t.md").write_text("| a |\n|---|\n| 1 |\n")
+    text = "x\n<!-- include: t.md -->\nstale\n<!-- end include -->\ny\n<!-- include: gone.md -->\n<!-- end include -->\n"
+    out = readme.render(text, tmp_path)
+    assert "| 1 |" in out and "stale" not in out and "(missing: gone.md)" in out
+    assert readme.render(out, tmp_path) == out  # idempotent
+
+
+def _row(steps, fid, acc, ci=0.5, acc_ci=0.02):
+    return {"label": "teacher-dpm++", "method": "teacher", "steps": steps, "nfe": 2 * steps, "status": "ok",
+            "n_samples": 100, "fid": fid, "fid_ci_low": fid - ci, "fid_ci_high": fid + ci,
+            "clip_score": 90.0, "clip_score_ci_low": 89.0, "clip_score_ci_high": 91.0,
+            "accuracy": acc, "accuracy_ci_low": acc - acc_ci, "accuracy_ci_high": acc + acc_ci}
+
+
+@pytest.mark.parametrize(("r3", "acc25", "fid_sep", "acc_ok"), [
+    (_row(3, 20.0, 0.5), 0.9, "yes", "yes"),   # clearly worse, accurate teacher
+    (_row(3, 5.4, 0.89), 0.9, "no", "yes"),    # CIs overlap: not "measurably worse"
+    (_row(3, 20.0, 0.5), 0.7, "yes", "no"),    # teacher below the accuracy aim
+])
+def test_teacher_checks_follow_their_rules(tmp_path, r3, acc25, fid_sep, acc_ok):
+    rows = [_row(25, 5.0, acc25), r3]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = "\n".join(report.teacher_checks(tmp_path))
+    assert f"≥ 0.8: **{acc_ok}**" in text
+    assert f"outside the CIs: FID **{fid_sep}**" in text
