@@ -65,7 +65,7 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
     for steps in (1, 2, 3, 4, 8, 25):
         r = _row(rows, label, steps)
         if r is not None:
-            two = r.get("accuracy_two_objects")
+            two = r.get("accuracy_two_object")
             lines.append(f"| {steps} | {r['nfe']} | {_m(r, 'fid', 2)} | {_m(r, 'clip_score', 2)} | {_m(r, 'accuracy', 3)} | "
                          f"{'—' if two is None else f'{two:.3f}'} |")
     acc_ok = r25["accuracy"] >= ACCURACY_AIM
