@@ -30,8 +30,8 @@ class ImagineFlashConfig(DistillConfig):
     srl: bool = True
     noise_correction: bool = True
     adversarial: bool = True
-    rho: float = 0.5  # γ(t) = ρ·t, the SRL teacher time
-    teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target
+    rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time (the sweep in the README chose 1.0)
+    teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target (sweep: 2)
     lambda_adv: float = 0.1
     disc_lr: float = 2e-4
     disc_t_max: int = 500
