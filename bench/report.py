@@ -32,13 +32,24 @@ def _minutes(s: float) -> str:
 
 
 def run_table(ref: Path) -> list[str]:
-    lines = ["| run | command | wall time | cells | torch threads |", "|---|---|---|---|---|"]
+    """Wall time per run; students an earlier run had trained were loaded from the cache (not in that time)."""
+    from bench.runner import load_rows
+
+    lines = ["| run | command | wall time | cells | students trained / loaded from cache | torch threads |",
+             "|---|---|---|---|---|---|"]
     for p in _runs(ref):
         cfg = json.loads((p / "config.json").read_text())
         summ = json.loads((p / "summary.json").read_text())
         resumed = " (resumed)" if cfg.get("resumed") else ""
+        students = {}
+        for r in load_rows(p):
+            t = r.get("train") or {}
+            if t.get("checkpoint"):
+                students.setdefault(t["checkpoint"], bool(t.get("cached")))
+        cached = sum(students.values())
         lines.append(f"| `{p.name}` | `{cfg.get('command') or '(not recorded)'}` | "
-                     f"{_minutes(summ['wall_seconds_this_session'])}{resumed} | {summ['cells']} | {cfg.get('threads')} |")
+                     f"{_minutes(summ['wall_seconds_this_session'])}{resumed} | {summ['cells']} | "
+                     f"{len(students) - cached} / {cached} | {cfg.get('threads')} |")
     return lines
 
 
@@ -108,7 +119,8 @@ def build(ref: Path) -> str:
     lines = ["### Where the figures come from", "",
              "Each reference run below was made on this project's machine (2 CPU cores, no GPU) with the command "
              "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, "
-             "this block by `python -m bench.report`.", ""]
+             "this block by `python -m bench.report`. `default` and `sweep` started from an empty cache (FID "
+             "reference statistics built inside their time); the runs with 1 torch thread ran two at a time.", ""]
     lines += run_table(ref) + ["", "### Shipped weights", ""] + weight_cards()
     default = ref / "default"
     if (default / "results.jsonl").exists():
