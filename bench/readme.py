@@ -18,10 +18,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PATTERN = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
 
 
+INCLUDED_LEVEL = 4  # an included file's top headings become ####, under the README's ### sections
+HEADING = re.compile(r"^(#+) ", re.M)
+
+
+def demote(body: str, level: int = INCLUDED_LEVEL) -> str:
+    """Shift an included file's Markdown headings so its shallowest one is at `level`."""
+    levels = [len(h) for h in HEADING.findall(body)]
+    if not levels:
+        return body
+    shift = level - min(levels)
+    return HEADING.sub(lambda m: "#" * max(1, min(6, len(m[1]) + shift)) + " ", body)
+
+
 def render(text: str, root: Path = ROOT) -> str:
     def sub(m: re.Match) -> str:
         path = root / m["path"]
-        body = path.read_text() if path.exists() else f"(missing: {m['path']})\n"
+        body = demote(path.read_text()) if path.exists() else f"(missing: {m['path']})\n"
         return m.group(1) + body.rstrip("\n") + "\n" + m.group(4)
 
     return PATTERN.sub(sub, text)

@@ -26,6 +26,11 @@ def test_render_copies_a_file_between_markers(tmp_path):
     assert readme.render(out, tmp_path) == out  # idempotent
 
 
+def test_included_headings_sit_under_the_readme_sections():
+    assert readme.demote("# A\n## B\ntext # not a heading\n") == "#### A\n##### B\ntext # not a heading\n"
+    assert readme.demote("### A\n") == "#### A\n"
+
+
 def _row(steps, fid, acc, ci=0.5, acc_ci=0.02):
     return {"label": "teacher-dpm++", "method": "teacher", "steps": steps, "nfe": 2 * steps, "status": "ok",
             "n_samples": 100, "fid": fid, "fid_ci_low": fid - ci, "fid_ci_high": fid + ci,
