@@ -88,21 +88,6 @@ class AttributeNet(nn.Module):
         return {k: v.argmax(-1) for k, v in h.items()}
 
 
-def slot_labels(scenes: list[world.Scene]) -> dict[str, torch.Tensor]:
-    """Ground truth per slot: shape (0 empty), colour and size (-100 where the slot is empty)."""
-    n = len(scenes)
-    shape = torch.zeros(n, N_SLOTS, dtype=torch.long)
-    color = torch.full((n, N_SLOTS), -100, dtype=torch.long)
-    size = torch.full((n, N_SLOTS), -100, dtype=torch.long)
-    for i, s in enumerate(scenes):
-        for o in s.objects:
-            j = world.POSITIONS.index(o.position)
-            shape[i, j] = 1 + world.SHAPES.index(o.shape)
-            color[i, j] = world.COLOR_NAMES.index(o.color)
-            size[i, j] = world.SIZES.index(o.size)
-    return {"shape": shape, "color": color, "size": size}
-
-
 def _blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     k = torch.arange(-2, 3, dtype=x.dtype)
     g = torch.exp(-(k[None, :] ** 2) / (2 * sigma[:, None] ** 2))
@@ -260,7 +245,7 @@ def train_attribute_net(cfg: EvaluatorTrainConfig, progress: bool = True) -> Att
     for step in tqdm(range(cfg.attr_steps), desc="attribute-net", disable=not progress):
         scenes = _scenes(cfg, step, cfg.attr_batch, stream=0)
         images, kind = degrade(world.render(scenes, variant=step % 7), gen)
-        labels = slot_labels(scenes)
+        labels = world.slot_labels(scenes)
         h = net.heads(net.features(images))
         loss = (
             F.cross_entropy(h["shape"].flatten(0, 1), labels["shape"].flatten())
@@ -312,7 +297,7 @@ def heldout_report(attr: AttributeNet, clip: TinyCLIP, n: int = 2000) -> dict:
     """Accuracy of the evaluators on held-out real renders (validation split, clean)."""
     scenes = world.scenes("val", 0, n)
     images = world.render(scenes)
-    labels = slot_labels(scenes)
+    labels = world.slot_labels(scenes)
     pred = attr.predict(images)
     occupied = labels["shape"] > 0
     rep = {

@@ -214,3 +214,23 @@ def render(scenes_: list[Scene], variant: int = 0, resolution: int = RESOLUTION)
 
     arr = np.stack([render_scene(s, variant, resolution) for s in scenes_])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def slot_labels(scenes_: list[Scene]) -> dict:
+    """Ground truth per position slot: shape index (0 = empty), colour and size (-100 where empty).
+
+    Long tensors [N, slots]; the attribute network's targets and the teacher's caption-parse targets.
+    """
+    import torch
+
+    n = len(scenes_)
+    shape = torch.zeros(n, len(POSITIONS), dtype=torch.long)
+    color = torch.full((n, len(POSITIONS)), -100, dtype=torch.long)
+    size = torch.full((n, len(POSITIONS)), -100, dtype=torch.long)
+    for i, s in enumerate(scenes_):
+        for o in s.objects:
+            j = POSITIONS.index(o.position)
+            shape[i, j] = 1 + SHAPES.index(o.shape)
+            color[i, j] = COLOR_NAMES.index(o.color)
+            size[i, j] = SIZES.index(o.size)
+    return {"shape": shape, "color": color, "size": size}

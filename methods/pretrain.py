@@ -60,15 +60,8 @@ class CaptionParser(nn.Module):
     def loss(self, states: torch.Tensor, scenes: list, keep: torch.Tensor) -> torch.Tensor:
         q = self.slots.unsqueeze(0).expand(states.shape[0], -1, -1)
         h, _ = self.attn(q, states, states)  # [B, slots, dim]
-        shape = torch.zeros(len(scenes), len(world.POSITIONS), dtype=torch.long)
-        color = torch.full_like(shape, -100)
-        size = torch.full_like(shape, -100)
-        for i, s in enumerate(scenes):
-            for o in s.objects:
-                j = world.POSITIONS.index(o.position)
-                shape[i, j] = 1 + world.SHAPES.index(o.shape)
-                color[i, j] = world.COLOR_NAMES.index(o.color)
-                size[i, j] = world.SIZES.index(o.size)
+        labels = world.slot_labels(scenes)
+        shape, color, size = labels["shape"], labels["color"], labels["size"]
         k = keep.to(states.device)  # dropped (empty) captions name nothing: no target
         ce = nn.functional.cross_entropy
         return (ce(self.shape(h[k]).flatten(0, 1), shape[k].flatten().to(h.device))
