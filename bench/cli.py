@@ -25,14 +25,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"flashbench: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _int_csv(text: str, what: str) -> list[int]:
+def _csv(text: str, what: str, kind=int) -> list:
+    """Comma-separated integers (kind=int) or numbers (kind=float); a one-line error otherwise."""
+    example, noun = ("1,2,4", "integers") if kind is int else ("0.25,0.5", "numbers")
     try:
-        vals = [int(v) for v in text.split(",") if v.strip() != ""]
+        vals = [kind(v) for v in text.split(",") if v.strip() != ""]
     except ValueError:
-        raise UserError(f"{what} must be comma-separated integers like 1,2,4; got {text!r}") from None
+        raise UserError(f"{what} must be comma-separated {noun} like {example}; got {text!r}") from None
     if not vals:
-        raise UserError(f"{what} must name at least one integer; got {text!r}")
+        raise UserError(f"{what} must name at least one {noun[:-1]}; got {text!r}")
     return vals
+
+
+def _int_csv(text: str, what: str) -> list[int]:
+    return _csv(text, what, int)
+
+
+def _float_csv(text: str, what: str) -> list[float]:
+    return _csv(text, what, float)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,16 +123,6 @@ def cmd_run(args) -> int:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")
         print((path / "tables" / "main.md").read_text())
     return 0
-
-
-def _float_csv(text: str, what: str) -> list[float]:
-    try:
-        vals = [float(v) for v in text.split(",") if v.strip() != ""]
-    except ValueError:
-        raise UserError(f"{what} must be comma-separated numbers like 0.25,0.5; got {text!r}") from None
-    if not vals:
-        raise UserError(f"{what} must name at least one number; got {text!r}")
-    return vals
 
 
 def cmd_sweep(args) -> int:
