@@ -150,6 +150,15 @@ def snr_truncated_weight(snr):
     return torch.clamp(torch.as_tensor(snr), min=1.0)
 
 
+def eps_loss_weight(snr: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
+    """Per-sample weight of the ε-prediction loss ‖ε̂ − ε‖² (= SNR·‖x̂_0 − x_0‖²): min-SNR-γ (Hang et al.) or x̂_0-truncated."""
+    if kind == "min-snr":
+        return torch.clamp(snr, max=gamma) / snr
+    if kind == "x0-truncated":
+        return torch.clamp(snr, min=1.0, max=gamma) / snr
+    raise ValueError(f"loss_weighting must be 'min-snr' or 'x0-truncated', got {kind!r}")
+
+
 def lcm_boundary(t, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
     """LCM consistency-function coefficients (c_skip, c_out) at timestep t.
 

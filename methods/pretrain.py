@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from bench import faults, io, world
 from methods import shapes
-from methods.diffusion import Schedule
+from methods import diffusion as D
 from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint, warmup_cosine
 
 
@@ -69,15 +69,6 @@ class CaptionParser(nn.Module):
                 + ce(self.size(h[k]).flatten(0, 1), size[k].flatten().to(h.device), ignore_index=-100))
 
 
-def teacher_loss_weight(snr: torch.Tensor, kind: str, gamma: float) -> torch.Tensor:
-    """Per-sample weight of the ε-prediction loss ‖ε̂ − ε‖² (= SNR·‖x̂_0 − x_0‖²)."""
-    if kind == "min-snr":
-        return torch.clamp(snr, max=gamma) / snr
-    if kind == "x0-truncated":
-        return torch.clamp(snr, min=1.0, max=gamma) / snr
-    raise ValueError(f"loss_weighting must be 'min-snr' or 'x0-truncated', got {kind!r}")
-
-
 def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", progress: bool = True) -> Path:
     """Train (or resume) the teacher; writes teacher.safetensors + teacher.json into out_dir."""
     out_dir = Path(out_dir)
@@ -86,10 +77,10 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
     model = nn.ModuleDict({"unet": shapes.build_unet(), "text": shapes.TextEncoder()}).to(device)
     ema = EMA(model, cfg.ema_decay)
     parser = CaptionParser().to(device)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(parser.parameters()), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    params = list(model.parameters()) + list(parser.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup, cfg.steps)
-    schedule = Schedule.scaled_linear(shapes.SCHEDULE_CONFIG["beta_start"], shapes.SCHEDULE_CONFIG["beta_end"])
+    schedule = D.Schedule.scaled_linear(shapes.SCHEDULE_CONFIG["beta_start"], shapes.SCHEDULE_CONFIG["beta_end"])
     model.train()
     step = 0
     if ckpt.exists():
@@ -115,14 +106,14 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
         pred = model["unet"](x_t, t.to(device), states).sample
         # 3. min-SNR-γ weighted ε loss
         snr = schedule.snr(t).float().to(device)
-        weight = teacher_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
+        weight = D.eps_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
         loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
         if cfg.text_parse_weight > 0 and (~drop).any():
             loss = loss + cfg.text_parse_weight * parser.loss(states, scenes, ~drop)
         check_finite(loss, "teacher loss", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(list(model.parameters()) + list(parser.parameters()), cfg.grad_clip)
+        nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_at(step)
         opt.step()

@@ -94,20 +94,17 @@ class Progressive(DistilledMethod):
         student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
-        uncond_one = bb.encode_text([""])
         updates, _ = self._stage_updates()
 
         def update(step: int) -> dict:
-            g = self.generator(step, stream=100)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond = bb.encode_text(captions)
+            g, real, cond, uncond = self.conditioned_batch(step, gen_stream=100)
+            n = len(cond)
             x0 = bb.from_images(real)
             t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
             x_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t).float()
             w = self._w(g, n)
             with torch.no_grad():
-                target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond_one.repeat(n), w.to(x_t)))
+                target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond, w.to(x_t)))
             pred, _ = student.predict(x_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, target, t, bb.schedule)
             opt.zero_grad(set_to_none=True)
@@ -130,10 +127,8 @@ class Progressive(DistilledMethod):
         _, updates = self._stage_updates()
 
         def update(step: int) -> dict:
-            g = self.generator(step, stream=grid)
-            real, captions = self.captions_batch(step)
-            n = len(captions)
-            cond = bb.encode_text(captions)
+            g, real, cond, _ = self.conditioned_batch(step, gen_stream=grid)
+            n = len(cond)
             x0 = bb.from_images(real)
             i = int(torch.randint(0, grid, (1,), generator=g))
             t, t_mid = fine[2 * i], fine[2 * i + 1]

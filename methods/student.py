@@ -58,6 +58,7 @@ class DistilledMethod(Method):
         super().__init__(backbone, config, ctx)
         self.students: dict[int, Denoiser] = {}
         self.train_info: dict[int, TrainInfo] = {}
+        self._null_cond = None
 
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:
@@ -146,20 +147,24 @@ class DistilledMethod(Method):
         stream = stream * self.ctx.world + self.ctx.rank
         return self.backbone.training_batch(n, (self.config.seed * 7919 + stream) * 1_000_003 + step)
 
-    def conditioned_batch(self, step: int):
+    def null_cond(self):
+        """The teacher's encoding of the empty (CFG null) prompt, one row; encoded once."""
+        if self._null_cond is None:
+            self._null_cond = self.backbone.encode_text([""])
+        return self._null_cond
+
+    def conditioned_batch(self, step: int, gen_stream: int = 0):
         """(generator, real images, cond, uncond) for update `step`: the prologue of every trainer's update."""
         real, captions = self.captions_batch(step)
-        if getattr(self, "_uncond_one", None) is None:
-            self._uncond_one = self.backbone.encode_text([""])
-        return (self.generator(step), real, self.backbone.encode_text(captions),
-                self._uncond_one.repeat(len(captions)))
+        return (self.generator(step, gen_stream), real, self.backbone.encode_text(captions),
+                self.null_cond().repeat(len(captions)))
 
     def discriminator(self):
         """The adversarial term's discriminator on frozen teacher features, and its heads' optimizer."""
         from methods.discriminator import TeacherFeatureDiscriminator
 
         cfg, bb = self.config, self.backbone
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text([""]), t_max=cfg.disc_t_max).to(bb.device)
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max).to(bb.device)
         return disc, torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:

@@ -5,18 +5,19 @@ import torch
 
 from bench import world
 from methods.diffusion import Schedule
-from methods.pretrain import CaptionParser, teacher_loss_weight
+from methods.diffusion import eps_loss_weight
+from methods.pretrain import CaptionParser
 from methods.shapes import TextEncoder, tokenize
 
 
 def test_loss_weights():
     snr = Schedule.scaled_linear().snr(torch.tensor([999, 500, 10])).float()
-    w = teacher_loss_weight(snr, "min-snr", 5.0)
+    w = eps_loss_weight(snr, "min-snr", 5.0)
     assert w[0] == 1.0 and w[1] == 1.0 and torch.isclose(w[2], 5.0 / snr[2])
-    x0w = teacher_loss_weight(snr, "x0-truncated", 5.0) * snr  # the weight on ‖x̂_0 − x_0‖²
+    x0w = eps_loss_weight(snr, "x0-truncated", 5.0) * snr  # the weight on ‖x̂_0 − x_0‖²
     assert torch.allclose(x0w, torch.clamp(snr, 1.0, 5.0))
     with pytest.raises(ValueError):
-        teacher_loss_weight(snr, "nope", 5.0)
+        eps_loss_weight(snr, "nope", 5.0)
 
 
 def test_caption_parser_targets_come_from_the_caption_only():
