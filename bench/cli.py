@@ -1,23 +1,22 @@
-"""The `flashbench` command. Bad input: one line on stderr, exit status 2, nothing written."""
+"""The `flashbench` command. Bad input: one line on stderr, exit status 2, nothing written.
+
+Commands that run networks import torch only when called, so ``--help`` and ``list`` stay instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
 
-from bench.errors import UserError
-
-METHOD_SUMMARY = {
-    "teacher": "the multi-step teacher with DDIM / DPM-Solver++ / Euler / UniPC (training-free)",
-    "imagine-flash": "Imagine Flash: backward distillation + shifted reconstruction loss + noise correction + GAN",
-    "lcm": "latent consistency distillation (skipping-step DDIM solver, w-embedding, EMA target)",
-    "add": "adversarial diffusion distillation (hinge GAN on teacher features + score distillation)",
-    "progressive": "guided progressive distillation (Meng et al.): CFG distillation then halving rounds",
-    "dmd2": "distribution matching distillation v2 (fake score, two time-scale updates, GAN, backward simulation)",
-    "pretrained": "published distilled checkpoints from local paths (LCM, LCM-LoRA, SD/SDXL-Turbo, SDXL-Lightning)",
-}
+from bench import suite as suite_mod
+from bench import sweep
+from bench.results import compare, tables
+from bench.rundir import RESULTS_FILE, read_config
+from core.errors import UserError
+from methods import registry
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,15 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from bench import runner, suite as suite_mod
+    from bench import runner
 
     if args.resume is not None:
-        import json
-
-        cfg = args.resume / runner.CONFIG_FILE
-        if not cfg.exists():
-            raise UserError(f"cannot resume {args.resume}: no {runner.CONFIG_FILE} there (not a flashbench run)")
-        s = suite_mod.parse_resolved(json.loads(cfg.read_text())["suite"])
+        s = suite_mod.from_dict(read_config(args.resume)["suite"])
         out, resume = args.resume, True
     else:
         s = suite_mod.load(args.suite)
@@ -126,7 +120,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from bench import runner, sweep
+    from bench import runner
 
     s = sweep.build(_float_csv(args.rho, "--rho"), _int_csv(args.k, "--k"), args.samples, args.updates)
     opts = runner.Options(out=args.out, device=args.device, cache=args.cache, progress=not args.no_progress,
@@ -137,30 +131,23 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from bench.compare import TOLERANCES, make_baseline
-
-    tol = make_baseline(args.run)
-    print(f"{args.run / TOLERANCES}: tolerances for {len(tol['cells'])} cells")
+    tol = compare.make_baseline(args.run)
+    print(f"{args.run / compare.TOLERANCES}: tolerances for {len(tol['cells'])} cells")
     return 0
 
 
 def cmd_compare(args) -> int:
-    from bench.compare import compare
-
-    report, regressed = compare(args.baseline, args.run)
+    report, regressed = compare.compare(args.baseline, args.run)
     print(report)
     return 1 if regressed else 0
 
 
 def cmd_list(_args) -> int:
-    from bench.suite import available
-    from methods.base import names
-
     print("methods:")
-    for n in names():
-        print(f"  {n:15s} {METHOD_SUMMARY.get(n, '')}")
+    for n in registry.names():
+        print(f"  {n:15s} {registry.summary(n)}")
     print("suites:")
-    for name, path in available().items():
+    for name, path in suite_mod.available().items():
         desc = ""
         for line in path.read_text().splitlines():
             if line.startswith("description"):
@@ -171,10 +158,10 @@ def cmd_list(_args) -> int:
 
 
 def cmd_table(args) -> int:
-    from bench import runner
-
-    path = runner.table_only(args.run)
-    print((path / "tables" / "main.md").read_text())
+    if not (args.run / RESULTS_FILE).exists():
+        raise UserError(f"{args.run} has no {RESULTS_FILE}; give a run directory written by `flashbench run`")
+    tables.write_all(args.run)
+    print((args.run / "tables" / "main.md").read_text())
     return 0
 
 
@@ -184,9 +171,8 @@ def _fresh_out(out: Path, product: str) -> None:
 
 
 def cmd_train_teacher(args) -> int:
-    from methods.pretrain import TeacherTrainConfig, train_teacher
-
-    from bench.runner import check_device
+    from bench.components import check_device
+    from bench.shapes.train_teacher import TeacherTrainConfig, train_teacher
 
     check_device(args.device)
     _fresh_out(args.out, "teacher.safetensors")
@@ -201,9 +187,7 @@ def cmd_train_teacher(args) -> int:
 
 
 def cmd_train_evaluators(args) -> int:
-    import json
-
-    from bench.evaluators import EvaluatorTrainConfig, train_evaluators
+    from bench.shapes.train_evaluators import EvaluatorTrainConfig, train_evaluators
 
     _fresh_out(args.out, "attribute_net.safetensors")
     report = train_evaluators(EvaluatorTrainConfig(), args.out)

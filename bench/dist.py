@@ -14,6 +14,9 @@ import torch
 
 
 class Dist:
+    """This process's rank among `world` processes (WORLD_SIZE/RANK from accelerate or torchrun), and the
+    collective operations the runner needs; with one process every operation is the identity."""
+
     def __init__(self, device: str = "cpu"):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -52,6 +55,21 @@ class Dist:
             real = len(range(min(n, r * per), min(n, (r + 1) * per)))
             full.append(part[:real])
         return torch.cat(full)[:n]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise float64 sum of `values` over processes."""
+        t = torch.tensor(values, dtype=torch.float64)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather_objects(self, obj) -> list:
+        """Every process's (small, picklable) `obj`, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
 
     def broadcast_object(self, obj):
         if self.world == 1:

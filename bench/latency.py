@@ -20,6 +20,7 @@ def _sync(device: str) -> None:
 
 
 def time_call(fn, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dict:
+    """Median and IQR (seconds) of `repeats` calls of fn after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -34,14 +35,14 @@ def time_call(fn, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dic
     return {"median_s": float(med), "iqr_s": float(q3 - q1), "repeats": repeats, "warmup": warmup}
 
 
-def measure(method, prompts, nfe: int, batch: int, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dict:
-    """Per-image latency at batch 1 (ms) and throughput at batch `batch` (images/s)."""
+def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dict:
+    """Per-image latency at batch 1 (ms) and throughput at batch `batch` (images/s) at `steps` sampler steps."""
     p1 = prompts[:1]
     pb = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
     with method.unpadded():
-        one = time_call(lambda: method.sample([p.text for p in p1], [(p.id, 0) for p in p1], nfe), device,
+        one = time_call(lambda: method.sample([p.text for p in p1], [(p.id, 0) for p in p1], steps), device,
                         warmup, repeats)
-        many = time_call(lambda: method.sample([p.text for p in pb], [(p.id, 0) for p in pb], nfe), device,
+        many = time_call(lambda: method.sample([p.text for p in pb], [(p.id, 0) for p in pb], steps), device,
                          1, max(2, repeats // 2))
     return {
         "latency_ms": 1000 * one["median_s"],

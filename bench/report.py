@@ -15,11 +15,12 @@ import json
 import sys
 from pathlib import Path
 
-from bench import io
+from bench.rundir import load_rows
+from bench.shapes import ATTRIBUTE_NET_CARD, TEACHER_CARD, TEACHER_WEIGHTS
+from bench.specs import fmt
+from core import io
 
 ROOT = Path(__file__).resolve().parent.parent
-TEACHER_CARD = ROOT / "methods" / "assets" / "teacher.json"
-EVALUATOR_CARD = ROOT / "bench" / "assets" / "attribute_net.json"
 ACCURACY_AIM = 0.8
 
 
@@ -33,8 +34,6 @@ def _minutes(s: float) -> str:
 
 def run_table(ref: Path) -> list[str]:
     """Wall time per run; students an earlier run had trained were loaded from the cache (not in that time)."""
-    from bench.runner import load_rows
-
     lines = ["| run | command | wall time | cells | students trained / loaded from cache | torch threads |",
              "|---|---|---|---|---|---|"]
     for p in _runs(ref):
@@ -58,14 +57,8 @@ def _row(rows: list[dict], label: str, steps: int) -> dict | None:
     return hits[0] if hits else None
 
 
-def _m(r: dict, key: str, d: int) -> str:
-    return f"{r[key]:.{d}f} [{r[key + '_ci_low']:.{d}f}, {r[key + '_ci_high']:.{d}f}]"
-
-
 def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
     """The teacher's figures at 25 and 1-4 steps, and the spine's two checks, by rule."""
-    from bench.runner import load_rows
-
     rows = load_rows(run)
     r25, r3 = _row(rows, label, 25), _row(rows, label, 3)
     if r25 is None:
@@ -77,7 +70,7 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
         r = _row(rows, label, steps)
         if r is not None:
             two = r.get("accuracy_two_object")
-            lines.append(f"| {steps} | {r['nfe']} | {_m(r, 'fid', 2)} | {_m(r, 'clip_score', 2)} | {_m(r, 'accuracy', 3)} | "
+            lines.append(f"| {steps} | {r['nfe']} | {fmt(r, 'fid')} | {fmt(r, 'clip_score')} | {fmt(r, 'accuracy')} | "
                          f"{'—' if two is None else f'{two:.3f}'} |")
     acc_ok = r25["accuracy"] >= ACCURACY_AIM
     lines += ["", f"- Whole-prompt accuracy at 25 steps ≥ {ACCURACY_AIM}: **{'yes' if acc_ok else 'no'}** "
@@ -101,11 +94,11 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
 
 def weight_cards() -> list[str]:
     t = json.loads(TEACHER_CARD.read_text())
-    e = json.loads(EVALUATOR_CARD.read_text())
+    e = json.loads(ATTRIBUTE_NET_CARD.read_text())
     h = e["heldout"]
     tc = t["train_config"]
     return [
-        f"- Teacher (`methods/assets/teacher.safetensors`, sha256 `{t['sha256'][:12]}…`): {t['params'] / 1e6:.2f} M "
+        f"- Teacher (`{TEACHER_WEIGHTS.relative_to(ROOT)}`, sha256 `{t['sha256'][:12]}…`): {t['params'] / 1e6:.2f} M "
         f"parameters (UNet + text encoder), {tc['steps']} steps at batch {tc['batch_size']}, "
         f"{_minutes(t['train_seconds_last_session'])} on this machine; `{t['command']}` reproduces it.",
         f"- Attribute network (held-out real renders, n = {h['n']}): shape {h['shape']:.4f}, colour {h['color']:.4f}, "

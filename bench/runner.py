@@ -1,162 +1,47 @@
-"""The runner: suite -> trained/loaded methods -> samples -> metrics -> results/<run>/.
+"""The runner: a suite -> trained or loaded methods -> samples -> metrics -> results/<run>/.
 
-Reading order: ``run()`` validates, opens the run directory, loads the teacher, evaluators and
-prompts, then ``_run_cell`` produces one results row per (method entry, NFE, seed). Rows are data
-(``results.jsonl``); tables, plots and grids are derived from them (``bench.tables``).
+Reading order, top to bottom:
+
+1. ``run`` checks everything that can be checked (device, prompts, budgets) before anything is
+   written, loads the teacher and the evaluators, and opens the run directory (process 0 creates
+   and locks it);
+2. ``start`` writes config.json, builds the FID reference and the real-vs-real floor, and fixes the
+   protocol every row carries;
+3. ``run_cell`` makes one results row per cell (method entry × budget × seed): train or load the
+   method, sample this process's shard batch by batch into the metric accumulators
+   (``sample_and_measure``), check the counted NFE against the budget, gather the metrics, time the
+   sampler, save a sample grid;
+4. ``finish`` writes the summary and derives tables, plots and grids from the rows
+   (``bench.results.tables``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
-import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+import torch
+import torchvision
 from tqdm import tqdm
 
-from bench import io
-from bench.errors import UserError
-from bench.suite import Suite
-
-RESULTS_FILE = "results.jsonl"
-CONFIG_FILE = "config.json"
+from bench import components, latency, provenance
+from bench.dist import Dist
+from bench.metrics.cell import CellMetrics
+from bench.results import tables
+from bench.rundir import RunDir
+from bench.suite import Entry, Suite
+from core import faults
+from core.errors import UserError
+from methods import base, registry
+from methods.training import DivergenceError
+from prompts import prompt_sets
 
 
 def default_cache() -> Path:
     return Path(os.environ.get("FLASHBENCH_CACHE", Path.home() / ".cache" / "flashbench"))
-
-
-def git_hash() -> str:
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("flashbench", "torch", "diffusers", "torchmetrics", "open_clip_torch", "numpy", "pandas"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
-
-
-def check_device(device: str) -> str:
-    import torch
-
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be cpu or cuda[:N], got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
-    return device
-
-
-def load_backbone(spec: dict, device: str):
-    """The teacher a suite names: the embedded shapes teacher, or an SD/SDXL directory."""
-    if spec["kind"] == "diffusers":
-        from methods.diffusers_backbone import DiffusersBackbone
-
-        if "path" not in spec:
-            raise UserError("[backbone] kind = 'diffusers' needs path = a local SD/SDXL diffusers directory")
-        data = spec.get("train_data")
-        return DiffusersBackbone.load(Path(spec["path"]), device, Path(data) if data else None)
-    from methods.shapes import ShapesBackbone
-
-    return ShapesBackbone.load(device)
-
-
-def load_evaluators_for(spec: dict, device: str):
-    if spec["kind"] == "real":
-        from bench.real_metrics import load_real_evaluators
-
-        for key in ("clip_model", "reference"):
-            if key not in spec:
-                raise UserError(f"[evaluators] kind = 'real' needs {key} = ...")
-        inc = spec.get("inception_dir")
-        return load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"),
-                                    Path(spec["reference"]), device)
-    from bench.evaluators import load_evaluators
-
-    return load_evaluators(device)
-
-
-class RunDir:
-    """results/<run>/: a lock against a second writer, atomic rows, derived tables."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = None
-
-    @property
-    def results(self) -> Path:
-        return self.path / RESULTS_FILE
-
-    def create(self, resume: bool) -> None:
-        if self.path.exists() and not resume and any(self.path.iterdir()):
-            raise UserError(f"run directory {self.path} already exists; choose a new --out, or --resume it")
-        if resume and not (self.path / CONFIG_FILE).exists():
-            raise UserError(f"cannot resume {self.path}: it has no {CONFIG_FILE} (not a flashbench run)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.lock()
-
-    def lock(self) -> None:
-        f = open(self.path / ".lock", "a+")  # noqa: SIM115 - held for the life of the run
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
-            raise UserError(f"run {self.path} is in use by another flashbench process; "
-                            "wait for it or use another --out") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._lock = f
-
-    def unlock(self) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
-
-    def rows(self) -> list[dict]:
-        return load_rows(self.path)
-
-    def write_rows(self, rows: list[dict]) -> None:
-        io.write_text(self.results, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
-
-
-def load_rows(run: Path) -> list[dict]:
-    path = Path(run) / RESULTS_FILE
-    if not path.exists():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise UserError(f"{path}:{n}: corrupt results row; the file was not written by flashbench") from None
-    return rows
-
-
-def cell_key(label: str, nfe: int, seed: int) -> str:
-    return f"{label}|nfe={nfe}|seed={seed}"
 
 
 @dataclasses.dataclass
@@ -170,253 +55,281 @@ class Options:
     command: str | None = None  # the command line that started the run (recorded in config.json)
 
 
-def plan(suite: Suite) -> list[tuple]:
-    return [(e, n, s, seed) for e in suite.entries for n, s in zip(e.nfe, e.steps) for seed in suite.seeds]
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One results row to make: a method entry at one budget and one sampling seed."""
+
+    index: int
+    entry: Entry
+    budget: base.Budget
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.entry.label, self.budget.nfe, self.seed)
+
+
+def cell_key(label: str, nfe: int, seed: int) -> str:
+    return f"{label}|nfe={nfe}|seed={seed}"
+
+
+def plan(suite: Suite) -> list[Cell]:
+    cells = [(e, b, seed) for e in suite.entries for b in e.budgets for seed in suite.seeds]
+    return [Cell(i, e, b, seed) for i, (e, b, seed) in enumerate(cells)]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything the cells of one run share, built once."""
+
+    suite: Suite
+    opts: Options
+    rundir: RunDir
+    prompts: list
+    backbone: object
+    evaluators: object
+    dist: Dist
+    cache: Path | None = None
+    reference: object = None  # the FID reference (None when the suite does not measure FID)
+    protocol: dict | None = None
+    methods: dict = dataclasses.field(default_factory=dict)  # label -> Method, built once
+    latency: dict = dataclasses.field(default_factory=dict)  # (label, nfe) -> latency fields
+    failed_training: dict = dataclasses.field(default_factory=dict)  # (label, steps) -> failure fields
+
+    @property
+    def progress(self) -> bool:
+        return self.opts.progress and self.dist.main
+
+    def method(self, entry: Entry) -> base.Method:
+        if entry.label not in self.methods:
+            ctx = base.Context(cache_dir=self.cache / "students", progress=self.progress, scale=self.suite.scale,
+                               rank=self.dist.rank, world=self.dist.world)
+            self.methods[entry.label] = registry.get(entry.name)(self.backbone, entry.config, ctx)
+        return self.methods[entry.label]
+
+
+# --- 1. check, load, open ------------------------------------------------------------------------
 
 
 def run(suite: Suite, opts: Options) -> Path | None:
-    """Run a suite; returns the run directory (None for a dry run)."""
-    from prompts import load_prompts
-
+    """Run a suite; returns the run directory (None for a dry run). Bad input raises UserError first."""
     t_start = time.time()
-    # 1. validate everything before anything is written
-    check_device(opts.device)
-    prompts = load_prompts(suite.prompts)
-    if suite.samples > len(prompts):
-        raise UserError(f"samples = {suite.samples} but prompts {suite.prompts!r} has only {len(prompts)}")
-    prompts = prompts[: suite.samples]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if len(prompts) < world:
-        raise UserError(f"samples = {len(prompts)} is fewer than the {world} processes; use at least one per process")
+    components.check_device(opts.device)
+    prompts = components.suite_prompts(suite.prompts, suite.samples)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if len(prompts) < processes:
+        raise UserError(f"samples = {len(prompts)} is fewer than the {processes} processes; use at least one per process")
     cells = plan(suite)
     if opts.dry_run:
-        for e, nfe, steps, seed in cells:
-            print(f"{e.label:32s} method={e.name:14s} steps={steps:<3d} nfe={nfe:<3d} seed={seed} n={suite.samples}")
+        for c in cells:
+            print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
+                  f"seed={c.seed} n={suite.samples}")
         print(f"{len(cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); nothing written (dry run)")
         return None
-    from bench.dist import Dist
-
-    d = Dist(opts.device)
-    backbone = load_backbone(suite.backbone, opts.device)
-    evaluators = load_evaluators_for(suite.evaluators, opts.device)
-    stamp = d.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    dist = Dist(opts.device)
+    backbone = components.load_backbone(suite.backbone, opts.device)
+    evaluators = components.load_evaluators(suite.evaluators, opts.device)
+    stamp = dist.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
     error = None
-    if d.main:  # one writer: process 0 creates and locks the run directory
+    if dist.main:  # one writer: process 0 creates and locks the run directory
         try:
             rd.create(opts.resume)
         except UserError as e:
             error = str(e)
-    error = d.broadcast_object(error)
+    error = dist.broadcast_object(error)
     if error:
         raise UserError(error)
     try:
-        return _run(suite, opts, rd, prompts, cells, backbone, evaluators, d, t_start)
+        ctx = RunContext(suite, opts, rd, prompts, backbone, evaluators, dist)
+        start(ctx)
+        rows = rd.rows() if dist.main else []
+        done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"]) for r in rows})
+        t_cells = time.time()
+        bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not ctx.progress)
+        for cell in cells:
+            if cell.key not in done:
+                bar.set_postfix_str(f"{cell.entry.label} nfe={cell.budget.nfe} seed={cell.seed}")
+                row = run_cell(ctx, cell)
+                if dist.main:
+                    rows.append(row)
+                    rd.write_rows(rows)
+            bar.update(1)
+        bar.close()
+        finish(ctx, len(cells), t_start, t_cells)
+        return rd.path
     finally:
         rd.unlock()
 
 
-def _run(suite, opts, rd: RunDir, prompts, cells, backbone, evaluators, d, t_start: float) -> Path:
-    import torch
+# --- 2. config, reference, protocol --------------------------------------------------------------
 
-    from bench import tables
-    from methods import base
-    from prompts.loaders import prompt_sets
 
-    cfg_path = rd.path / CONFIG_FILE
-    old = json.loads(cfg_path.read_text()) if opts.resume and cfg_path.exists() else None
+def start(ctx: RunContext) -> None:
+    """config.json (kept from the first session on --resume), the FID reference and floor, the protocol."""
+    suite, opts, rd, d = ctx.suite, ctx.opts, ctx.rundir, ctx.dist
+    old = rd.config() if opts.resume else None
     # the cache location is a machine path: kept in a hidden local file (never in results) for --resume
-    cache_file = rd.path / ".cache-path"
-    remembered = cache_file.read_text().strip() if opts.resume and cache_file.exists() else None
-    cache = Path(opts.cache or remembered or default_cache())
-    if d.main:
-        io.write_text(cache_file, str(cache.resolve()) + "\n")
+    ctx.cache = Path(opts.cache or (rd.remembered_cache() if opts.resume else None) or default_cache())
     config = {
         "suite": suite.to_dict(),
-        "versions": versions(),
-        "git": git_hash(),
+        "versions": provenance.versions(),
+        "git": provenance.git_hash(),
         "device": opts.device,
         "threads": torch.get_num_threads(),
-        "teacher": backbone.identity(),
-        "evaluators": evaluators.identity(),
+        "teacher": ctx.backbone.identity(),
+        "evaluators": ctx.evaluators.identity(),
         "prompt_set_sha256": prompt_sets().get(suite.prompts, {}).get("sha256"),
+        "processes": d.world,
     }
     if old is not None:
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
-        config["started"] = old.get("started")
-        config["command"] = old.get("command")
-        config["resumed"] = old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")]
+        config.update(started=old.get("started"), command=old.get("command"),
+                      resumed=old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")])
     else:
-        config["started"] = dt.datetime.now().isoformat(timespec="seconds")
-        config["command"] = opts.command
-    config["processes"] = d.world
-    ref = None
+        config.update(started=dt.datetime.now().isoformat(timespec="seconds"), command=opts.command)
     if d.main:
-        io.write_json(cfg_path, config)
-        # 2. reference statistics (cached by content hash) and the real-vs-real floor
-        ref = evaluators.reference(prompts, cache / "metrics") if "fid" in suite.metrics else None
-        floor_path = rd.path / "floor.json"
-        if ref is not None and not floor_path.exists() and hasattr(evaluators, "floor"):
-            io.write_json(floor_path, {"real_vs_real": evaluators.floor(prompts, ref), "n": len(prompts),
-                                       "what": "renders of the same prompts with other nuisance draws vs the reference"})
+        rd.remember_cache(ctx.cache)
+        rd.write_config(config)
+        if "fid" in suite.metrics:  # reference statistics, cached by content hash
+            ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
+            if not rd.has_floor():
+                floor = ctx.evaluators.floor(ctx.prompts, ctx.reference)
+                if floor is not None:
+                    rd.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
+                                    "what": "renders of the same prompts with other nuisance draws vs the reference"})
+    prompts = {"set": suite.prompts, "sha256": config["prompt_set_sha256"], "n": len(ctx.prompts)}
+    if d.main:
+        ctx.protocol = provenance.protocol(prompts, config["evaluators"], ctx.reference, config["teacher"],
+                                           opts.device, config["versions"].get("torchmetrics"))
     d.barrier()
 
-    rows = rd.rows() if d.main else []
-    done = d.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"]) for r in rows})
-    progress = opts.progress and d.main
-    ctx = base.Context(cache_dir=cache / "students", device=opts.device, progress=progress, scale=suite.scale,
-                       rank=d.rank, world=d.world)
-    protocol = _protocol(suite, config, ref, len(prompts)) if d.main else None
-    t_run = time.time()
-    bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not progress)
-    methods_by_label: dict[str, object] = {}
-    latency_by_cell: dict[tuple, dict] = {}
-    failed_training: dict[str, dict] = {}
-    for index, (entry, nfe, steps, seed) in enumerate(cells):
-        if cell_key(entry.label, nfe, seed) in done:
-            bar.update(1)
-            continue
-        if entry.label not in methods_by_label:
-            cls = base.get(entry.name)
-            methods_by_label[entry.label] = cls(backbone, cls.make_config(entry.settings, entry.label), ctx)
-        method = methods_by_label[entry.label]
-        bar.set_postfix_str(f"{entry.label} nfe={nfe} seed={seed}")
-        row = _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol,
-                        latency_by_cell, opts, index, failed_training, d)
-        if d.main:
-            rows.append(row)
-            rd.write_rows(rows)
-        bar.update(1)
-    bar.close()
-    if d.main:
-        summary = {"wall_seconds_this_session": round(time.time() - t_start, 1),
-                   "wall_seconds_cells": round(time.time() - t_run, 1), "cells": len(cells),
-                   "processes": d.world, "finished": dt.datetime.now().isoformat(timespec="seconds")}
-        io.write_json(rd.path / "summary.json", summary)
-        tables.write_all(rd.path)
-    d.barrier()
-    return rd.path
+
+# --- 3. one cell ----------------------------------------------------------------------------------
 
 
-def _protocol(suite: Suite, config: dict, ref, n: int) -> dict:
-    """Everything that moves a number, stored beside it. `id` hashes the fields that define comparability."""
-    from bench.metrics import BOOTSTRAP, CI_LEVEL, FID_BOOTSTRAP_WIDE
-
-    ev = config["evaluators"]
-    prot = {
-        "prompts": {"set": suite.prompts, "sha256": config["prompt_set_sha256"], "n": n},
-        "evaluators": ev,
-        "fid": None if ref is None else {
-            "library": f"torchmetrics {config['versions'].get('torchmetrics')} FrechetInceptionDistance",
-            "feature": ev.get("feature") or ev.get("fid_feature_id"),
-            "feature_sha256": ev.get("attribute_net_sha256"),
-            "reference": {"key": ref.key, "n": ref.n},
-            "resize": ev.get("fid_library", "none (native resolution)"), "accumulation": "float64",
-            "bootstrap_resamples": BOOTSTRAP if ref.features.shape[1] <= 256 else FID_BOOTSTRAP_WIDE,
-        },
-        "clip_score": {"model": ev.get("clip_model"), "sha256": ev.get("clip_sha256") or ev.get("clip_pretrained_sha256"),
-                       "score": "100*max(cos,0)"},
-        "accuracy": {"evaluator": "attribute_net", "sha256": ev["attribute_net_sha256"]}
-        if "attribute_net_sha256" in ev else None,
-        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL, "seed": 1234},
-        "teacher": config["teacher"],
-        "device": config["device"],
-        "dtype": "float32",
-    }
-    prot["id"] = io.content_hash({k: prot[k] for k in ("prompts", "evaluators", "fid", "clip_score", "accuracy",
-                                                        "bootstrap")})
-    return prot
-
-
-def _run_cell(suite, rd, method, entry, nfe, steps, seed, prompts, evaluators, ref, protocol, latency_by_cell,
-              opts, index: int, failed_training: dict, d) -> dict | None:
-    """One (method, NFE, seed) cell. Every process trains and samples its shard; process 0 gathers the
-    samples, measures and returns the row (other processes return None)."""
-    import torch
-
-    from bench import faults, latency, metrics, tables
-    from methods.training import DivergenceError
-
+def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
+    """One results row. Every process trains and samples its shard; process 0 returns the row, others None."""
+    entry, budget = cell.entry, cell.budget
+    method = ctx.method(entry)
     row = {
-        "suite": suite.name, "method": entry.name, "label": entry.label, "variant": entry.variant,
-        "settings": method.settings(), "steps": steps, "nfe": nfe, "seed": seed, "n_samples": len(prompts),
-        "protocol": protocol, "status": "ok", "error": None,
+        "suite": ctx.suite.name, "method": entry.name, "label": entry.label, "variant": entry.variant,
+        "settings": method.settings(), "steps": budget.steps, "nfe": budget.nfe, "seed": cell.seed,
+        "n_samples": len(ctx.prompts), "protocol": ctx.protocol, "status": "ok", "error": None,
     }
-    if (entry.label, steps) in failed_training:  # training already diverged in this run: do not retry
-        row.update(failed_training[(entry.label, steps)])
-        return row
+    failed = ctx.failed_training.get((entry.label, budget.steps))
+    if failed:  # training already diverged in this run: do not retry
+        return {**row, **failed}
     try:
-        # 1. train or load (cached by config hash)
+        # 1. train or load (cached by a hash of what makes the student)
         try:
-            info = method.prepare(nfe)
+            row["train"] = method.prepare(budget.steps).to_dict()
         except DivergenceError as e:
             failed = {"status": "failed", "error": f"training diverged: {e}", "failed_step": e.step}
-            failed_training[(entry.label, steps)] = failed
-            row.update(failed)
-            return row
-        row["train"] = info.to_dict()
-        # 2. sample this process's shard of the prompts, counting network evaluations
+            ctx.failed_training[(entry.label, budget.steps)] = failed
+            return {**row, **failed}
+        # 2. sample this process's shard into the metric accumulators, counting network evaluations
+        sampled = sample_and_measure(ctx, cell, method)
+        faults.maybe_kill("metrics", cell.index)
         t0 = time.time()
-        method.reset_nfe()
-        shard = [prompts[i] for i in d.shard(len(prompts))]
-        chunks = []
-        for i in tqdm(range(0, len(shard), suite.batch_size), desc="  sample", leave=False,
-                      disable=not (opts.progress and d.main)):
-            faults.maybe_kill("sample", index)
-            batch = shard[i : i + suite.batch_size]
-            out = method.sample([p.text for p in batch], [(p.id, seed) for p in batch], nfe).cpu()
-            # images leave the sampler as 8-bit, as they would be saved; NaN/Inf is marked out of band (256)
-            finite = torch.isfinite(out).flatten(1).all(1)
-            if faults.hit("nan", "sample", index) and i == 0 and d.main:
-                finite[0] = False
-            chunks.append(torch.where(finite[:, None, None, None], (out.nan_to_num(0).clamp(0, 1) * 255).round(),
-                                      torch.full_like(out, 256.0)).to(torch.int32))
-        local = torch.cat(chunks)
-        counted = torch.tensor([method.counted_nfe(), len(shard)], dtype=torch.float64)
-        if d.world > 1:
-            torch.distributed.all_reduce(counted)
-        gathered = d.gather(local, len(prompts))
-        if not d.main:
+        values = sampled["meter"].gather(lambda t: ctx.dist.gather(t, len(ctx.prompts)))
+        grid = gather_grid(ctx, sampled["grid"])
+        if not ctx.dist.main:
             return None
-        row["nfe_counted"] = float(counted[0] / counted[1])
-        row["sample_seconds"] = round(time.time() - t0, 2)
-        if row["nfe_counted"] != nfe:
-            raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {nfe}")
-        bad = int((gathered > 255).flatten(1).any(1).sum())
-        if bad:
-            row.update(status="failed", error=f"{bad} of {len(gathered)} samples are not finite (NaN/Inf)")
-            return row
-        images = gathered.float() / 255.0
-        # 3. metrics
-        faults.maybe_kill("metrics", index)
-        t0 = time.time()
-        row.update(metrics.evaluate(images, prompts, evaluators, ref))
-        row["eval_seconds"] = round(time.time() - t0, 2)
+        row["nfe_counted"] = sampled["nfe_counted"]
+        row["sample_seconds"] = sampled["sample_seconds"]
+        if row["nfe_counted"] != budget.nfe:
+            raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {budget.nfe}")
+        if sampled["bad"]:
+            return {**row, "status": "failed",
+                    "error": f"{sampled['bad']} of {len(ctx.prompts)} samples are not finite (NaN/Inf)"}
+        # 3. metrics, from every sample's values in sample order
+        row.update(sampled["meter"].compute(values))
+        row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0; once per method and budget, the same for every seed)
-        if "latency" in suite.metrics:
-            key = (entry.label, nfe)
-            if key not in latency_by_cell:
-                latency_by_cell[key] = latency.measure(method, prompts, nfe, suite.latency["throughput_batch"],
-                                                       opts.device, suite.latency["warmup"], suite.latency["repeats"])
-            row.update(latency_by_cell[key])
+        if "latency" in ctx.suite.metrics:
+            key = (entry.label, budget.nfe)
+            if key not in ctx.latency:
+                lat = ctx.suite.latency
+                ctx.latency[key] = latency.measure(method, ctx.prompts, budget.steps, lat["throughput_batch"],
+                                                   ctx.opts.device, lat["warmup"], lat["repeats"])
+            row.update(ctx.latency[key])
         # 5. a sample grid of the first prompts
-        if seed == suite.seeds[0]:
-            tables.save_grid(images[: suite.grid], rd.path / "grids" / f"{entry.label}_nfe{nfe}.png")
+        if grid is not None:
+            save_grid(grid, ctx.rundir.path / "grids" / f"{entry.label}_nfe{budget.nfe}.png")
     except DivergenceError as e:
         row.update(status="failed", error=f"diverged: {e}", failed_step=e.step)
     return row
 
 
-def table_only(run_dir: Path) -> Path:
-    from bench import tables
-
-    run_dir = Path(run_dir)
-    if not (run_dir / RESULTS_FILE).exists():
-        raise UserError(f"{run_dir} has no {RESULTS_FILE}; give a run directory written by `flashbench run`")
-    tables.write_all(run_dir)
-    return run_dir
+def to_8bit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as they would be saved (8-bit levels, as float32 in [0, 1]) and which were finite [n] bool."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    return (images.nan_to_num(0).clamp(0, 1) * 255).round() / 255.0, finite
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use `flashbench run`")
+def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
+    """Sample this process's shard batch by batch; each batch goes into the metric accumulators and is dropped.
+
+    Returns the accumulators, the counted NFE per sample and the non-finite count (summed over
+    processes), this process's images among the first ``suite.grid`` prompts, and timings (s).
+    """
+    suite, d = ctx.suite, ctx.dist
+    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, fid="fid" in suite.metrics)
+    shard = d.shard(len(ctx.prompts))
+    want_grid = cell.seed == suite.seeds[0]
+    grid, bad, t_sample, t_eval = [], 0, 0.0, 0.0
+    method.reset_nfe()
+    for i in tqdm(range(shard.start, shard.stop, suite.batch_size), desc="  sample", leave=False,
+                  disable=not ctx.progress):
+        faults.maybe_kill("sample", cell.index)
+        batch = ctx.prompts[i : min(i + suite.batch_size, shard.stop)]
+        t0 = time.time()
+        out = method.sample([p.text for p in batch], [(p.id, cell.seed) for p in batch], cell.budget.steps).cpu()
+        t1 = time.time()
+        images, finite = to_8bit(out)
+        if faults.hit("nan", "sample", cell.index) and i == 0:
+            finite[0] = False
+        bad += int((~finite).sum())
+        meter.update(images, batch)
+        if want_grid:
+            grid += [(i + j, images[j]) for j in range(len(batch)) if i + j < suite.grid]
+        t_sample, t_eval = t_sample + t1 - t0, t_eval + time.time() - t1
+    counted, n, bad = d.sum([method.counted_nfe(), len(shard), bad])
+    return {"meter": meter, "nfe_counted": counted / n, "bad": int(bad), "grid": grid if want_grid else None,
+            "sample_seconds": round(t_sample, 2), "eval_seconds": t_eval}
+
+
+def gather_grid(ctx: RunContext, local: list | None) -> torch.Tensor | None:
+    """The first ``suite.grid`` samples [k, 3, H, W] in prompt order, on process 0 (None when no grid is due)."""
+    if local is None:
+        return None
+    parts = ctx.dist.gather_objects(local)
+    if not ctx.dist.main:
+        return None
+    pairs = sorted((pair for part in parts for pair in part), key=lambda pair: pair[0])
+    return torch.stack([img for _, img in pairs]) if pairs else None
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4) -> None:
+    """A PNG grid of images [k, 3, H, W] in [0, 1], each upscaled (nearest) `upscale` times; written atomically."""
+    big = torch.nn.functional.interpolate(images.float(), scale_factor=upscale, mode="nearest")
+    grid = torchvision.utils.make_grid(big, nrow=nrow, padding=2, pad_value=1.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    torchvision.utils.save_image(grid, tmp)
+    tmp.replace(path)
+
+
+# --- 4. finish -------------------------------------------------------------------------------------
+
+
+def finish(ctx: RunContext, n_cells: int, t_start: float, t_cells: float) -> None:
+    if ctx.dist.main:
+        ctx.rundir.write_summary({"wall_seconds_this_session": round(time.time() - t_start, 1),
+                                  "wall_seconds_cells": round(time.time() - t_cells, 1), "cells": n_cells,
+                                  "processes": ctx.dist.world,
+                                  "finished": dt.datetime.now().isoformat(timespec="seconds")})
+        tables.write_all(ctx.rundir.path)
+    ctx.dist.barrier()

@@ -13,7 +13,9 @@
     steps = [1, 2, 4]            # or nfe = [2, 4, 8]
     settings = { solver = "ddim" }
 
-Everything is validated before anything is loaded or written; errors are one-line UserErrors.
+Everything is validated before anything is loaded or written; errors are one-line UserErrors. Each
+entry's settings become the method's Config once, here, and its budgets are resolved once (steps and
+NFE, ``methods.base.Budget``); the runner uses both as they are.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from bench.errors import UserError, unknown
-from methods import base
+from core.errors import UserError, unknown
+from methods import registry
+from methods.base import Budget
 
 SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
@@ -37,12 +40,18 @@ LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
 @dataclasses.dataclass
 class Entry:
+    """One [[methods]] entry: a registered method, its row label, settings and budgets."""
+
     name: str
     label: str
-    settings: dict
-    nfe: list[int]
-    steps: list[int]
+    settings: dict  # as given, with the suite's shared [train] settings merged in
+    budgets: list[Budget]
     variant: str | None = None
+    config: object = dataclasses.field(default=None, compare=False, repr=False)  # the method's Config
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "settings": self.settings, "variant": self.variant,
+                "steps": [b.steps for b in self.budgets], "nfe": [b.nfe for b in self.budgets]}
 
 
 @dataclasses.dataclass
@@ -64,7 +73,9 @@ class Suite:
     evaluators: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The resolved suite (stored in a run's config.json; ``from_dict`` reads it back for --resume)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "entries"}
+        return {**d, "entries": [e.to_dict() for e in self.entries]}
 
 
 def available() -> dict[str, Path]:
@@ -193,8 +204,8 @@ def _entry(e, i: int, where: str, train: dict) -> Entry:
             raise unknown(f"key in {at}", key, ENTRY_KEYS)
     name = e.get("name")
     if not isinstance(name, str):
-        raise UserError(f"{at}: needs name = one of {base.names()}")
-    cls = base.get(name)
+        raise UserError(f"{at}: needs name = one of {registry.names()}")
+    cls = registry.get(name)
     settings = e.get("settings", {})
     if not isinstance(settings, dict):
         raise UserError(f"{at}: settings must be a table")
@@ -211,14 +222,11 @@ def _entry(e, i: int, where: str, train: dict) -> Entry:
     variant = e.get("variant")
     if variant is not None and not isinstance(variant, str):
         raise UserError(f"{at}: variant must be a string")
-    entry = Entry(name, label, merged, [], [], variant)
     if "steps" in e:
-        entry.steps = _int_list(e["steps"], "steps", at)
-        entry.nfe = [s * cls.nfe_per_step(config) for s in entry.steps]
+        budgets = [cls.budget(config, steps=s) for s in _int_list(e["steps"], "steps", at)]
     else:
-        entry.nfe = _int_list(e["nfe"], "nfe", at)
-    entry.steps = [cls.steps_for_nfe(config, n) for n in entry.nfe]
-    return entry
+        budgets = [cls.budget(config, nfe=n) for n in _int_list(e["nfe"], "nfe", at)]
+    return Entry(name, label, merged, budgets, variant, config)
 
 
 def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | None = None,
@@ -230,16 +238,13 @@ def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | No
         for m in methods:
             if m not in known:
                 # a registered method absent from this suite still gets the registry's "did you mean"
-                if m not in base.LAZY:
+                if m not in registry.names():
                     raise unknown("method", m, known)
                 raise UserError(f"method {m!r} is not in suite {s.name!r}; it has: {', '.join(known)}")
         s.entries = [e for e in s.entries if e.label in methods or e.name in methods]
     if nfe is not None:
         for e in s.entries:
-            cls = base.get(e.name)
-            config = cls.make_config(e.settings, e.label)
-            e.steps = [cls.steps_for_nfe(config, n) for n in nfe]
-            e.nfe = list(nfe)
+            e.budgets = [registry.get(e.name).budget(e.config, nfe=n) for n in nfe]
     if samples is not None:
         s.samples = _positive_int(samples, "--samples", "command line")
     if seeds is not None:
@@ -247,6 +252,15 @@ def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | No
     return s
 
 
-def parse_resolved(d: dict) -> Suite:
+def from_dict(d: dict) -> Suite:
     """Rebuild a Suite from the resolved form stored in a run's config.json (for --resume)."""
-    return Suite(**{**d, "entries": [Entry(**e) for e in d["entries"]]})
+    entries = []
+    for e in d["entries"]:
+        cls = registry.get(e["name"])
+        config = cls.make_config(e["settings"], e["label"])
+        budgets = [cls.budget(config, steps=s) for s in e["steps"]]
+        if [b.nfe for b in budgets] != e["nfe"]:
+            raise UserError(f"{e['label']}: the stored budgets {e['nfe']} NFE do not match this version's cost of "
+                            f"{e['steps']} steps; resume the run with the flashbench version that started it")
+        entries.append(Entry(e["name"], e["label"], e["settings"], budgets, e.get("variant"), config))
+    return Suite(**{**d, "entries": entries})

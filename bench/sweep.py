@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench import io, suite as suite_mod
+from bench import suite as suite_mod
+from bench.results import tables
+from core import io
 
 
 def build(rhos: list[float], ks: list[int], samples: int, updates: int | None, steps: int = 3) -> suite_mod.Suite:
@@ -28,8 +30,6 @@ def build(rhos: list[float], ks: list[int], samples: int, updates: int | None, s
 
 
 def write_table(run: Path) -> str:
-    from bench import tables
-
     agg = tables.aggregate(tables.load(run)[0])
     ok = agg[agg["status"] == "ok"].copy()
     ok["rho"] = ok["label"].str.extract(r"rho=([0-9.]+)")[0].astype(float)

@@ -14,18 +14,17 @@ import dataclasses
 import torch
 
 from methods import diffusion as D
-from methods.base import TrainInfo, register
+from methods.base import TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
-from methods.student import DistillConfig, DistilledMethod
+from methods.student import AdversarialConfig, DistilledMethod
 from methods.training import run_updates
 
 
 @dataclasses.dataclass
-class ADDConfig(DistillConfig):
+class ADDConfig(AdversarialConfig):
     lambda_distill: float = 2.5
     r1_gamma: float = 1e-5
-    disc_lr: float = 2e-4
-    disc_t_max: int = 500
     student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # the 4 training grid times, pure noise first
     max_steps: int = 4
 
@@ -39,6 +38,8 @@ def add_distillation_loss(x0_student, x0_teacher, t, schedule: D.Schedule) -> to
 
 @register("add")
 class ADD(DistilledMethod):
+    """Adversarial diffusion distillation (hinge GAN on teacher features + score distillation)."""
+
     Config = ADDConfig
 
     @classmethod
@@ -53,7 +54,7 @@ class ADD(DistilledMethod):
         student = Denoiser(unet, bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
-        disc, d_opt = self.discriminator()
+        adv = self.adversarial()
         taus = torch.tensor(cfg.student_timesteps)
 
         def update(step: int) -> dict:
@@ -73,30 +74,21 @@ class ADD(DistilledMethod):
                 x0_teacher, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
             l_distill = add_distillation_loss(x0_s, x0_teacher, t, bb.schedule)
             # 3. adversarial (generator side), gradients through the frozen teacher features
-            disc.heads.requires_grad_(False)
-            l_adv = disc.g_loss(x0_s, cond, g)
-            disc.heads.requires_grad_(True)
+            l_adv = adv.generator_loss(x0_s, cond, g)
             loss = l_adv + cfg.lambda_distill * l_distill
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            self.step(opt, loss, unet)
             # 4. discriminator: hinge + R1 on real images
-            d_loss = disc.d_loss(x0_real, cond, x0_s.detach(), cond, g, r1_gamma=cfg.r1_gamma)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            return {"distill": l_distill.item(), "g_adv": l_adv.item(), "d": d_loss.item()}
+            d = adv.step(x0_real, cond, x0_s, g)
+            return {"distill": l_distill.item(), "g_adv": l_adv.item(), "d": d}
 
-        log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": disc.heads},
-                          {"student": opt, "disc": d_opt}, desc="add", progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
-                         losses=log)
+        log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": adv.disc.heads},
+                          {"student": opt, "disc": adv.opt}, desc="add", progress=self.ctx.progress)
+        return self.trained(log)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
+    def sample(self, texts, noise_keys, steps):
         bb = self.backbone
-        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
+        student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         grid = D.trailing_timesteps(steps)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
         x0 = renoise_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T, grid, fresh)

@@ -1,9 +1,9 @@
-"""The method contract and its registry.
+"""The method contract: one small abstract base class for every adapter.
 
-A method adapter (one file per method under ``methods/``) trains or loads what it needs, then
-samples prompts at an NFE budget from per-sample seeds. Registration is by decorator; the lazy
-name map below lets ``flashbench list`` and error messages name every method without importing
-torch or diffusers.
+A method adapter (one file per method under ``methods/``, registered with ``@register``) trains or
+loads what it needs, then samples prompts at a fixed number of sampler steps from per-sample seeds.
+Its budget is resolved once, as steps and the network evaluations (NFE) they cost, by ``budget``;
+the NFE counter around every network it calls proves the cost when it samples.
 """
 
 from __future__ import annotations
@@ -11,59 +11,34 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
-import importlib
 import types
 import typing
 from pathlib import Path
 from typing import ClassVar
 
-from bench.errors import UserError, unknown
+from core.errors import UserError, unknown
+from methods.registry import get, names, register
 
-# name -> module that registers it (imported only when the method is used)
-LAZY: dict[str, str] = {
-    "teacher": "methods.teacher",
-    "imagine-flash": "methods.imagine_flash",
-    "lcm": "methods.lcm",
-    "add": "methods.add",
-    "progressive": "methods.progressive",
-    "dmd2": "methods.dmd2",
-    "pretrained": "methods.pretrained",
-}
-_REGISTRY: dict[str, type[Method]] = {}
+__all__ = ["Budget", "Context", "Method", "TrainInfo", "coerce_config", "get", "names", "register"]
 
 
-def register(name: str):
-    def deco(cls: type[Method]) -> type[Method]:
-        if name not in LAZY:
-            raise RuntimeError(f"method {name!r} is registered but missing from methods.base.LAZY")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A sampling budget, resolved once: sampler steps and the NFE per sample they cost."""
 
-    return deco
-
-
-def names() -> list[str]:
-    return sorted(LAZY)
-
-
-def get(name: str) -> type[Method]:
-    if name not in LAZY:
-        raise unknown("method", name, LAZY)
-    if name not in _REGISTRY:
-        importlib.import_module(LAZY[name])
-    return _REGISTRY[name]
+    steps: int
+    nfe: int
 
 
 @dataclasses.dataclass
 class Context:
-    """Where and how a method runs: device, cache of trained students, progress bars, budget scale."""
+    """How a method runs besides its settings: the cache of trained students, progress bars, budget scale,
+    and this process's place among data-parallel processes (accelerate / torchrun)."""
 
     cache_dir: Path
-    device: str = "cpu"
     progress: bool = True
-    scale: float = 1.0  # multiplies training budgets (e.g. --scale 20 on a GPU)
-    rank: int = 0  # this process and the number of processes (accelerate / torchrun)
+    scale: float = 1.0  # multiplies training budgets (e.g. scale = 20 on a GPU)
+    rank: int = 0
     world: int = 1
 
 
@@ -73,7 +48,7 @@ class TrainInfo:
 
     student_updates: int = 0
     teacher_nfe: int = 0  # teacher network evaluations (per-sample calls, CFG counted twice) spent training
-    wall_seconds: float = 0.0
+    wall_seconds: float = 0.0  # seconds
     cached: bool = False
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
@@ -119,8 +94,19 @@ def coerce_config(cls: type, settings: dict, where: str):
     return cfg
 
 
+def _span(values: list[int]) -> str:
+    """A long arithmetic run such as [2, 4, ..., 2000] as "2, 4, ..., 2000"; anything else as the list."""
+    if len(values) > 8 and values == list(range(values[0], values[-1] + 1, values[1] - values[0])):
+        return f"{values[0]}, {values[1]}, ..., {values[-1]}"
+    return str(values)
+
+
 class Method(abc.ABC):
-    """Train or load; then sample prompts at an NFE budget from per-sample seeds."""
+    """Train or load; then sample prompts at a budget of sampler steps from per-sample seeds.
+
+    Subclasses set ``Config`` (a dataclass of settings) and implement ``sample``; distilled methods
+    also implement training (``methods.student.DistilledMethod``).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type]
@@ -131,9 +117,48 @@ class Method(abc.ABC):
         self.ctx = ctx
         self._counters: list = []
 
+    # --- budgets -----------------------------------------------------------------------------------
+    @classmethod
+    def make_config(cls, settings: dict | None = None, where: str | None = None):
+        """The method's Config from a suite's settings dict (UserError on unknown keys, types or values)."""
+        return coerce_config(cls.Config, dict(settings or {}), where or cls.name)
+
+    @classmethod
+    def nfe_per_step(cls, config) -> int:
+        """Network evaluations per sample per sampler step (2 for a guided teacher)."""
+        return 1
+
+    @classmethod
+    def allowed_steps(cls, config) -> tuple[int, ...] | None:
+        """Step counts this method can sample at (None: any)."""
+        return None
+
+    @classmethod
+    def budget(cls, config, *, steps: int | None = None, nfe: int | None = None) -> Budget:
+        """The budget for `steps` sampler steps or for exactly `nfe` evaluations per sample (give one).
+
+        Raises UserError when the count is not a positive integer or no step count spends exactly `nfe`.
+        """
+        per = cls.nfe_per_step(config)
+        allowed = cls.allowed_steps(config)
+        if (steps is None) == (nfe is None):
+            raise ValueError("give exactly one of steps or nfe")
+        value, what = (steps, "steps") if steps is not None else (nfe, "NFE")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{cls.name}: {what} must be a positive integer, got {value!r}")
+        if nfe is not None:
+            steps = nfe // per
+            if nfe % per or (allowed is not None and steps not in allowed):
+                reachable = _span([k * per for k in allowed]) if allowed is not None else f"multiples of {per}"
+                raise UserError(f"{cls.name}: NFE {nfe} is not reachable ({per} NFE per step); reachable: {reachable}")
+        elif allowed is not None and steps not in allowed:
+            raise UserError(f"{cls.name}: {steps} steps is not available; available: {_span(list(allowed))}")
+        return Budget(steps, steps * per)
+
+    # --- the NFE counter ---------------------------------------------------------------------------
     def counted(self, net):
         """Wrap a network so its evaluations count towards this method's NFE."""
-        from methods.backbone import NFECounter
+        from methods.backbone import NFECounter  # here, not at the top: this module stays torch-free for `list`
 
         counter = NFECounter(net)
         self._counters.append(counter)
@@ -159,52 +184,30 @@ class Method(abc.ABC):
         """Network evaluations (per-sample calls) since the last reset."""
         return sum(c.count for c in self._counters)
 
-    @classmethod
-    def make_config(cls, settings: dict | None = None, where: str | None = None):
-        return coerce_config(cls.Config, dict(settings or {}), where or cls.name)
-
-    @classmethod
-    def nfe_per_step(cls, config) -> int:
-        """Network evaluations per sample per sampler step (2 for a guided teacher)."""
-        return 1
-
-    @classmethod
-    def allowed_steps(cls, config) -> tuple[int, ...] | None:
-        """Step counts this method can sample at (None: any)."""
-        return None
-
-    @classmethod
-    def steps_for_nfe(cls, config, nfe) -> int:
-        """Sampler steps that spend exactly `nfe` evaluations per sample; UserError if none does."""
-        if not isinstance(nfe, int) or isinstance(nfe, bool) or nfe <= 0:
-            raise UserError(f"{cls.name}: NFE must be a positive integer, got {nfe!r}")
-        per = cls.nfe_per_step(config)
-        allowed = cls.allowed_steps(config)
-        if nfe % per or (allowed is not None and nfe // per not in allowed):
-            reachable = [k * per for k in allowed] if allowed is not None else f"multiples of {per}"
-            raise UserError(f"{cls.name}: NFE {nfe} is not reachable ({per} NFE per step); reachable: {reachable}")
-        return nfe // per
-
-    def prepare(self, nfe: int) -> TrainInfo:
-        """Train or load whatever sampling at this budget needs (cached by a hash of its config)."""
+    # --- train or load, then sample ------------------------------------------------------------------
+    def prepare(self, steps: int) -> TrainInfo:
+        """Train or load whatever sampling at `steps` steps needs (cached by a hash of what made it)."""
         return TrainInfo()
 
     @abc.abstractmethod
-    def sample(self, texts: list[str], noise_keys: list[tuple[str, int]], nfe: int):
-        """Images [N, 3, H, W] in [0, 1]; sample i's noise is a function of noise_keys[i] = (prompt id, seed) only."""
+    def sample(self, texts: list[str], noise_keys: list[tuple[str, int]], steps: int):
+        """Images float32 [N, 3, H, W] in [0, 1] after `steps` sampler steps.
 
+        Sample i's noise is a function of noise_keys[i] = (prompt id, seed) only, so a sample does
+        not depend on its batch or on the process that draws it.
+        """
+
+    # --- what tests and smoke suites use ------------------------------------------------------------
     @classmethod
     def smoke_settings(cls) -> dict:
         """The cheapest settings that still exercise every code path (contract tests, smoke suites)."""
         return {}
 
     @classmethod
-    def smoke_nfe(cls, config) -> list[int]:
-        """Two small reachable budgets for contract tests."""
-        per = cls.nfe_per_step(config)
+    def smoke_steps(cls, config) -> list[int]:
+        """Two small available step counts for contract tests."""
         allowed = cls.allowed_steps(config)
-        steps = sorted(allowed)[:2] if allowed else [1, 2]
-        return [s * per for s in steps]
+        return sorted(allowed)[:2] if allowed else [1, 2]
 
     def settings(self) -> dict:
         """The resolved settings recorded with every result."""

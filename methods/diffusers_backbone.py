@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import UserError
-from bench.io import sha256_file
+from core.errors import UserError
+from core.io import sha256_file
 from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
 

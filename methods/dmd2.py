@@ -20,19 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from methods import diffusion as D
-from methods.base import TrainInfo, register
+from methods.base import TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
-from methods.student import DistillConfig, DistilledMethod
-from methods.training import run_updates
+from methods.student import AdversarialConfig, DistilledMethod
+from methods.training import optimizer_step, run_updates
 
 
 @dataclasses.dataclass
-class DMD2Config(DistillConfig):
+class DMD2Config(AdversarialConfig):
     lr_fake: float = 1e-4
     fake_updates: int = 2  # fake-score updates per generator update (DMD2 uses 5 on GPUs)
     lambda_gan: float = 0.05
-    disc_lr: float = 2e-4
-    disc_t_max: int = 500
     t_min: int = 20  # the distribution-matching noise range
     t_max: int = 980
     max_steps: int = 4  # the generator's grid (trailing); sampling uses its first 1..max_steps points
@@ -54,6 +53,8 @@ def dm_loss(x0, x0_real, x0_fake) -> torch.Tensor:
 
 @register("dmd2")
 class DMD2(DistilledMethod):
+    """Distribution matching distillation v2 (fake score, two time-scale updates, GAN, backward simulation)."""
+
     Config = DMD2Config
 
     @classmethod
@@ -71,7 +72,7 @@ class DMD2(DistilledMethod):
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
-        disc, d_opt = self.discriminator()
+        adv = self.adversarial()
         timesteps = D.trailing_timesteps(grid)
 
         def generate(g, cond, real, n, with_grad: bool):
@@ -102,10 +103,7 @@ class DMD2(DistilledMethod):
                 eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
                 x_t = bb.schedule.add_noise(x0_fake_data, eps, t).float()
                 loss_f = F.mse_loss(fake.raw(x_t, t, cond), eps)
-                opt_fake.zero_grad(set_to_none=True)
-                loss_f.backward()
-                torch.nn.utils.clip_grad_norm_(fake_unet.parameters(), 1.0)
-                opt_fake.step()
+                optimizer_step(opt_fake, loss_f, fake_unet.parameters(), cfg.grad_clip)
                 l_fake += loss_f.item() / cfg.fake_updates
             # 2. generator: distribution matching at a random t' + GAN term
             x0 = generate(g, cond, real, n, with_grad=True)
@@ -116,31 +114,22 @@ class DMD2(DistilledMethod):
                 x0_real, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
                 x0_fake, _ = fake.predict(x_t, t, cond)
             l_dm = dm_loss(x0, x0_real, x0_fake)
-            disc.heads.requires_grad_(False)
-            l_gan = disc.g_loss(x0, cond, g)
-            disc.heads.requires_grad_(True)
+            l_gan = adv.generator_loss(x0, cond, g)
             loss = l_dm + cfg.lambda_gan * l_gan
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            self.step(opt, loss, unet)
             # 3. discriminator heads on real renders vs generator samples
-            d_loss = disc.d_loss(bb.from_images(real), cond, x0.detach(), cond, g)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            return {"dm": l_dm.item(), "fake": l_fake, "g_gan": l_gan.item(), "d": d_loss.item()}
+            d = adv.step(bb.from_images(real), cond, x0, g)
+            return {"dm": l_dm.item(), "fake": l_fake, "g_gan": l_gan.item(), "d": d}
 
-        log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": disc.heads},
-                          {"student": opt, "fake": opt_fake, "disc": d_opt}, desc=f"dmd2 {grid}-step",
+        log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": adv.disc.heads},
+                          {"student": opt, "fake": opt_fake, "disc": adv.opt}, desc=f"dmd2 {grid}-step",
                           progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
-                         losses=log)
+        return self.trained(log)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
+    def sample(self, texts, noise_keys, steps):
         bb = self.backbone
-        steps, gen, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
+        gen, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
         x0 = renoise_trajectory(lambda x, t: gen.predict(x, t, cond), bb.schedule, x_T,
                                 D.trailing_timesteps(steps), fresh)

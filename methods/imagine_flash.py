@@ -18,14 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from methods import diffusion as D
-from methods.base import TrainInfo, register
+from methods.base import TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, ddim_trajectory
-from methods.student import DistillConfig, DistilledMethod
+from methods.student import AdversarialConfig, DistilledMethod
 from methods.training import run_updates
 
 
 @dataclasses.dataclass
-class ImagineFlashConfig(DistillConfig):
+class ImagineFlashConfig(AdversarialConfig):
     backward_distillation: bool = True
     srl: bool = True
     noise_correction: bool = True
@@ -33,8 +34,6 @@ class ImagineFlashConfig(DistillConfig):
     rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time (the sweep in the README chose 1.0)
     teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target (sweep: 2)
     lambda_adv: float = 0.1
-    disc_lr: float = 2e-4
-    disc_t_max: int = 500
     max_steps: int = 3  # students exist for 1..max_steps sampling steps
     shared_student: bool = False  # one student for every step count (trained on random grids) or one per count
 
@@ -44,8 +43,6 @@ class ImagineFlashConfig(DistillConfig):
             raise ValueError(f"rho must be in (0, 1], got {self.rho}")
         if self.teacher_steps < 1:
             raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
 
 
 def teacher_target(teacher: Denoiser, chi, t_start: int, k: int, cond, uncond, w: float) -> torch.Tensor:
@@ -77,6 +74,8 @@ def distillation_loss(x0_student, target) -> torch.Tensor:
 
 @register("imagine-flash")
 class ImagineFlash(DistilledMethod):
+    """Imagine Flash: backward distillation + shifted reconstruction loss + noise correction + GAN."""
+
     Config = ImagineFlashConfig
     INFERENCE_FIELDS = frozenset({"noise_correction"})
 
@@ -93,10 +92,10 @@ class ImagineFlash(DistilledMethod):
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         modules, opts = {"student": unet}, {"student": opt}
-        disc = None
+        adv = None
         if cfg.adversarial:
-            disc, d_opt = self.discriminator()
-            modules["disc"], opts["disc"] = disc.heads, d_opt
+            adv = self.adversarial()
+            modules["disc"], opts["disc"] = adv.disc.heads, adv.opt
 
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
@@ -128,33 +127,23 @@ class ImagineFlash(DistilledMethod):
             losses = {"distill": loss_d.item()}
             loss = loss_d
             # 4. adversarial term through the frozen teacher features
-            if disc is not None:
-                disc.heads.requires_grad_(False)
-                g_adv = disc.g_loss(x0_s, cond, g)
-                disc.heads.requires_grad_(True)
+            if adv is not None:
+                g_adv = adv.generator_loss(x0_s, cond, g)
                 loss = loss + cfg.lambda_adv * g_adv
                 losses["g_adv"] = g_adv.item()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
-            if disc is not None:
-                d_loss = disc.d_loss(bb.from_images(real), cond, x0_s.detach(), cond, g)
-                d_opt.zero_grad(set_to_none=True)
-                d_loss.backward()
-                d_opt.step()
-                losses["d"] = d_loss.item()
+            self.step(opt, loss, unet)
+            if adv is not None:
+                losses["d"] = adv.step(bb.from_images(real), cond, x0_s, g)
             return losses
 
         log = run_updates(update, self.updates(), ckpt, modules, opts, desc=f"imagine-flash {grid}-step",
                           progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(),
-                         teacher_nfe=self.updates() * cfg.batch_size * 2 * cfg.teacher_steps, losses=log)
+        return self.trained(log, teacher_nfe_per_sample=2 * cfg.teacher_steps)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
+    def sample(self, texts, noise_keys, steps):
         bb = self.backbone
-        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
+        student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T,
                              D.trailing_timesteps(steps), self.config.noise_correction)
         return bb.to_images(x0)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from methods import diffusion as D
-from methods.base import TrainInfo, register
+from methods.base import TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, solver_sample
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import EMA, run_updates
@@ -62,6 +63,8 @@ def skipping_grid(num_ddim_timesteps: int, T: int = D.T_TRAIN) -> torch.Tensor:
 
 @register("lcm")
 class LCM(DistilledMethod):
+    """Latent consistency distillation (skipping-step DDIM solver, w-embedding, EMA target)."""
+
     Config = LCMConfig
     w_dim = 64
 
@@ -105,24 +108,20 @@ class LCM(DistilledMethod):
                 tgt_x0, _ = target.predict(x_prev, t_prev, cond, w)
                 f_target = consistency(x_prev, tgt_x0, t_prev)
             loss = consistency_loss(f_online, f_target, cfg.loss, cfg.huber_c)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            self.step(opt, loss, unet)
             target_ema.update(unet)
             return {"consistency": loss.item()}
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "target": target_ema.module}, {"student": opt},
                           desc="lcm", progress=self.ctx.progress)
-        return TrainInfo(student_updates=self.updates(), teacher_nfe=self.updates() * cfg.batch_size * 2,
-                         losses=log)
+        return self.trained(log)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
+    def sample(self, texts, noise_keys, steps):
         import diffusers
 
         bb = self.backbone
-        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
+        student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
         scheduler = diffusers.LCMScheduler.from_config(
             lcm_scheduler_config(bb.scheduler_config), original_inference_steps=self.config.num_ddim_timesteps)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from bench.errors import UserError, unknown
-from methods.base import Method, TrainInfo, register
+from core.errors import UserError, unknown
+from methods.base import Method, TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise, solver_sample
 
 KINDS = ("lcm", "lcm-lora", "turbo", "lightning")
@@ -39,6 +40,8 @@ class PretrainedConfig:
 
 @register("pretrained")
 class Pretrained(Method):
+    """Published distilled checkpoints from local paths (LCM, LCM-LoRA, SD/SDXL-Turbo, SDXL-Lightning)."""
+
     Config = PretrainedConfig
 
     def __init__(self, backbone, config: PretrainedConfig, ctx):
@@ -49,7 +52,7 @@ class Pretrained(Method):
     def allowed_steps(cls, config) -> tuple[int, ...]:
         return tuple(config.steps) or tuple(range(1, config.max_steps + 1))
 
-    def prepare(self, nfe: int) -> TrainInfo:
+    def prepare(self, steps: int) -> TrainInfo:
         if self.denoiser is not None:
             return TrainInfo(cached=True, checkpoint=Path(self.config.path).name)
         from diffusers import UNet2DConditionModel
@@ -85,9 +88,8 @@ class Pretrained(Method):
         return diffusers.EulerDiscreteScheduler.from_config(cfg)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
-        self.prepare(nfe)
+    def sample(self, texts, noise_keys, steps):
+        self.prepare(steps)
         bb = self.backbone
         cond = bb.encode_text(texts)
         w = self.config.guidance_scale - 1.0 if self.config.kind == "lcm" else None

@@ -1,7 +1,7 @@
 """Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023, the paper's "step distillation").
 
 Stage 0 distils classifier-free guidance into a w-conditioned student that samples with DDIM in
-``start_steps`` steps (1 NFE per step). Each following round halves the step count N -> N/2: the
+``max_steps`` steps (1 NFE per step). Each following round halves the step count N -> N/2: the
 student (initialised from the previous round's) learns to match, in one DDIM step from z_t, two
 DDIM steps of the previous student, through the target x̃ that makes a single step land on z''.
 Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (16, 8, 4, 2, 1 steps).
@@ -14,7 +14,8 @@ import dataclasses
 import torch
 
 from methods import diffusion as D
-from methods.base import TrainInfo, register
+from methods.base import TrainInfo
+from methods.registry import register
 from methods.sampling import Denoiser, ddim_trajectory
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
@@ -23,15 +24,15 @@ from methods.training import run_updates
 @dataclasses.dataclass
 class ProgressiveConfig(DistillConfig):
     lr: float = 1e-4
-    start_steps: int = 16  # the CFG-distilled student's DDIM steps; rounds halve it down to 1
+    max_steps: int = 16  # the CFG-distilled student's DDIM steps (a power of two); rounds halve it down to 1
     cfg_fraction: float = 0.2  # share of student_updates spent on the CFG-distillation stage
     w_min: float = 1.5
     w_max: float = 4.5
 
     def __post_init__(self):
         super().__post_init__()
-        if self.start_steps < 1 or self.start_steps & (self.start_steps - 1):
-            raise ValueError(f"start_steps must be a power of two, got {self.start_steps}")
+        if self.max_steps & (self.max_steps - 1):
+            raise ValueError(f"max_steps must be a power of two, got {self.max_steps}")
         if not 0 < self.cfg_fraction < 1:
             raise ValueError(f"cfg_fraction must be in (0, 1), got {self.cfg_fraction}")
 
@@ -51,12 +52,14 @@ def _coef(schedule: D.Schedule, t: int | None):
 
 @register("progressive")
 class Progressive(DistilledMethod):
+    """Guided progressive distillation (Meng et al.): CFG distillation, then halving rounds."""
+
     Config = ProgressiveConfig
     w_dim = 64
 
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:
-        out, n = [], config.start_steps
+        out, n = [], config.max_steps
         while n >= 1:
             out.append(n)
             n //= 2
@@ -64,21 +67,21 @@ class Progressive(DistilledMethod):
 
     @classmethod
     def smoke_settings(cls) -> dict:
-        return {"student_updates": 6, "batch_size": 2, "start_steps": 2}
+        return {"student_updates": 6, "batch_size": 2, "max_steps": 2}
 
     def _stage_updates(self) -> tuple[int, int]:
-        rounds = max(1, self.config.start_steps.bit_length() - 1)
+        rounds = max(1, self.config.max_steps.bit_length() - 1)
         total = self.updates()
         first = max(1, round(total * self.config.cfg_fraction))
         return first, max(1, (total - first) // rounds)
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg = self.config
-        if grid == cfg.start_steps:
+        if grid == cfg.max_steps:
             return self._train_cfg_stage(unet, ckpt)
         # the previous round's student is this round's teacher, and this round's initialisation
         prev = self.prepare(2 * grid)
-        teacher_net = self.students[2 * grid].net.net
+        teacher_net = self.unets[2 * grid]
         unet.load_state_dict(teacher_net.state_dict())
         info = self._train_round(unet, teacher_net, grid, ckpt)
         info.student_updates += prev.student_updates
@@ -107,15 +110,12 @@ class Progressive(DistilledMethod):
                 target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond, w.to(x_t)))
             pred, _ = student.predict(x_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, target, t, bb.schedule)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            self.step(opt, loss, unet)
             return {"cfg_distill": loss.item()}
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
-                          desc=f"progressive cfg ({self.config.start_steps} steps)", progress=self.ctx.progress)
-        return TrainInfo(student_updates=updates, teacher_nfe=updates * self.config.batch_size * 2, losses=log)
+                          desc=f"progressive cfg ({self.config.max_steps} steps)", progress=self.ctx.progress)
+        return self.trained(log, updates)
 
     def _train_round(self, unet, teacher_net, grid: int, ckpt) -> TrainInfo:
         """One halving round: 2 teacher DDIM steps -> 1 student step, through the x̃ target."""
@@ -146,20 +146,17 @@ class Progressive(DistilledMethod):
                 x_tilde = D.progressive_target(z_t.double(), z_tpp.double(), a_t, s_t, a2, s2).float()
             pred, _ = student.predict(z_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, x_tilde, t, bb.schedule)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-            opt.step()
+            self.step(opt, loss, unet)
             return {"pd": loss.item()}
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
                           desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress)
-        return TrainInfo(student_updates=updates, teacher_nfe=updates * self.config.batch_size * 2, losses=log)
+        return self.trained(log, updates)
 
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
+    def sample(self, texts, noise_keys, steps):
         bb = self.backbone
-        steps, student, cond, x_T = self.sampling_inputs(texts, noise_keys, nfe)
+        student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond, w), bb.schedule, x_T,
                              D.trailing_timesteps(steps))

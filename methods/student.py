@@ -1,4 +1,5 @@
-"""What every distilled method shares: settings, the student cache, per-step or shared students."""
+"""What every distilled method shares: settings, the student cache, per-step or shared students,
+the optimizer step, the adversarial term, the training batch."""
 
 from __future__ import annotations
 
@@ -7,15 +8,16 @@ import time
 
 import torch
 
-from bench import io
+from core import io
 from methods.base import Method, TrainInfo
+from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise
-from methods.training import cached_student
+from methods.training import cached_student, optimizer_step
 
 
 @dataclasses.dataclass
 class DistillConfig:
-    """Training settings every distillation method has (equal footing: same student_updates)."""
+    """Training settings every distillation method has (equal footing: same student_updates and batch)."""
 
     student_updates: int = 400
     batch_size: int = 32
@@ -23,15 +25,27 @@ class DistillConfig:
     guidance_scale: float = 3.0  # the teacher's CFG scale when it builds targets
     seed: int = 0
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the attention projections instead of the full UNet
+    grad_clip: float = 1.0  # the student's gradient-norm clip at every update
+    max_steps: int = 4  # the largest step count a student samples at (students serve 1..max_steps)
 
     def __post_init__(self):
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
-        for name in ("student_updates", "batch_size"):
+        for name in ("student_updates", "batch_size", "max_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("lr", "grad_clip"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class AdversarialConfig(DistillConfig):
+    """Settings of the adversarial term's discriminator (methods that have one)."""
+
+    disc_lr: float = 2e-4
+    disc_t_max: int = 500  # the discriminator sees its input re-noised to t in [0, disc_t_max]
+    r1_gamma: float = 0.0  # R1 penalty weight on real inputs (0: off)
 
 
 def add_lora(unet, rank: int) -> None:
@@ -46,6 +60,28 @@ def add_lora(unet, rank: int) -> None:
             p.requires_grad_(True)
 
 
+class AdversarialTerm:
+    """The discriminator on frozen teacher features and its heads' optimizer, as one helper.
+
+    ``generator_loss`` is the student's side (heads frozen, gradients reach the student through the
+    frozen teacher features); ``step`` is one discriminator update (hinge, R1 when r1_gamma > 0).
+    """
+
+    def __init__(self, disc, opt: torch.optim.Optimizer, r1_gamma: float = 0.0):
+        self.disc, self.opt, self.r1_gamma = disc, opt, r1_gamma
+
+    def generator_loss(self, fake_x0: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
+        self.disc.heads.requires_grad_(False)
+        loss = self.disc.g_loss(fake_x0, cond, gen)
+        self.disc.heads.requires_grad_(True)
+        return loss
+
+    def step(self, real_x0: torch.Tensor, cond, fake_x0: torch.Tensor, gen: torch.Generator) -> float:
+        loss = self.disc.d_loss(real_x0, cond, fake_x0.detach(), cond, gen, r1_gamma=self.r1_gamma)
+        optimizer_step(self.opt, loss)
+        return loss.item()
+
+
 class DistilledMethod(Method):
     """A method whose sampler is a trained student UNet, cached by a hash of what made it."""
 
@@ -56,7 +92,8 @@ class DistilledMethod(Method):
 
     def __init__(self, backbone, config, ctx):
         super().__init__(backbone, config, ctx)
-        self.students: dict[int, Denoiser] = {}
+        self.students: dict[int, Denoiser] = {}  # grid -> the NFE-counted student
+        self.unets: dict[int, torch.nn.Module] = {}  # grid -> the trained student network itself
         self.train_info: dict[int, TrainInfo] = {}
         self._null_cond = None
 
@@ -64,12 +101,11 @@ class DistilledMethod(Method):
     def allowed_steps(cls, config) -> tuple[int, ...]:
         return tuple(range(1, config.max_steps + 1))
 
-    def sampling_inputs(self, texts, noise_keys, nfe):
-        """(steps, the student for them, encoded prompts, x_T): the prologue of every student sampler."""
-        steps = self.steps_for_nfe(self.config, nfe)
+    def sampling_inputs(self, texts, noise_keys, steps: int):
+        """(the student for `steps`, encoded prompts, x_T): the prologue of every student sampler."""
         bb = self.backbone
-        return steps, self.student(steps), bb.encode_text(texts), per_sample_noise(noise_keys, bb.sample_shape,
-                                                                                    device=bb.device)
+        return self.student(steps), bb.encode_text(texts), per_sample_noise(noise_keys, bb.sample_shape,
+                                                                             device=bb.device)
 
     # --- which student serves a step count ---------------------------------------------------
     def student_steps(self, steps: int) -> int:
@@ -83,14 +119,13 @@ class DistilledMethod(Method):
         training = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.INFERENCE_FIELDS}
         ident = {"method": self.name, "training": training, "updates": self.updates(),
                  "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
-                 "device": self.ctx.device.split(":")[0]}
+                 "device": self.backbone.device.type}
         if self.ctx.world > 1:  # data-parallel training sees world x the data: another student
             ident["processes"] = self.ctx.world
         key = io.content_hash(ident)
         return f"{self.name}-{self.student_steps(steps)}step-{key}"
 
-    def prepare(self, nfe: int) -> TrainInfo:
-        steps = self.steps_for_nfe(self.config, nfe)
+    def prepare(self, steps: int) -> TrainInfo:
         grid = self.student_steps(steps)
         if grid in self.students:
             return self.train_info[grid]
@@ -114,15 +149,22 @@ class DistilledMethod(Method):
 
         info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
         unet.eval().requires_grad_(False)
+        self.unets[grid] = unet
         self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.backbone.prediction_type,
                                        self.w_dim)
         self.train_info[grid] = TrainInfo(**{k: v for k, v in info.items() if k in TrainInfo.__dataclass_fields__})
         return self.train_info[grid]
 
+    def student_unet(self, steps: int) -> torch.nn.Module:
+        """The trained student network itself (not NFE-counted) that samples at `steps` steps."""
+        self.student(steps)
+        return self.unets[self.student_steps(steps)]
+
     def student(self, steps: int) -> Denoiser:
+        """The NFE-counted student that samples at `steps` steps (trained or loaded on first use)."""
         grid = self.student_steps(steps)
         if grid not in self.students:
-            self.prepare(steps * self.nfe_per_step(self.config))
+            self.prepare(steps)
         return self.students[grid]
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
@@ -136,6 +178,17 @@ class DistilledMethod(Method):
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.config.lr, weight_decay=0.0)
+
+    def step(self, opt: torch.optim.Optimizer, loss: torch.Tensor, module: torch.nn.Module) -> None:
+        """One student update with the configured gradient clip."""
+        optimizer_step(opt, loss, module.parameters(), self.config.grad_clip)
+
+    def trained(self, losses: dict, updates: int | None = None, teacher_nfe_per_sample: int = 2) -> TrainInfo:
+        """What a training of `updates` updates cost: student updates and teacher NFE (per-sample calls,
+        `teacher_nfe_per_sample` per training sample per update; a guided call counts 2)."""
+        updates = self.updates() if updates is None else updates
+        return TrainInfo(student_updates=updates,
+                         teacher_nfe=updates * self.config.batch_size * teacher_nfe_per_sample, losses=losses)
 
     def captions_batch(self, step: int, stream: int = 0):
         """Real training images and captions of the world's train split (never evaluation data).
@@ -159,13 +212,12 @@ class DistilledMethod(Method):
         return (self.generator(step, gen_stream), real, self.backbone.encode_text(captions),
                 self.null_cond().repeat(len(captions)))
 
-    def discriminator(self):
-        """The adversarial term's discriminator on frozen teacher features, and its heads' optimizer."""
-        from methods.discriminator import TeacherFeatureDiscriminator
-
+    def adversarial(self) -> AdversarialTerm:
+        """The adversarial term (AdversarialConfig settings): a discriminator on frozen teacher features."""
         cfg, bb = self.config, self.backbone
         disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max).to(bb.device)
-        return disc, torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+        opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
+        return AdversarialTerm(disc, opt, cfg.r1_gamma)
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         stream = stream * self.ctx.world + self.ctx.rank

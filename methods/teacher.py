@@ -6,8 +6,10 @@ import dataclasses
 
 import torch
 
-from bench.errors import UserError, unknown
-from methods.base import Method, register
+from core.errors import UserError, unknown
+from methods.base import Method
+from methods.diffusion import T_TRAIN
+from methods.registry import register
 from methods.sampling import NOISE_CORRECTABLE, SOLVERS, Denoiser, make_scheduler, per_sample_noise, solver_sample
 
 
@@ -28,6 +30,8 @@ class TeacherConfig:
 
 @register("teacher")
 class Teacher(Method):
+    """The multi-step teacher with DDIM / DPM-Solver++ / Euler / UniPC (training-free)."""
+
     Config = TeacherConfig
 
     def __init__(self, backbone, config: TeacherConfig, ctx):
@@ -38,9 +42,12 @@ class Teacher(Method):
     def nfe_per_step(cls, config: TeacherConfig) -> int:
         return 2 if config.guided else 1
 
+    @classmethod
+    def allowed_steps(cls, config: TeacherConfig) -> tuple[int, ...]:
+        return tuple(range(1, T_TRAIN + 1))  # a solver visits at most every training timestep once
+
     @torch.no_grad()
-    def sample(self, texts, noise_keys, nfe):
-        steps = self.steps_for_nfe(self.config, nfe)
+    def sample(self, texts, noise_keys, steps):
         bb, cfg = self.backbone, self.config
         x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
         cond = bb.encode_text(texts)

@@ -1,4 +1,5 @@
-"""Small training utilities shared by every trainer: EMA, LR schedule, checkpoints, divergence checks."""
+"""Small training utilities shared by every trainer: the optimizer step, EMA, checkpoints, the resumable
+update loop, the student cache, divergence checks."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench import faults, io
+from core import faults, io
 
 
 class DivergenceError(RuntimeError):
@@ -43,16 +44,14 @@ class EMA:
             e.copy_(b)
 
 
-def warmup_cosine(warmup: int, total: int, floor: float = 0.1):
-    """LR multiplier: linear warm-up, then cosine decay to `floor`."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
-
-    return f
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None, grad_clip: float | None = None) -> None:
+    """One update: zero the gradients, backpropagate `loss`, clip the gradient norm of `params` to
+    `grad_clip` (when given), step. The one place every trainer's update is written."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:

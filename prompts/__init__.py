@@ -1,5 +1,5 @@
-"""Prompt sets: the shipped shapes-world evaluation sets and loaders for PartiPrompts, GenEval and caption files."""
+"""Prompt sets: the shipped shapes-world sets and loaders for PartiPrompts, GenEval and caption files."""
 
-from prompts.loaders import Prompt, PromptFileError, load_prompts, prompt_sets
+from prompts.loaders import Obj, Prompt, PromptFileError, load_prompts, prompt_sets
 
-__all__ = ["Prompt", "PromptFileError", "load_prompts", "prompt_sets"]
+__all__ = ["Obj", "Prompt", "PromptFileError", "load_prompts", "prompt_sets"]

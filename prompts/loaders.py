@@ -1,13 +1,14 @@
 """Prompt loaders. Every prompt has a stable id; noise seeds are a function of (id, seed) only.
 
 Formats:
-* shipped sets (``shapes-eval``, ``shapes-val``): JSONL written by ``prompts/build.py``, checked
+* shipped sets (``shapes-eval``, ``shapes-val``): JSONL written by ``bench/shapes/prompt_sets.py``, checked
   against the sha256 in ``prompts/data/manifest.json``;
 * PartiPrompts TSV (header ``Prompt  Category  Challenge  Note``);
 * GenEval metadata JSONL (``{"tag", "include", "prompt", ...}`` per line);
 * plain caption files (one prompt per line; blank lines and ``#`` comments skipped).
-Captions in the shapes world's grammar get their objects parsed, so accuracy can be measured.
-A malformed file raises PromptFileError naming the file and line.
+A caller that knows a grammar (the shapes world) passes ``parse_caption``: caption lines it parses
+get their objects as ground truth, so accuracy can be measured. A malformed file raises
+PromptFileError naming the file and line.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import csv
 import dataclasses
 import io as _io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
-from bench import world
-from bench.errors import UserError, unknown
+from core.errors import UserError, unknown
+from core.io import sha256_file
 
 DATA = Path(__file__).parent / "data"
 MANIFEST = DATA / "manifest.json"
@@ -31,18 +33,32 @@ class PromptFileError(UserError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Obj:
+    """One object a prompt names, with its attributes: compositional ground truth (as GenEval's ``include``)."""
+
+    shape: str
+    color: str
+    size: str
+    position: str
+
+
+ParseCaption = Callable[[str], "tuple[Obj, ...] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
 class Prompt:
+    """A prompt with a stable id; its noise is a function of (id, seed) only.
+
+    ``objects``: ground truth (the objects it names), when known; ``scene_seed``: the seed of the
+    embedded world's scene whose render is this prompt's real reference image; ``meta``: the
+    source file's other fields as (key, value) string pairs.
+    """
+
     id: str
     text: str
-    objects: tuple[world.Obj, ...] | None = None  # ground truth when the prompt is of the shapes grammar
-    scene_seed: int | None = None  # the scene whose render is this prompt's real reference image
+    objects: tuple[Obj, ...] | None = None
+    scene_seed: int | None = None
     meta: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def scene(self) -> world.Scene | None:
-        if self.objects is None or self.scene_seed is None:
-            return None
-        return world.Scene(self.objects, self.scene_seed)
 
 
 def prompt_sets() -> dict[str, dict]:
@@ -78,11 +94,9 @@ def load_shipped(name: str) -> list[Prompt]:
         raise unknown("prompt set", name, sets)
     entry = sets[name]
     path = DATA / entry["file"]
-    from bench.io import sha256_file
-
     if not path.is_file() or sha256_file(path) != entry["sha256"]:
         raise PromptFileError(f"prompt set {name!r} ({entry['file']}) is missing or fails its checksum; "
-                              "rebuild it with `python -m prompts.build`")
+                              "rebuild it with `python -m bench.shapes.prompt_sets`")
     return load_shapes_jsonl(path)
 
 
@@ -94,7 +108,7 @@ def load_shapes_jsonl(path: Path) -> list[Prompt]:
         where = f"{path.name}:{n}"
         try:
             d = json.loads(line)
-            objs = tuple(world.Obj(**o) for o in d["objects"])
+            objs = tuple(Obj(**o) for o in d["objects"])
             out.append(Prompt(d["id"], _check_text(d["text"], where), objs, int(d["scene_seed"])))
         except PromptFileError:
             raise
@@ -139,18 +153,21 @@ def load_geneval(path: Path) -> list[Prompt]:
     return out
 
 
-def load_captions(path: Path) -> list[Prompt]:
+def load_captions(path: Path, parse_caption: ParseCaption | None = None) -> list[Prompt]:
     out = []
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         text = _check_text(line, f"{path.name}:{n}")
-        out.append(Prompt(f"{path.stem}-{n:05d}", text, world.parse_caption(text)))
+        out.append(Prompt(f"{path.stem}-{n:05d}", text, parse_caption(text) if parse_caption else None))
     return out
 
 
-def load_prompts(spec: str | Path) -> list[Prompt]:
-    """A shipped set by name, or a file by extension (.tsv Parti, .jsonl GenEval/shapes, else captions)."""
+def load_prompts(spec: str | Path, parse_caption: ParseCaption | None = None) -> list[Prompt]:
+    """A shipped set by name, or a file by extension (.tsv Parti, .jsonl GenEval/shapes, else captions).
+
+    Raises PromptFileError (a UserError) naming the file and line of anything malformed.
+    """
     spec = str(spec)
     path = Path(spec)
     if spec in prompt_sets():
@@ -163,7 +180,7 @@ def load_prompts(spec: str | Path) -> list[Prompt]:
         first = next((ln for ln in _read_text(path).splitlines() if ln.strip()), "")
         prompts = load_shapes_jsonl(path) if '"scene_seed"' in first else load_geneval(path)
     else:
-        prompts = load_captions(path)
+        prompts = load_captions(path, parse_caption)
     if not prompts:
         raise PromptFileError(f"{path.name}: no prompts found; expected at least one")
     return prompts

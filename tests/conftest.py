@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def tiny_backbone(seed: int = 0):
     """A randomly initialised shapes backbone, small enough for contract tests (same interface as the teacher)."""
-    from methods import shapes
+    from bench.shapes import teacher as shapes
 
     torch.manual_seed(seed)
     cfg = dict(shapes.UNET_CONFIG, block_out_channels=(8, 16, 16), norm_num_groups=4, attention_head_dim=4,

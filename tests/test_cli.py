@@ -138,9 +138,9 @@ def test_corrupt_weights_are_reported(tmp_path):
     import shutil
 
     pkg = tmp_path / "pkg"
-    for p in ("bench", "methods", "prompts"):
+    for p in ("core", "bench", "methods", "prompts"):
         shutil.copytree(ROOT / p, pkg / p, ignore=shutil.ignore_patterns("__pycache__"))
-    w = pkg / "methods" / "assets" / "teacher.safetensors"
+    w = pkg / "bench" / "shapes" / "assets" / "teacher.safetensors"
     w.write_bytes(w.read_bytes()[:-100] + b"x" * 100)
     suite = tmp_path / "s.toml"
     suite.write_text(TINY)

@@ -53,7 +53,7 @@ def setup(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("dist")
     # a "published" checkpoint: the shipped teacher's UNet saved as a diffusers dir (no training involved)
-    from methods.shapes import ShapesBackbone
+    from bench.shapes.teacher import ShapesBackbone
 
     ShapesBackbone.load().new_unet().save_pretrained(d / "ckpt", safe_serialization=True)
     (d / "suite.toml").write_text(SUITE.format(ckpt=d / "ckpt"))
@@ -82,14 +82,14 @@ import hashlib, sys, tempfile, torch
 sys.path.insert(0, {root!r})
 from bench.dist import Dist
 from methods import base
-from methods.shapes import ShapesBackbone
+from bench.shapes.teacher import ShapesBackbone
 d = Dist()
 bb = ShapesBackbone.load()
 cls = base.get("imagine-flash")
 cfg = cls.make_config({{"student_updates": 3, "batch_size": 2}})
 m = cls(bb, cfg, base.Context({cache!r}, progress=False, rank=d.rank, world=d.world))
 m.prepare(1)
-w = torch.cat([p.detach().flatten() for p in m.student(1).net.net.parameters()])
+w = torch.cat([p.detach().flatten() for p in m.student_unet(1).parameters()])
 digests = [None] * d.world
 torch.distributed.all_gather_object(digests, hashlib.sha256(w.numpy().tobytes()).hexdigest())
 moved = not torch.equal(w, torch.cat([p.flatten() for p in bb.new_unet().parameters()]))

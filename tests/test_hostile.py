@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from bench import suite as suite_mod
 from bench.cli import main
-from bench.errors import UserError
+from core.errors import UserError
 from prompts import PromptFileError, load_prompts
 from tests.conftest import ROOT
 
@@ -88,8 +88,7 @@ def test_cli_never_tracebacks_and_never_writes(tmp_path, argv):
 
 def test_nothing_unpickles_and_hubs_are_offline():
     bad = []
-    for path in list((ROOT / "bench").rglob("*.py")) + list((ROOT / "methods").rglob("*.py")) + \
-            list((ROOT / "prompts").rglob("*.py")):
+    for path in [p for pkg in ("core", "prompts", "methods", "bench") for p in (ROOT / pkg).rglob("*.py")]:
         text = path.read_text()
         for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
             if "weights_only=True" not in m.group(1):
@@ -100,4 +99,4 @@ def test_nothing_unpickles_and_hubs_are_offline():
     import bench  # noqa: F401
 
     assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
-    assert Path(ROOT / "methods" / "assets").exists()
+    assert Path(ROOT / "bench" / "shapes" / "assets").exists()

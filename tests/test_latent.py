@@ -48,13 +48,13 @@ def test_every_method_trains_and_samples_in_latent_space(latent, name):
     bb, d = latent
     cls = base.get(name)
     m = cls(bb, cls.make_config(cls.smoke_settings()), base.Context(d / f"cache-{name}", progress=False))
-    for nfe in m.smoke_nfe(m.config):
-        m.prepare(nfe)
+    for steps in m.smoke_steps(m.config):
+        m.prepare(steps)
         m.reset_nfe()
-        out = m.sample(TEXTS, KEYS, nfe)
-        assert m.counted_nfe() == nfe * len(TEXTS)
+        out = m.sample(TEXTS, KEYS, steps)
+        assert m.counted_nfe() == cls.budget(m.config, steps=steps).nfe * len(TEXTS)
         assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
-        assert torch.equal(out, m.sample(TEXTS, KEYS, nfe))
+        assert torch.equal(out, m.sample(TEXTS, KEYS, steps))
 
 
 def test_lora_training_option(latent):
@@ -62,7 +62,7 @@ def test_lora_training_option(latent):
     cls = base.get("lcm")
     m = cls(bb, cls.make_config({**cls.smoke_settings(), "lora_rank": 2}), base.Context(d / "lora", progress=False))
     m.prepare(2)
-    unet = m.student(2).net.net
+    unet = m.student_unet(2)
     assert any("lora_A" in k for k in unet.state_dict())
     assert m.sample(TEXTS, KEYS, 2).shape == (2, 3, 16, 16)
 
@@ -89,15 +89,15 @@ def test_published_checkpoint_adapters(latent, kind):
     cls = base.get("pretrained")
     m = cls(bb, cls.make_config({"kind": kind, "path": str(path), "max_steps": 4}),
             base.Context(d / "unused", progress=False))
-    for nfe in (1, 2):
+    for steps in (1, 2):
         m.reset_nfe()
-        out = m.sample(TEXTS, KEYS, nfe)
-        assert m.counted_nfe() == nfe * 2 and out.shape == (2, 3, 16, 16)
-        assert torch.equal(out, m.sample(TEXTS, KEYS, nfe))
+        out = m.sample(TEXTS, KEYS, steps)
+        assert m.counted_nfe() == steps * 2 and out.shape == (2, 3, 16, 16)
+        assert torch.equal(out, m.sample(TEXTS, KEYS, steps))
 
 
 def test_pretrained_bad_paths(latent):
-    from bench.errors import UserError
+    from core.errors import UserError
 
     bb, d = latent
     cls = base.get("pretrained")
@@ -123,8 +123,8 @@ class _RandomFeatures(nn.Module):
 
 
 def test_standard_metric_code_with_random_weight_networks(tmp_path):
-    from bench import metrics
-    from bench.real_metrics import load_real_evaluators
+    from bench.metrics.cell import measure
+    from bench.real import load_real_evaluators
     from prompts import load_prompts
 
     name, weights = tiny_sd.tiny_open_clip(tmp_path / "clip")
@@ -133,12 +133,14 @@ def test_standard_metric_code_with_random_weight_networks(tmp_path):
     ps = load_prompts("shapes-eval")[:16]
     ref = ev.reference(ps, tmp_path / "cache")
     assert ref.n == 16 and (tmp_path / "cache" / "fid-ref").is_dir()
-    same = metrics.evaluate(tiny_sd.load_folder(ref_dir), ps, ev, ref)
-    noise = metrics.evaluate(torch.rand(16, 3, 16, 16), ps, ev, ref)
+    same = measure(ev, ref, ps, [tiny_sd.load_folder(ref_dir)], 16)
+    noise = measure(ev, ref, ps, [torch.rand(16, 3, 16, 16)], 16)
     assert abs(same["fid"]) < 1e-3 < noise["fid"]
     assert 0 <= noise["clip_score"] <= 100 and "accuracy" not in noise
-    prot = ev.identity()
-    assert prot["clip_model"] == name and prot["clip_pretrained_sha256"] and prot["reference"]["n"] == 16
+    ident = ev.identity()
+    assert ident["clip_model"] == name and ident["clip_sha256"] and ident["accuracy_net_sha256"] is None
+    assert ref.identity()["n"] == 16 and ref.identity()["folder_sha256"]
+    assert ev.identity() == ident  # building the reference never changes the evaluators' identity
 
 
 @pytest.mark.slow
@@ -180,4 +182,4 @@ settings = {{ student_updates = 2, batch_size = 2 }}
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert all(x["status"] == "ok" and "fid" in x and "clip_score" in x for x in rows)
-    assert rows[0]["protocol"]["evaluators"]["fid_feature_id"] == "inception-2015-12-05:pool3"
+    assert rows[0]["protocol"]["evaluators"]["fid_feature"] == "inception-2015-12-05:pool3"

@@ -4,15 +4,25 @@ import numpy as np
 import pytest
 import torch
 
-from bench import metrics, world
-from prompts import Prompt
+from bench.metrics import bootstrap, fid
+from bench.metrics.cell import CellMetrics, measure
+from bench.metrics.scores import colour_stats
+from bench.shapes import world
+from bench.shapes.evaluators import attribute_correctness, load_evaluators, real_images
+from prompts import Prompt, load_prompts
+
+
+def _fd(mu1, c1, mu2, c2) -> float:
+    c1 = torch.as_tensor(c1, dtype=torch.float64)
+    return fid.frechet_distance(torch.as_tensor(mu1, dtype=torch.float64), fid.psd_sqrt(c1), float(c1.trace()),
+                                torch.as_tensor(mu2, dtype=torch.float64), torch.as_tensor(c2, dtype=torch.float64))
 
 
 def test_frechet_identical_is_zero():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(500, 8, generator=g, dtype=torch.float64)
-    mu, cov = metrics.gaussian_stats(x)
-    assert abs(metrics.frechet_distance(mu, cov, mu, cov)) < 1e-6
+    mu, cov = fid.gaussian_stats(x)
+    assert abs(_fd(mu, cov, mu, cov)) < 1e-6
 
 
 def test_frechet_matches_closed_forms():
@@ -20,56 +30,45 @@ def test_frechet_matches_closed_forms():
     mu1, mu2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 0.0])
     a, b = torch.tensor([1.0, 4.0, 9.0]), torch.tensor([4.0, 1.0, 9.0])
     expected = float(((mu1 - mu2) ** 2).sum() + ((a.sqrt() - b.sqrt()) ** 2).sum())
-    assert math.isclose(metrics.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)), expected, rel_tol=1e-6)
+    assert math.isclose(_fd(mu1, torch.diag(a), mu2, torch.diag(b)), expected, rel_tol=1e-6)
     # 1-D: (m1-m2)^2 + (s1-s2)^2
-    assert math.isclose(metrics.frechet_distance(torch.tensor([2.0]), torch.tensor([[9.0]]),
-                                                 torch.tensor([0.0]), torch.tensor([[1.0]])), 4 + 4, rel_tol=1e-6)
+    assert math.isclose(_fd([2.0], [[9.0]], [0.0], [[1.0]]), 4 + 4, rel_tol=1e-6)
     # a non-commuting pair against scipy's matrix square root
     from scipy.linalg import sqrtm
 
     s1 = np.array([[2.0, 0.5], [0.5, 1.0]])
     s2 = np.array([[1.0, -0.3], [-0.3, 3.0]])
     ref = np.trace(s1 + s2 - 2 * sqrtm(s1 @ s2).real)
-    got = metrics.frechet_distance(torch.zeros(2), torch.tensor(s1), torch.zeros(2), torch.tensor(s2))
-    assert math.isclose(got, ref, rel_tol=1e-6)
+    assert math.isclose(_fd(torch.zeros(2), s1, torch.zeros(2), s2), ref, rel_tol=1e-6)
 
 
-def test_symmetric_kernel_equals_torchmetrics_kernel():
-    g = torch.Generator().manual_seed(3)
-    a, b = torch.randn(300, 6, generator=g, dtype=torch.float64), 2 * torch.randn(300, 6, generator=g, dtype=torch.float64)
-    mu1, c1 = metrics.gaussian_stats(a @ torch.randn(6, 6, generator=g, dtype=torch.float64))
-    mu2, c2 = metrics.gaussian_stats(b + 1)
-    ref = metrics.frechet_distance(mu1, c1, mu2, c2)
-    sym = metrics.frechet_distance_sym(mu1, metrics.psd_sqrt(c1), float(c1.trace()), mu2, c2)
-    assert math.isclose(ref, sym, rel_tol=1e-6)
-
-
-class _Identity(torch.nn.Module):
-    num_features = 3
-
-    def __init__(self):
-        super().__init__()
-        self.p = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        return x.mean((2, 3))
+def _reference(features: torch.Tensor, chunk: int = 1000) -> fid.Reference:
+    chunks = (features[i : i + chunk] for i in range(0, len(features), chunk))
+    return fid.cached_reference("test", {"kind": "test"}, chunks, features.shape[1], None)
 
 
 def test_torchmetrics_fid_path_against_closed_form():
-    """The hot path (torchmetrics FID with a custom feature net) on features with known Gaussians."""
+    """The hot path (torchmetrics FID over per-sample features, reference merged in) on known Gaussians."""
     g = torch.Generator().manual_seed(0)
     n = 20000
-    real = torch.randn(n, 3, 1, 1, generator=g, dtype=torch.float64)
-    fake = 2.0 * torch.randn(n, 3, 1, 1, generator=g, dtype=torch.float64) + 1.0
-    fid = metrics.new_fid(_Identity())
-    fid.update(real.float(), real=True)
-    fid.update(fake.float(), real=False)
+    real = torch.randn(n, 3, generator=g, dtype=torch.float64)
+    fake = 2.0 * torch.randn(n, 3, generator=g, dtype=torch.float64) + 1.0
     # N(0, I) vs N(1, 4I) in 3-D: 3*1 + 3*(2-1)^2 = 6
-    assert abs(float(fid.compute()) - 6.0) < 0.15
+    assert abs(fid.fid_value(fake.float(), _reference(real.float())) - 6.0) < 0.15
+
+
+def test_own_kernel_equals_torchmetrics_fid():
+    g = torch.Generator().manual_seed(3)
+    real = torch.randn(400, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    fake = 2 * torch.randn(300, 6, generator=g) + 1
+    ref = _reference(real, chunk=128)
+    mu_r, cov_r = fid.gaussian_stats(real)
+    mu_f, cov_f = fid.gaussian_stats(fake)
+    assert math.isclose(fid.fid_value(fake, ref), _fd(mu_r, cov_r, mu_f, cov_f), rel_tol=1e-4)
 
 
 def _prompt(objs, i=0):
-    return Prompt(f"p{i}", " and ".join(o.phrase for o in objs), tuple(objs), 0)
+    return Prompt(f"p{i}", world.caption(tuple(objs)), tuple(objs), 0)
 
 
 def test_attribute_correctness_on_handmade_predictions():
@@ -82,14 +81,14 @@ def test_attribute_correctness_on_handmade_predictions():
     size = torch.zeros(1, 5, dtype=torch.long)
     shape[0, tl], color[0, tl], size[0, tl] = 1 + world.SHAPES.index("circle"), world.COLOR_NAMES.index("red"), 1
     shape[0, br], color[0, br], size[0, br] = 1 + world.SHAPES.index("square"), world.COLOR_NAMES.index("green"), 0
-    c = metrics.attribute_correctness({"shape": shape, "color": color, "size": size}, [p])
+    c = attribute_correctness({"shape": shape, "color": color, "size": size}, [p])
     assert c["color_correct"][0] == 1 and c["color_total"][0] == 2  # blue rendered green
     assert c["shape_correct"][0] == 2 and c["position_correct"][0] == 2 and c["count_correct"][0] == 1
     assert c["whole"][0] == 0
     color[0, br] = world.COLOR_NAMES.index("blue")
-    assert metrics.attribute_correctness({"shape": shape, "color": color, "size": size}, [p])["whole"][0] == 1
+    assert attribute_correctness({"shape": shape, "color": color, "size": size}, [p])["whole"][0] == 1
     shape[0, 4] = 1  # an extra object in the centre breaks count and whole
-    c = metrics.attribute_correctness({"shape": shape, "color": color, "size": size}, [p])
+    c = attribute_correctness({"shape": shape, "color": color, "size": size}, [p])
     assert c["count_correct"][0] == 0 and c["whole"][0] == 0
 
 
@@ -97,31 +96,64 @@ def test_colour_stats():
     grey = torch.full((1, 3, 4, 4), 0.5)
     red = torch.zeros(1, 3, 4, 4)
     red[:, 0] = 1.0
-    s = metrics.colour_stats(torch.cat([grey, red]))
-    assert s["saturation"].tolist() == [0.0, 1.0]
-    assert s["contrast"][0] == 0.0
-    assert math.isclose(s["brightness"][1], 0.299)
+    s = colour_stats(torch.cat([grey, red]))
+    assert s[:, 0].tolist() == [0.0, 1.0]  # saturation
+    assert s[0, 1] == 0.0  # contrast
+    assert math.isclose(s[1, 2], 0.299)  # brightness
 
 
 def test_bootstrap_ci_brackets_the_estimate():
     x = np.random.default_rng(0).normal(1.0, 1.0, 400)
-    m, lo, hi = metrics.bootstrap_mean(x)
+    m, lo, hi = bootstrap.bootstrap_mean(x)
     assert lo < m < hi and hi - lo < 0.4
-    assert metrics.bootstrap_mean(x) == (m, lo, hi)  # fixed resampling seed
+    assert bootstrap.bootstrap_mean(x) == (m, lo, hi)  # fixed resampling seed
 
 
-@pytest.mark.parametrize("n", [50])
-def test_reference_cache_roundtrip_and_corruption(tmp_path, n):
-    from prompts import load_prompts
+@pytest.fixture(scope="module")
+def shapes_eval():
+    return load_evaluators()
 
-    ps = load_prompts("shapes-val")[:n]
-    net = _Identity()
-    ref = metrics.build_reference(ps, net, {"x": 1}, tmp_path)
+
+def test_reference_cache_roundtrip_and_corruption(tmp_path, shapes_eval):
+    ps = load_prompts("shapes-val")[:50]
+    ref = shapes_eval.reference(ps, tmp_path)
     path = tmp_path / "fid-ref" / f"{ref.key}.safetensors"
     assert path.exists()
-    again = metrics.build_reference(ps, net, {"x": 1}, tmp_path)
-    assert torch.equal(again.features, ref.features)
+    again = shapes_eval.reference(ps, tmp_path)
+    assert torch.equal(again.features, ref.features) and again.identity() == ref.identity()
     path.write_bytes(path.read_bytes()[:-10])  # truncate: detected by hash and rebuilt
-    assert metrics._load_reference(path, ref.key) is None
-    rebuilt = metrics.build_reference(ps, net, {"x": 1}, tmp_path)
+    assert fid._load_reference(path, ref.key) is None
+    rebuilt = shapes_eval.reference(ps, tmp_path)
     assert torch.equal(rebuilt.features, ref.features)
+
+
+def test_metrics_do_not_depend_on_batch_size_or_process_split(shapes_eval):
+    """Streaming: a cell's metrics are the same, bit for bit, however its samples were batched or split."""
+    ps = load_prompts("shapes-val")[:90]
+    ref = shapes_eval.reference(ps, None)
+    images = real_images(ps, variant=2)
+    rows = []
+    for batch in (90, 16, 7):
+        rows.append(measure(shapes_eval, ref, ps, (images[i : i + batch] for i in range(0, 90, batch)), batch))
+    assert rows[0] == rows[1] == rows[2]
+    # two "processes" with contiguous shards of 45, gathered in rank order, equal one process
+    parts = [CellMetrics(shapes_eval, ps[:45], ref), CellMetrics(shapes_eval, ps[45:], ref)]
+    parts[0].update(images[:45], ps[:45])
+    parts[1].update(images[45:], ps[45:])
+    gathered = [torch.cat(v) for v in zip(parts[0].gather(), parts[1].gather())]
+    assert {"n_samples": 90, **parts[0].compute(gathered)} == rows[0]
+    assert 0 <= rows[0]["fid"] < 5 and rows[0]["accuracy"] > 0.9  # real renders: near the floor
+
+
+def test_fid_accumulator_equals_torchmetrics_on_images(shapes_eval):
+    """The streamed FID equals torchmetrics' FrechetInceptionDistance fed the images themselves."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    ps = load_prompts("shapes-val")[:64]
+    ref = shapes_eval.reference(ps, None)
+    images = real_images(ps, variant=3)
+    ours = measure(shapes_eval, ref, ps, [images], 64)["fid"]
+    tm = FrechetInceptionDistance(feature=shapes_eval.attr, normalize=True)
+    tm.update(real_images(ps), real=True)
+    tm.update(images, real=False)
+    assert math.isclose(ours, float(tm.compute()), rel_tol=1e-4)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from bench import world
+from bench.shapes import world
 from methods.diffusion import Schedule
 from methods.diffusion import eps_loss_weight
-from methods.pretrain import CaptionParser
-from methods.shapes import TextEncoder, tokenize
+from bench.shapes.teacher import TextEncoder, tokenize
+from bench.shapes.train_teacher import CaptionParser
 
 
 def test_loss_weights():
@@ -40,7 +40,7 @@ def test_training_resumes_to_the_same_weights(tmp_path):
 
     from tests.conftest import ROOT
 
-    code = ("import sys; sys.path.insert(0, {root!r}); from methods.pretrain import *; "
+    code = ("import sys; sys.path.insert(0, {root!r}); from bench.shapes.train_teacher import *; "
             "train_teacher(TeacherTrainConfig(steps=4, batch_size=4, ckpt_every=2, warmup=1), sys.argv[1], progress=False)")
     run = lambda out, fault=None: subprocess.run(  # noqa: E731
         [sys.executable, "-c", code.format(root=str(ROOT)), str(out)], capture_output=True, text=True, timeout=600,

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
+from bench.shapes import world
 from prompts import PromptFileError, load_prompts, prompt_sets
-from prompts.build import main as build_main
+from bench.shapes.prompt_sets import main as build_main
 from tests.conftest import DATA
 
 
@@ -33,9 +34,10 @@ def test_geneval_loader():
 def test_caption_file_parses_the_world_grammar(tmp_path):
     f = tmp_path / "caps.txt"
     f.write_text("# comment\na large red circle at the top left\n\na photo of a cat\n")
-    ps = load_prompts(f)
+    ps = load_prompts(f, parse_caption=world.parse_caption)
     assert [p.id for p in ps] == ["caps-00002", "caps-00004"]
     assert ps[0].objects is not None and ps[1].objects is None
+    assert all(p.objects is None for p in load_prompts(f))  # no grammar given: no ground truth claimed
 
 
 @pytest.mark.parametrize("name,content,line", [

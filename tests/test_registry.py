@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from bench.errors import UserError
-from methods import base
+from core.errors import UserError
+from methods import base, registry
 
 TEXTS = ["a large red circle at the top left", "a small blue square in the center",
          "a large green cross at the top right and a small yellow triangle at the bottom left"]
@@ -32,34 +32,39 @@ def test_registry_lists_and_rejects():
     with pytest.raises(UserError, match="did you mean 'teacher'"):
         base.get("teachr")
     for name in base.names():
-        assert base.get(name).name == name
+        cls = base.get(name)
+        assert cls.name == name
+        # declared in one place: the summary is the first line of the class docstring
+        assert registry.summary(name) and cls.__doc__.startswith(registry.summary(name))
 
 
 def test_contract(method):
-    for nfe in method.smoke_nfe(method.config):
-        method.prepare(nfe)
+    cls = type(method)
+    for steps in cls.smoke_steps(method.config):
+        budget = cls.budget(method.config, steps=steps)
+        assert cls.budget(method.config, nfe=budget.nfe) == budget  # NFE <-> steps, resolved once, both ways
+        method.prepare(steps)
         method.reset_nfe()
-        a = method.sample(TEXTS, KEYS, nfe)
+        a = method.sample(TEXTS, KEYS, steps)
         # counted NFE equals the budget (network calls per sample, never inferred from steps)
-        assert method.counted_nfe() == nfe * len(TEXTS), (method.name, nfe, method.counted_nfe())
+        assert method.counted_nfe() == budget.nfe * len(TEXTS), (method.name, budget, method.counted_nfe())
         assert a.shape == (3, *method.backbone.sample_shape) and a.dtype == torch.float32
         assert torch.isfinite(a).all() and a.min() >= 0 and a.max() <= 1
         # seed determinism
-        assert torch.equal(a, method.sample(TEXTS, KEYS, nfe))
+        assert torch.equal(a, method.sample(TEXTS, KEYS, steps))
         # batch-size invariance: a sample does not depend on its batch
-        one = method.sample(TEXTS[1:2], KEYS[1:2], nfe)
+        one = method.sample(TEXTS[1:2], KEYS[1:2], steps)
         assert torch.allclose(one[0], a[1], atol=1e-5)
         # a different seed gives a different sample
-        other = method.sample(TEXTS[:1], [("p0", 1)], nfe)
+        other = method.sample(TEXTS[:1], [("p0", 1)], steps)
         assert not torch.equal(other[0], a[0])
 
 
 def test_unreachable_budgets_are_user_errors(method):
     cls = type(method)
-    with pytest.raises(UserError):
-        cls.steps_for_nfe(method.config, 0)
-    with pytest.raises(UserError):
-        cls.steps_for_nfe(method.config, -2)
+    for bad in ({"nfe": 0}, {"nfe": -2}, {"steps": 0}, {"steps": 10_000}):
+        with pytest.raises(UserError):
+            cls.budget(method.config, **bad)
     if cls.nfe_per_step(method.config) == 2:
         with pytest.raises(UserError, match="not reachable"):
-            cls.steps_for_nfe(method.config, 3)
+            cls.budget(method.config, nfe=3)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from bench import world
+from bench.shapes import world
 
 
 def test_scene_is_a_function_of_its_seed():

@@ -26,7 +26,8 @@ def _tokenizer(dir_: Path):
     return len(vocab)
 
 
-def build(root: Path, sdxl: bool = False, seed: int = 0) -> Path:
+def build(root: Path, sdxl: bool = False, seed: int = 0, latent_size: int = 8, vae_blocks: int = 2) -> Path:
+    """A tiny random SD (or SDXL) layout; images are latent_size * 2**(vae_blocks - 1) pixels square."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -45,15 +46,15 @@ def build(root: Path, sdxl: bool = False, seed: int = 0) -> Path:
         cross = 32
         extra = dict(addition_embed_type="text_time", addition_time_embed_dim=4,
                      projection_class_embeddings_input_dim=6 * 4 + 16)
-    UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+    UNet2DConditionModel(sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(16, 32),
                          down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                          up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
                          cross_attention_dim=cross, attention_head_dim=4, norm_num_groups=8,
                          **extra).save_pretrained(root / "unet", safe_serialization=True)
-    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  latent_channels=4, norm_num_groups=4, sample_size=16).save_pretrained(root / "vae",
-                                                                                    safe_serialization=True)
+    AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16)[:vae_blocks],
+                  down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
+                  latent_channels=4, norm_num_groups=4,
+                  sample_size=latent_size * 2 ** (vae_blocks - 1)).save_pretrained(root / "vae", safe_serialization=True)
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   prediction_type="epsilon").save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline" if sdxl
@@ -61,18 +62,18 @@ def build(root: Path, sdxl: bool = False, seed: int = 0) -> Path:
     return root
 
 
-def image_folder(root: Path, n: int = 8) -> Path:
-    """Real training images for latent methods: shapes-world renders with their captions."""
+def image_folder(root: Path, n: int = 8, resolution: int = 16) -> Path:
+    """Real images (training data, FID references): shapes-world renders with their captions."""
     import numpy as np
     from PIL import Image
 
-    from bench import world
+    from bench.shapes import world
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, s in enumerate(world.scenes("train", 0, n)):
-        arr = (world.render_scene(s) * 255).round().astype(np.uint8)
+        arr = (world.render_scene(s, resolution=resolution) * 255).round().astype(np.uint8)
         Image.fromarray(arr).save(root / f"{i}.png")
         rows.append(json.dumps({"file_name": f"{i}.png", "text": s.caption}))
     (root / "metadata.jsonl").write_text("\n".join(rows) + "\n")
@@ -114,6 +115,6 @@ def tiny_open_clip(root: Path) -> tuple[str, str]:
 
 
 def load_folder(root: Path) -> torch.Tensor:
-    from bench.real_metrics import folder_images, load_images
+    from bench.real import folder_images, load_images
 
     return load_images(folder_images(root))

@@ -20,7 +20,7 @@ TEXT, KEY = ["a large red circle at the top left and a small blue square at the 
 
 @pytest.fixture(scope="module")
 def backbone():
-    from methods.shapes import ShapesBackbone
+    from bench.shapes.teacher import ShapesBackbone
 
     return ShapesBackbone.load(DEVICE)
 
@@ -32,7 +32,7 @@ def student(backbone, tmp_path_factory):
     backbone.new_unet().save_pretrained(d / "unet", safe_serialization=True)
     cls = base.get("pretrained")
     return cls(backbone, cls.make_config({"kind": "lightning", "path": str(d / "unet"), "max_steps": 8}),
-               base.Context(d, device=DEVICE, progress=False))
+               base.Context(d, progress=False))
 
 
 def _sync():
@@ -43,9 +43,9 @@ def _sync():
 @pytest.mark.parametrize("steps", [1, 4, 25])
 def test_teacher_dpmpp_guided_batch1(benchmark, backbone, steps):
     cls = base.get("teacher")
-    m = cls(backbone, cls.make_config({"solver": "dpmsolver++"}), base.Context(".", device=DEVICE))
+    m = cls(backbone, cls.make_config({"solver": "dpmsolver++"}), base.Context("."))
     with m.unpadded():
-        benchmark(lambda: (m.sample(TEXT, KEY, 2 * steps), _sync()))
+        benchmark(lambda: (m.sample(TEXT, KEY, steps), _sync()))
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4])

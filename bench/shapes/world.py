@@ -14,6 +14,8 @@ import re
 
 import numpy as np
 
+from prompts import Obj
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {
     "red": (0.90, 0.13, 0.12),
@@ -47,26 +49,26 @@ SPLIT_OFFSET = {"train": 0, "val": 1_000_000_000, "eval": 2_000_000_000}
 SPLIT_SIZE = 1_000_000_000
 
 
-@dataclasses.dataclass(frozen=True)
-class Obj:
-    shape: str
-    color: str
-    size: str
-    position: str
+def phrase(obj: Obj) -> str:
+    """The grammar's phrase for one object: "a large red circle at the top left"."""
+    return f"a {obj.size} {obj.color} {obj.shape} {POSITION_PHRASE[obj.position]}"
 
-    @property
-    def phrase(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} {POSITION_PHRASE[self.position]}"
+
+def caption(objects: tuple[Obj, ...]) -> str:
+    """The grammar's caption of a scene's objects (phrases joined by "and")."""
+    return " and ".join(phrase(o) for o in objects)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
+    """A scene: its objects (the ground truth) and the seed its attributes and renders derive from."""
+
     objects: tuple[Obj, ...]
     seed: int
 
     @property
     def caption(self) -> str:
-        return " and ".join(o.phrase for o in self.objects)
+        return caption(self.objects)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "objects": [dataclasses.asdict(o) for o in self.objects]}
@@ -74,6 +76,13 @@ class Scene:
     @classmethod
     def from_dict(cls, d: dict) -> Scene:
         return cls(tuple(Obj(**o) for o in d["objects"]), int(d["seed"]))
+
+
+def scene_of(prompt) -> Scene | None:
+    """The scene a prompt's ground truth describes (None without objects or a scene seed)."""
+    if prompt.objects is None or prompt.scene_seed is None:
+        return None
+    return Scene(prompt.objects, prompt.scene_seed)
 
 
 def scene_seed(split: str, index: int) -> int:

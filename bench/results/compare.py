@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import io
-from bench.errors import UserError
-from bench.runner import load_rows
+from bench.rundir import load_rows
+from bench.specs import GATED, SPECS
+from core import io
+from core.errors import UserError
 
 K = 3.0
-GATED = {"fid": "lower", "clip_score": "higher", "accuracy": "higher"}
-FLOOR = {"fid": 0.05, "clip_score": 0.25, "accuracy": 0.01}  # absolute minimum tolerances
+FLOOR = {m: SPECS[m].gate_floor for m in GATED}  # absolute minimum tolerances
 TOLERANCES = "tolerances.json"
 
 
@@ -80,7 +80,7 @@ def compare(baseline: Path, run: Path) -> tuple[str, bool]:
         for m, t in tol["cells"][cell].items():
             b = float(np.mean([r[m] for r in brs if r.get("status") == "ok"]))
             n = float(np.mean([r[m] for r in nrs]))
-            worse = (n - b) if GATED[m] == "lower" else (b - n)
+            worse = (n - b) if SPECS[m].lower_is_better else (b - n)
             verdict = "**regression**" if worse > t else ("better" if worse < -t else "ok")
             regressed |= worse > t
             lines.append(f"| {cell} | {m} | {b:.3f} | {n:.3f} | {n - b:+.3f} | {t:.3f} | {verdict} |")

@@ -16,10 +16,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench import faults, io, world
-from methods import shapes
+from bench.shapes import TEACHER_CARD, TEACHER_WEIGHTS, world
+from bench.shapes import teacher as shapes
+from bench.shapes.training import warmup_cosine
+from core import faults, io
 from methods import diffusion as D
-from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint, warmup_cosine
+from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint
 
 
 @dataclasses.dataclass
@@ -132,7 +134,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
 def export_teacher(model: nn.ModuleDict, cfg: TeacherTrainConfig, out_dir: Path, train_seconds: float) -> Path:
     tensors = {f"unet.{k}": v for k, v in model["unet"].state_dict().items()}
     tensors.update({f"text.{k}": v for k, v in model["text"].state_dict().items()})
-    path = out_dir / shapes.TEACHER_WEIGHTS.name
+    path = out_dir / TEACHER_WEIGHTS.name
     digest = io.save_tensors(path, tensors)
     card = {
         "sha256": digest,
@@ -144,5 +146,5 @@ def export_teacher(model: nn.ModuleDict, cfg: TeacherTrainConfig, out_dir: Path,
         "train_seconds_last_session": round(train_seconds, 1),
         "command": f"flashbench train-teacher --steps {cfg.steps}",
     }
-    io.write_text(out_dir / shapes.TEACHER_CARD.name, json.dumps(card, indent=2, default=list) + "\n")
+    io.write_text(out_dir / TEACHER_CARD.name, json.dumps(card, indent=2, default=list) + "\n")
     return path

@@ -1,4 +1,5 @@
-"""Build the shipped shapes-world prompt sets: `python -m prompts.build` (deterministic; `--check` verifies)."""
+"""Build the shipped shapes-world prompt sets into prompts/data: `python -m bench.shapes.prompt_sets`
+(deterministic; `--check` verifies the shipped files against a rebuild)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import dataclasses
 import json
 import sys
 
-from bench import io, world
+from bench.shapes import world
+from core import io
 from prompts.loaders import DATA, MANIFEST
 
 SETS = {"shapes-eval": ("eval", 2000), "shapes-val": ("val", 500)}

@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from core.errors import WeightsError
+
 
 def _atomic(path: Path, write) -> None:
     path = Path(path)
@@ -64,3 +66,22 @@ def sha256_file(path: Path) -> str:
 def content_hash(obj) -> str:
     """A short stable hash of a JSON-able object (configs, protocol fields)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_safetensors_checked(path: Path, card_path: Path) -> tuple[dict, dict]:
+    """(tensors, card) of a safetensors file after checking it against the sha256 on its JSON card.
+
+    Raises WeightsError (a UserError: one line, exit 2) when either file is missing or the hash differs.
+    """
+    from safetensors.torch import load_file
+
+    path, card_path = Path(path), Path(card_path)
+    if not path.exists() or not card_path.exists():
+        raise WeightsError(f"weights not found: {path.name} (with {card_path.name}); "
+                           "reproduce them with the train command named in the README")
+    card = json.loads(card_path.read_text())
+    digest = sha256_file(path)
+    if digest != card["sha256"]:
+        raise WeightsError(f"weights {path.name} are corrupt: sha256 {digest[:12]}… does not match "
+                           f"{card['sha256'][:12]}… on {card_path.name}")
+    return load_file(str(path)), card

@@ -16,9 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.results import select
+from bench.specs import SPECS, fmt
+from core import io
+
 FID_TOL = 0.10
 CLIP_TOL = 0.03
-LOWER_BETTER = {"fid"}
 
 REPRODUCED, NOT, INCONCLUSIVE, MISSING = "reproduced", "not reproduced", "inconclusive", "not measured"
 
@@ -31,7 +34,7 @@ def compare(a: dict, b: dict, m: str) -> str:
     """'better' / 'worse' / 'tied' for a against b on metric m, by CI overlap."""
     va, la, ha = _ci(a, m)
     vb, lb, hb = _ci(b, m)
-    lower = m in LOWER_BETTER
+    lower = SPECS[m].lower_is_better
     if ha < lb:
         return "better" if lower else "worse"
     if la > hb:
@@ -41,34 +44,15 @@ def compare(a: dict, b: dict, m: str) -> str:
 
 def within(student: dict, teacher: dict, m: str, tol: float) -> str:
     v, lo, hi = _ci(student, m)
-    if m in LOWER_BETTER:
+    if SPECS[m].lower_is_better:
         bound = teacher[m] * (1 + tol)
         return "pass" if v <= bound else ("fail" if lo > bound else "unclear")
     bound = teacher[m] * (1 - tol)
     return "pass" if v >= bound else ("fail" if hi < bound else "unclear")
 
 
-def _fmt(r: dict, m: str) -> str:
-    v, lo, hi = _ci(r, m)
-    d = 2 if m in ("fid", "clip_score") else 3
-    return f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"
-
-
-def _ok(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"] if not df.empty else df
-
-
-def _teacher(df: pd.DataFrame, steps: int) -> dict | None:
-    t = _ok(df)
-    t = t[(t["method"] == "teacher") & (t["steps"] == steps)]
-    if t.empty:
-        return None
-    dpm = t[t["label"].str.contains("dpm")]
-    return (dpm if not dpm.empty else t).iloc[0].to_dict()
-
-
 def _flash(df: pd.DataFrame, steps: int, variant: str = "full") -> dict | None:
-    f = _ok(df)
+    f = select.ok(df)
     f = f[(f["method"] == "imagine-flash") & (f["steps"] == steps)]
     if "variant" in f:
         f = f[f["variant"].fillna("full") == variant]
@@ -77,22 +61,22 @@ def _flash(df: pd.DataFrame, steps: int, variant: str = "full") -> dict | None:
 
 def claim_a(df) -> dict:
     """(a) the student at 3 steps is within a few % of the teacher at 25 steps."""
-    s, t = _flash(df, 3), _teacher(df, 25)
+    s, t = _flash(df, 3), select.teacher_row(df, 25)
     if s is None or t is None:
         return {"verdict": MISSING, "evidence": []}
     checks = {"fid": within(s, t, "fid", FID_TOL), "clip_score": within(s, t, "clip_score", CLIP_TOL)}
     verdict = REPRODUCED if all(v == "pass" for v in checks.values()) else (
         NOT if any(v == "fail" for v in checks.values()) else INCONCLUSIVE)
-    ev = [f"Imagine Flash 3 steps FID {_fmt(s, 'fid')} vs teacher 25 steps {_fmt(t, 'fid')} "
+    ev = [f"Imagine Flash 3 steps FID {fmt(s, 'fid')} vs teacher 25 steps {fmt(t, 'fid')} "
           f"({100 * s['fid'] / t['fid']:.0f}%; bound ≤ {100 * (1 + FID_TOL):.0f}%): {checks['fid']}",
-          f"CLIP {_fmt(s, 'clip_score')} vs {_fmt(t, 'clip_score')} "
+          f"CLIP {fmt(s, 'clip_score')} vs {fmt(t, 'clip_score')} "
           f"({100 * s['clip_score'] / t['clip_score']:.0f}%; bound ≥ {100 * (1 - CLIP_TOL):.0f}%): {checks['clip_score']}"]
     return {"verdict": verdict, "evidence": ev}
 
 
 def claim_b(df) -> dict:
     """(b) Imagine Flash beats every baseline at equal steps (FID and CLIP)."""
-    ok = _ok(df)
+    ok = select.ok(df)
     ev, outcomes = [], []
     for steps in sorted(ok[ok["method"] == "imagine-flash"]["steps"].unique()) if not ok.empty else []:
         s = _flash(ok, int(steps))
@@ -102,8 +86,8 @@ def claim_b(df) -> dict:
         for r in base.to_dict("records"):
             res = {m: compare(s, r, m) for m in ("fid", "clip_score")}
             outcomes.append(res)
-            ev.append(f"{int(steps)} steps vs {r['label']}: FID {_fmt(s, 'fid')} vs {_fmt(r, 'fid')} → {res['fid']}; "
-                      f"CLIP {_fmt(s, 'clip_score')} vs {_fmt(r, 'clip_score')} → {res['clip_score']}")
+            ev.append(f"{int(steps)} steps vs {r['label']}: FID {fmt(s, 'fid')} vs {fmt(r, 'fid')} → {res['fid']}; "
+                      f"CLIP {fmt(s, 'clip_score')} vs {fmt(r, 'clip_score')} → {res['clip_score']}")
     if not outcomes:
         return {"verdict": MISSING, "evidence": ev}
     if any("worse" in o.values() for o in outcomes):
@@ -124,7 +108,7 @@ def claim_c(df) -> dict:
     if full is None or any(r is None for r in rows.values()):
         return {"verdict": MISSING, "evidence": []}
     delta = {v: r["fid"] - full["fid"] for v, r in rows.items()}
-    ev = [f"FID full {_fmt(full, 'fid')}; " + "; ".join(f"{v} {_fmt(r, 'fid')} (Δ {delta[v]:+.2f}, "
+    ev = [f"FID full {fmt(full, 'fid')}; " + "; ".join(f"{v} {fmt(r, 'fid')} (Δ {delta[v]:+.2f}, "
                                                         f"{compare(r, full, 'fid')} than full)" for v, r in rows.items())]
     # c1: SRL and BD removals are significantly worse than full, and each hurts more than removing the discriminator
     big = [compare(rows[v], full, "fid") for v in ("no-srl", "no-backward-distillation")]
@@ -138,16 +122,16 @@ def claim_c(df) -> dict:
     moved = any(v != "tied" for v in colour.values())
     c2 = REPRODUCED if fid_tied and moved else (NOT if not moved else INCONCLUSIVE)
     ev.append(f"c1 (SRL, backward distillation hurt most; discriminator less): {c1}")
-    ev.append(f"c2 noise correction: FID {'tied' if fid_tied else 'changed'}; saturation full {_fmt(full, 'saturation')}"
-              f" vs {_fmt(nc, 'saturation')}, contrast {_fmt(full, 'contrast')} vs {_fmt(nc, 'contrast')}: {c2}")
+    ev.append(f"c2 noise correction: FID {'tied' if fid_tied else 'changed'}; saturation full {fmt(full, 'saturation')}"
+              f" vs {fmt(nc, 'saturation')}, contrast {fmt(full, 'contrast')} vs {fmt(nc, 'contrast')}: {c2}")
     verdict = c1 if c1 == c2 else (NOT if NOT in (c1, c2) else INCONCLUSIVE)
     return {"verdict": verdict, "evidence": ev}
 
 
 def claim_d(df) -> dict:
     """(d) a few-step teacher (3 steps) is far worse than every distilled student at 3 steps."""
-    t3 = _teacher(df, 3)
-    ok = _ok(df)
+    t3 = select.teacher_row(df, 3)
+    ok = select.ok(df)
     if t3 is None or ok.empty:
         return {"verdict": MISSING, "evidence": []}
     students = ok[(ok["steps"] == 3) & (ok["method"] != "teacher")]
@@ -156,8 +140,8 @@ def claim_d(df) -> dict:
     if students.empty:
         return {"verdict": MISSING, "evidence": []}
     res = {r["label"]: compare(r, t3, "fid") for r in students.to_dict("records")}
-    ev = [f"teacher 3 steps FID {_fmt(t3, 'fid')}"] + [
-        f"{r['label']} 3 steps FID {_fmt(r, 'fid')}: {res[r['label']]}" for r in students.to_dict("records")]
+    ev = [f"teacher 3 steps FID {fmt(t3, 'fid')}"] + [
+        f"{r['label']} 3 steps FID {fmt(r, 'fid')}: {res[r['label']]}" for r in students.to_dict("records")]
     verdict = REPRODUCED if all(v == "better" for v in res.values()) else (
         NOT if any(v == "worse" for v in res.values()) else INCONCLUSIVE)
     return {"verdict": verdict, "evidence": ev}
@@ -175,7 +159,7 @@ CLAIMS = {
 def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
     verdicts = {}
     lines = [f"# Claims report: {title}", "",
-             "Generated from this run's results by `bench/claims.py` (rules in its docstring); "
+             "Generated from this run's results by `bench/results/claims.py` (rules in its docstring); "
              "nothing here is typed by hand.", ""]
     for key, (text, fn) in CLAIMS.items():
         res = fn(agg)
@@ -187,8 +171,6 @@ def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
 
 
 def write(run: Path, agg: pd.DataFrame) -> dict:
-    from bench import io
-
     text, verdicts = report(agg, Path(run).name)
     io.write_text(Path(run) / "tables" / "claims.md", text)
     return verdicts

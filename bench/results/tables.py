@@ -7,36 +7,20 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pandas as pd
 
-from bench import claims, io
-
-METRIC_COLUMNS = [
-    # (key, header, decimals)
-    ("fid", "FID ↓", 2),
-    ("clip_score", "CLIP ↑", 2),
-    ("accuracy", "Acc ↑", 3),
-    ("acc_color", "colour", 3),
-    ("acc_shape", "shape", 3),
-    ("acc_size", "size", 3),
-    ("acc_position", "position", 3),
-    ("acc_count", "count", 3),
-    ("saturation", "sat.", 3),
-    ("contrast", "contrast", 3),
-]
+from bench.results import claims
+from bench.results.select import teacher_row
+from bench.rundir import load_floor, load_rows
+from bench.specs import MAIN_COLUMNS, PLOTTED, SPECS, fmt, missing
+from core import io
 
 
 def load(run: Path) -> tuple[pd.DataFrame, dict | None]:
-    from bench.runner import load_rows
-
-    rows = load_rows(run)
-    floor_path = Path(run) / "floor.json"
-    floor = json.loads(floor_path.read_text()) if floor_path.exists() else None
-    return pd.DataFrame(rows), floor
+    """A run's rows as a DataFrame, and its real-vs-real floor (None when it has none)."""
+    return pd.DataFrame(load_rows(run)), load_floor(run)
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +38,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         train = g["train"].iloc[0] if "train" in g and isinstance(g["train"].iloc[0], dict) else {}
         for k in ("student_updates", "teacher_nfe", "wall_seconds"):
             r[f"train_{k}"] = train.get(k)
-        for key, _, _ in METRIC_COLUMNS + [("latency_ms", "", 0), ("throughput", "", 0)]:
+        for key in (*MAIN_COLUMNS, "latency_ms", "throughput"):
             for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
                 col = key + suffix
                 if col in ok and len(ok) == len(g) and ok[col].notna().any():
@@ -65,54 +49,34 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     return agg.sort_values(["_order", "nfe"]).drop(columns="_order").reset_index(drop=True)
 
 
-def _fmt(v, d: int) -> str:
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
-
-
-def _cell(r: dict, key: str, d: int, with_ci: bool) -> str:
-    if r.get("status") == "failed":
-        return "failed"
-    v = r.get(key)
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "—"
-    if with_ci and r.get(f"{key}_ci_low") is not None and not math.isnan(r.get(f"{key}_ci_low")):
-        return f"{v:.{d}f} [{r[f'{key}_ci_low']:.{d}f}, {r[f'{key}_ci_high']:.{d}f}]"
-    return _fmt(v, d)
+def _cell(r: dict, key: str, with_ci: bool) -> str:
+    return "failed" if r.get("status") == "failed" else fmt(r, key, with_ci and SPECS[key].show_ci)
 
 
 def display_table(agg: pd.DataFrame, floor: dict | None = None, with_ci: bool = True,
-                  columns=METRIC_COLUMNS) -> pd.DataFrame:
+                  columns=MAIN_COLUMNS) -> pd.DataFrame:
     """The human table: method, steps, NFE, each metric (with CI), latency and throughput."""
     recs = []
     for r in agg.to_dict("records"):
         rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
-        for key, head, d in columns:
-            rec[head] = _cell(r, key, d, with_ci and key in ("fid", "clip_score", "accuracy"))
-        rec["latency ms (b=1)"] = _cell(r, "latency_ms", 1, False)
-        rec["img/s"] = _cell(r, "throughput", 1, False)
+        for key in (*columns, "latency_ms", "throughput"):
+            rec[SPECS[key].header] = _cell(r, key, with_ci)
         recs.append(rec)
     if floor is not None:
         f = floor["real_vs_real"]
         rec = {"method": "real renders (floor)", "steps": "—", "NFE": "—"}
-        for key, head, d in columns:
-            rec[head] = _cell(f, key, d, with_ci and key in ("fid", "clip_score", "accuracy"))
-        rec["latency ms (b=1)"] = rec["img/s"] = "—"
+        for key in columns:
+            rec[SPECS[key].header] = _cell(f, key, with_ci)
+        rec[SPECS["latency_ms"].header] = rec[SPECS["throughput"].header] = "—"
         recs.append(rec)
     return pd.DataFrame(recs)
 
 
-def reference_row(agg: pd.DataFrame) -> dict | None:
-    """The 25-step teacher (DPM-Solver++ preferred): the reference of Table B and of speedups."""
-    t = agg[(agg["method"] == "teacher") & (agg["steps"] == 25) & (agg["status"] == "ok")]
-    if t.empty:
-        return None
-    dpm = t[t["label"].str.contains("dpm")]
-    return (dpm if not dpm.empty else t).iloc[0].to_dict()
+reference_row = teacher_row  # the reference of Table B and of the speedups: the 25-step teacher
 
-
-TABLE_A_COLUMNS = [("fid", "FID ↓", 2), ("clip_score", "CLIP ↑", 2), ("accuracy", "Acc ↑", 3),
-                   ("acc_color", "colour", 3), ("acc_shape", "shape", 3), ("acc_size", "size", 3),
-                   ("acc_position", "spatial", 3), ("acc_count", "count", 3)]
+# Table A: the quality columns, with the paper's name for position
+TABLE_A_COLUMNS = ("fid", "clip_score", "accuracy", "acc_color", "acc_shape", "acc_size", "acc_position", "acc_count")
+TABLE_A_HEADERS = {"acc_position": "spatial"}
 
 
 def table_a(agg: pd.DataFrame) -> pd.DataFrame:
@@ -121,20 +85,21 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
     ok = agg[agg["status"] == "ok"]
     best = {}
     for steps, g in ok.groupby("steps"):
-        for key, _, _ in TABLE_A_COLUMNS:
+        for key in TABLE_A_COLUMNS:
             if key in g and g[key].notna().any():
-                best[(steps, key)] = g[key].min() if key == "fid" else g[key].max()
+                best[(steps, key)] = g[key].min() if SPECS[key].lower_is_better else g[key].max()
     recs = []
     for r in agg.to_dict("records"):
         rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
-        for key, head, d in TABLE_A_COLUMNS:
-            cell = _cell(r, key, d, key in ("fid", "clip_score", "accuracy"))
+        for key in TABLE_A_COLUMNS:
+            head = TABLE_A_HEADERS.get(key, SPECS[key].header)
+            cell = _cell(r, key, True)
             is_ref = ref is not None and r["label"] == ref["label"] and r["nfe"] == ref["nfe"]
             if r.get("status") == "ok" and not is_ref and best.get((r["steps"], key)) == r.get(key) \
                     and len(ok[ok["steps"] == r["steps"]]) > 1:
                 cell = f"**{cell}**"
             rec[head] = cell
-        rec["latency ms"] = _cell(r, "latency_ms", 1, False)
+        rec["latency ms"] = _cell(r, "latency_ms", False)
         lat = r.get("latency_ms")
         rec["speedup"] = (f"{ref['latency_ms'] / lat:.1f}×" if ref is not None and lat and ref.get("latency_ms")
                           and r.get("status") == "ok" else "—")
@@ -147,7 +112,7 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
 
 def _train(r: dict, key: str) -> str:
     v = r.get(f"train_{key}")
-    return "—" if v is None or (isinstance(v, float) and math.isnan(v)) or v == 0 else f"{v:,.0f}"
+    return "—" if missing(v) or v == 0 else f"{v:,.0f}"
 
 
 def table_b(agg: pd.DataFrame) -> pd.DataFrame | None:
@@ -206,7 +171,7 @@ def _plt():
 def plot_quality(agg: pd.DataFrame, out: Path) -> None:
     plt = _plt()
     ok = agg[agg["status"] == "ok"]
-    keys = [k for k in ("fid", "clip_score", "accuracy") if k in ok]
+    keys = [k for k in PLOTTED if k in ok]
     for x, name, xlabel in (("nfe", "quality_vs_nfe", "NFE per image"),
                             ("latency_ms", "quality_vs_latency", "latency per image at batch 1 (ms)")):
         if x not in ok or not keys:
@@ -222,7 +187,7 @@ def plot_quality(agg: pd.DataFrame, out: Path) -> None:
                 ax.errorbar(g[x], g[key], yerr=yerr, marker="o", ms=3, capsize=2, label=label)
             ax.set_xscale("log")
             ax.set_xlabel(xlabel)
-            ax.set_title({"fid": "FID ↓", "clip_score": "CLIP score ↑", "accuracy": "compositional accuracy ↑"}[key])
+            ax.set_title(SPECS[key].title)
             ax.grid(alpha=0.3)
         axes[-1].legend(fontsize=7)
         fig.tight_layout()
@@ -231,18 +196,6 @@ def plot_quality(agg: pd.DataFrame, out: Path) -> None:
         fig.savefig(tmp, dpi=110)
         plt.close(fig)
         tmp.replace(out / f"{name}.png")
-
-
-def save_grid(images, path: Path, nrow: int = 8, upscale: int = 4) -> None:
-    import torch.nn.functional as F
-    import torchvision
-
-    big = F.interpolate(images.float(), scale_factor=upscale, mode="nearest")
-    grid = torchvision.utils.make_grid(big, nrow=nrow, padding=2, pad_value=1.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    torchvision.utils.save_image(grid, tmp)
-    tmp.replace(path)
 
 
 def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, size: int = 16) -> None:

@@ -4,20 +4,24 @@ Everything is local: the Inception network is clean-fid's own file (``inception-
 directory you give, the CLIP model is an open_clip model name plus a local pretrained file
 (safetensors or a weights-only checkpoint), and the FID reference is a local image folder whose
 statistics are computed once and cached by the content hash of its files. Every protocol field is
-stored with the numbers (``identity()``); results of different protocols never share a column.
+stored with the numbers (``identity()``, and the reference's own identity); results of different
+protocols never share a column.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import importlib.metadata as md
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.errors import UserError
+from bench.metrics.evaluators import Evaluators
+from bench.metrics.fid import Reference, cached_reference
+from core.errors import UserError
+from core.io import sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 
@@ -103,54 +107,55 @@ def load_images(files: list[Path], resolution: int | None = None) -> torch.Tenso
     return torch.stack(out)
 
 
-@dataclasses.dataclass
-class RealEvaluators:
-    """FID features + CLIP scorer + reference folder, behind the same interface as the shapes evaluators."""
+class RealEvaluators(Evaluators):
+    """FID features + CLIP scorer + reference folder, behind the Evaluators interface."""
 
-    fid_net: nn.Module
-    clip: nn.Module
-    reference_dir: Path
-    protocol: dict
+    kind = "real"
 
-    def clip_score(self, images, texts) -> torch.Tensor:
+    def __init__(self, fid_net: nn.Module, feature_id: str, feature_sha256: str | None, clip: nn.Module,
+                 clip_model: str, clip_sha256: str | None, reference_dir: Path, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.fid_net, self.clip = fid_net.eval().requires_grad_(False), clip
+        self.num_features = int(fid_net.num_features)
+        self.feature_id, self.feature_sha256 = feature_id, feature_sha256
+        self.clip_model, self.clip_sha256 = clip_model, clip_sha256
+        self.reference_dir = Path(reference_dir)
+        self.reference_files = folder_images(self.reference_dir)
+        self.reference_hash = folder_hash(self.reference_files, self.reference_dir)
+
+    def _identity(self) -> dict:
+        return {"kind": self.kind, "fid_feature": self.feature_id, "fid_feature_sha256": self.feature_sha256,
+                "fid_resize": f"clean-fid {md.version('clean-fid')} mode=clean: PIL bicubic resize to 299",
+                "clip_model": self.clip_model, "clip_sha256": self.clip_sha256,
+                "clip_score": "100*max(cos,0), bicubic antialiased resize to the model's size",
+                "accuracy_net_sha256": None}
+
+    def _fid_features(self, images):
+        return self.fid_net(images)
+
+    def _clip_score(self, images, texts):
         return self.clip(images, texts)
 
-    def predict_attributes(self, images):
-        return None  # no exact ground truth at real scale (GenEval needs a detector: not bundled)
-
-    def identity(self) -> dict:
-        return dict(self.protocol)
-
-    def reference(self, prompts, cache_dir):
-        from bench.metrics import cached_reference
-
-        files = folder_images(self.reference_dir)
-        key = folder_hash(files, Path(self.reference_dir)) + "-" + self.protocol["fid_feature_id"]
-        self.protocol["reference"] = {"folder_hash": key.split("-")[0], "n": len(files)}
-        chunks = (load_images(files[i : i + 64]) for i in range(0, len(files), 64))
-        return cached_reference(key, chunks, self.fid_net, cache_dir)
+    def reference(self, prompts, cache_dir) -> Reference:
+        """FID reference: the images of the reference folder (whatever the prompts), cached by content hash."""
+        files = self.reference_files
+        key = self.reference_hash + "-" + self.feature_id.replace(":", "-")
+        source = {"kind": "image folder", "folder_sha256": self.reference_hash, "images": len(files)}
+        chunks = (self.fid_features(load_images(files[i : i + 64]).to(self.device)) for i in range(0, len(files), 64))
+        return cached_reference(key, source, chunks, self.num_features, cache_dir)
 
 
 def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretrained: str | None,
                          reference_dir: Path, device: str = "cpu", fid_net: nn.Module | None = None) -> RealEvaluators:
     """Inception FID + open_clip score. `fid_net` overrides the Inception network (tests use random weights)."""
-    import importlib.metadata as md
-
     if fid_net is None:
         if inception_dir is None:
             raise UserError("real-scale FID needs inception_dir = a folder with clean-fid's inception-2015-12-05.pt")
         fid_net = inception(inception_dir, device)
         feature_id = "inception-2015-12-05:pool3"
+        feature_sha = sha256_file(Path(inception_dir) / "inception-2015-12-05.pt")
     else:
-        feature_id = f"custom:{type(fid_net).__name__}:{fid_net.num_features}"
-    weights_sha = None
-    if clip_pretrained and Path(clip_pretrained).is_file():
-        weights_sha = hashlib.sha256(Path(clip_pretrained).read_bytes()).hexdigest()
-    protocol = {
-        "fid_library": f"clean-fid {md.version('clean-fid')} (mode=clean: PIL bicubic resize to 299)",
-        "fid_feature_id": feature_id,
-        "clip_model": clip_model, "clip_pretrained_sha256": weights_sha,
-        "clip_score": "100*max(cos,0), bicubic antialiased resize to the model's size",
-    }
-    return RealEvaluators(fid_net.eval().requires_grad_(False), OpenCLIPScore(clip_model, clip_pretrained, device),
-                          Path(reference_dir), protocol)
+        feature_id, feature_sha = f"custom:{type(fid_net).__name__}:{fid_net.num_features}", None
+    clip_sha = sha256_file(Path(clip_pretrained)) if clip_pretrained and Path(clip_pretrained).is_file() else None
+    return RealEvaluators(fid_net, feature_id, feature_sha, OpenCLIPScore(clip_model, clip_pretrained, device),
+                          clip_model, clip_sha, Path(reference_dir), device)

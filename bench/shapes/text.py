@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from bench import world
+from bench.shapes import world
 
 GRAMMAR_WORDS = (
     ("a", "an", "and", "at", "the", "in", "top", "bottom", "left", "right", "center")

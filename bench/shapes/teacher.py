@@ -3,27 +3,21 @@
 Its parts are a word-level tokenizer over the world's grammar, a small transformer text encoder
 of its own (not an evaluator), and diffusers' ``UNet2DConditionModel`` with cross-attention at the
 lowest resolution and the pooled text added to the time embedding. Trained weights ship with the
-package (``methods/assets/teacher.safetensors``, with config and sha256 beside them).
+package (``bench/shapes/assets/teacher.safetensors``, with config and sha256 beside them).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from bench import world
-from bench.errors import UserError
-from bench.io import sha256_file
-from bench.text import WordTokenizer
+from bench.shapes import TEACHER_CARD, TEACHER_WEIGHTS, world
+from bench.shapes.text import WordTokenizer
+from core.io import load_safetensors_checked
 from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
-
-ASSETS = Path(__file__).parent / "assets"
-TEACHER_WEIGHTS = ASSETS / "teacher.safetensors"
-TEACHER_CARD = ASSETS / "teacher.json"
 
 MAX_TOKENS = 20
 TOKENIZER = WordTokenizer(max_tokens=MAX_TOKENS)
@@ -85,25 +79,6 @@ def build_unet(config: dict | None = None) -> nn.Module:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**(config or UNET_CONFIG))
-
-
-class WeightsError(UserError):
-    """Missing or corrupt shipped weights."""
-
-
-def load_safetensors_checked(path: Path, card_path: Path) -> tuple[dict, dict]:
-    """Load tensors after checking the file against the sha256 on its card."""
-    from safetensors.torch import load_file
-
-    if not path.exists() or not card_path.exists():
-        raise WeightsError(f"weights not found: {path.name} (with {card_path.name}); "
-                           "reproduce them with the train command named in the README")
-    card = json.loads(card_path.read_text())
-    digest = sha256_file(path)
-    if digest != card["sha256"]:
-        raise WeightsError(f"weights {path.name} are corrupt: sha256 {digest[:12]}… does not match "
-                           f"{card['sha256'][:12]}… on {card_path.name}")
-    return load_file(str(path)), card
 
 
 class ShapesBackbone(Backbone):

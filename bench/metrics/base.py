@@ -1,0 +1,67 @@
+"""The accumulator contract every metric follows (torchmetrics style: update / compute / reset).
+
+An accumulator keeps one row of per-sample values for each sample it has seen (float64 scalars, or
+FID features), never the images. ``update()`` runs per batch on every process; the local rows are
+gathered across processes in sample order (``Dist.gather``: shards are contiguous, so rank order is
+sample order) and ``compute(values)`` turns them into the metric and its bootstrap CI on process 0.
+Because every sum is taken over the gathered rows in sample order, a metric does not depend on the
+batch size or the number of processes, bit for bit.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+CHUNK = 64  # per-sample computations run on batches of exactly this many images (see in_fixed_chunks)
+
+
+class Accumulator(abc.ABC):
+    """Per-sample rows [n, width] collected by ``update``; ``compute`` maps all rows [N, width] to metrics."""
+
+    width: int  # values per sample
+    dtype: torch.dtype = torch.float64
+
+    def __init__(self):
+        self._rows: list[torch.Tensor] = []
+
+    def reset(self) -> None:
+        self._rows = []
+
+    @abc.abstractmethod
+    def per_sample(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
+        """Rows [n, width] for images float32 [n, 3, H, W] in [0, 1] and their prompts (CPU tensor)."""
+
+    def update(self, images: torch.Tensor, prompts: list) -> None:
+        self._rows.append(self.per_sample(images, prompts).cpu())
+
+    def local(self) -> torch.Tensor:
+        """This process's rows, in the order they were seen: [n_local, width]."""
+        return torch.cat(self._rows) if self._rows else torch.zeros(0, self.width, dtype=self.dtype)
+
+    @abc.abstractmethod
+    def compute(self, values: torch.Tensor) -> dict:
+        """The results-row fields (metric, ``_ci_low``, ``_ci_high``) from every sample's rows [N, width]."""
+
+
+def in_fixed_chunks(fn, n: int, *batched, chunk: int) -> torch.Tensor:
+    """fn over `n` rows in chunks of exactly `chunk` rows (the last padded by repeating its final row).
+
+    Network kernels may take other code paths for other batch sizes; at one fixed size a sample's
+    output depends on that sample alone, so it is the same whatever batch or process it came in.
+    `batched` are tensors [n, ...] or lists of length n; fn returns a tensor [chunk, ...].
+    """
+    outs = []
+    for i in range(0, n, chunk):
+        j = min(n, i + chunk)
+        pad = chunk - (j - i)
+        args = []
+        for b in batched:
+            part = b[i:j]
+            if pad:
+                part = torch.cat([part, part[-1:].expand(pad, *part.shape[1:])]) if torch.is_tensor(part) \
+                    else list(part) + [part[-1]] * pad
+            args.append(part)
+        outs.append(fn(*args)[: j - i])
+    return torch.cat(outs)

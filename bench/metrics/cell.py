@@ -1,0 +1,56 @@
+"""All the metrics of one cell, fed batch by batch: what the runner and the real-vs-real floor use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+
+from bench.metrics.fid import FID, Reference
+from bench.metrics.scores import Accuracy, CLIPScore, ColourStats
+
+
+class CellMetrics:
+    """FID (when there is a reference), CLIP score, compositional accuracy (when every prompt has ground
+    truth and the evaluators can check it) and colour statistics, as accumulators.
+
+    ``update(images, prompts)`` per batch (float32 [n, 3, H, W] in [0, 1]) on every process;
+    ``gather(fn)`` on every process (a collective: `fn` maps this process's rows to every sample's rows
+    in sample order); ``compute(values)`` on the process that holds the reference. `fid` says whether
+    FID is measured; the reference itself is needed only where ``compute`` runs.
+    """
+
+    def __init__(self, evaluators, prompts: list, reference: Reference | None = None, fid: bool | None = None):
+        fid = reference is not None if fid is None else fid
+        self.parts = [FID(evaluators, reference)] if fid else []
+        self.parts.append(CLIPScore(evaluators))
+        if evaluators.attributes and all(p.objects is not None for p in prompts):
+            self.parts.append(Accuracy(evaluators, evaluators.attributes))
+        self.parts.append(ColourStats())
+        self.device = evaluators.device
+
+    def update(self, images: torch.Tensor, prompts: list) -> None:
+        images = images.to(self.device)
+        with torch.no_grad():
+            for part in self.parts:
+                part.update(images, prompts)
+
+    def gather(self, fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+        return [part.local() if fn is None else fn(part.local()) for part in self.parts]
+
+    def compute(self, values: list[torch.Tensor] | None = None) -> dict:
+        """Every metric and its CI (results-row fields) from the gathered values (default: this process's)."""
+        values = self.gather() if values is None else values
+        row = {}
+        for part, v in zip(self.parts, values):
+            row.update(part.compute(v))
+        return row
+
+
+def measure(evaluators, reference: Reference | None, prompts: list, image_chunks: Iterable[torch.Tensor],
+            batch: int) -> dict:
+    """Every metric of images given in chunks of `batch` (in prompt order), on one process."""
+    meter = CellMetrics(evaluators, prompts, reference)
+    for i, images in zip(range(0, len(prompts), batch), image_chunks):
+        meter.update(images, prompts[i : i + batch])
+    return {"n_samples": len(prompts), **meter.compute()}

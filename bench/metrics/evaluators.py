@@ -1,0 +1,68 @@
+"""The one interface of the frozen evaluator networks, embedded (``bench.shapes.evaluators``) and real
+scale (``bench.real``). No method may train against these: nothing under methods/ imports them."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from bench.metrics.base import CHUNK, in_fixed_chunks
+from bench.metrics.fid import Reference
+
+# every evaluator's identity() has exactly these fields; they go into each result's protocol
+IDENTITY_KEYS = ("kind", "fid_feature", "fid_feature_sha256", "fid_resize", "clip_model", "clip_sha256",
+                 "clip_score", "accuracy_net_sha256")
+
+
+class Evaluators(abc.ABC):
+    """FID features, CLIP score, compositional checks (where ground truth exists) and the FID reference.
+
+    Images are float32 [n, 3, H, W] in [0, 1] on ``device``. Subclasses implement the ``_`` methods;
+    the public ones run them in fixed-size chunks, so a sample's values never depend on its batch.
+    """
+
+    kind: ClassVar[str]
+    attributes: tuple[str, ...] = ()  # compositional check types ("color", "shape", ...); () when none
+    num_features: int
+    device: torch.device
+
+    def fid_features(self, images: torch.Tensor) -> torch.Tensor:
+        """FID features float32 [n, num_features]."""
+        return in_fixed_chunks(self._fid_features, len(images), images, chunk=CHUNK)
+
+    def clip_score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """CLIP score 100·max(cos, 0) per image, float32 [n] in [0, 100]."""
+        return in_fixed_chunks(self._clip_score, len(images), images, texts, chunk=CHUNK)
+
+    def attribute_checks(self, images: torch.Tensor, prompts: list) -> dict | None:
+        """Per image, float64 arrays [n]: ``<type>_correct``, ``<type>_total`` for each of ``attributes``,
+        and ``whole`` (1 when every check holds). None when there is no ground-truth evaluator."""
+        return None
+
+    @abc.abstractmethod
+    def _fid_features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def _clip_score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def reference(self, prompts: list, cache_dir: Path | None) -> Reference:
+        """The FID reference for these prompts (cached under cache_dir by content hash). Never changes identity()."""
+
+    def floor(self, prompts: list, reference: Reference) -> dict | None:
+        """Every metric of other real images of the same prompts against the reference (the real-vs-real
+        floor), or None where the world cannot make them."""
+        return None
+
+    @abc.abstractmethod
+    def _identity(self) -> dict: ...
+
+    def identity(self) -> dict:
+        """What identifies these evaluators (IDENTITY_KEYS, values str or None); fixed at load time."""
+        ident = self._identity()
+        if tuple(sorted(ident)) != tuple(sorted(IDENTITY_KEYS)):
+            raise RuntimeError(f"{type(self).__name__}.identity() must have exactly {IDENTITY_KEYS}, got {sorted(ident)}")
+        return ident

@@ -1,0 +1,16 @@
+"""The embedded world, in one home: the captioned-shapes renderer and grammar (``world``), its
+tokenizer (``text``), its teacher behind the ``Backbone`` interface (``teacher``) and that teacher's
+trainer (``train_teacher``), its frozen evaluators behind the ``Evaluators`` interface
+(``evaluators``) and their trainers (``train_evaluators``), and the builder of its shipped prompt
+sets (``prompt_sets``). Shipped weights and their cards live in ``assets/``.
+
+Methods never import this package: they see the teacher only through ``methods.backbone.Backbone``.
+"""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+TEACHER_WEIGHTS = ASSETS / "teacher.safetensors"
+TEACHER_CARD = ASSETS / "teacher.json"
+ATTRIBUTE_NET_CARD = ASSETS / "attribute_net.json"
+CLIP_CARD = ASSETS / "clip.json"

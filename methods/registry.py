@@ -1,0 +1,66 @@
+"""The method registry: a method is declared once, in its own file, by ``@register("name")`` on its class.
+
+The name map is read from the source files themselves (``ast``, no import), so ``flashbench list``
+and "unknown method" errors name every method and its summary (the first line of its class
+docstring) without importing torch or diffusers; ``get`` imports a method's module only when it is
+used (the lazy name map of lm-evaluation-harness, without a second list to keep in step).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib
+from pathlib import Path
+
+from core.errors import unknown
+
+_REGISTRY: dict[str, type] = {}
+
+
+@functools.cache
+def declared() -> dict[str, tuple[str, str]]:
+    """name -> (module, summary) for every class decorated with ``@register("name")`` under methods/."""
+    out = {}
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for d in node.decorator_list:
+                if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "register"
+                        and d.args and isinstance(d.args[0], ast.Constant)):
+                    doc = (ast.get_docstring(node) or "").strip().splitlines()
+                    out[d.args[0].value] = (f"methods.{path.stem}", doc[0].rstrip(".") if doc else "")
+    return out
+
+
+def register(name: str):
+    """Class decorator: register a Method subclass under ``name`` (the one place a method is named)."""
+
+    def deco(cls):
+        if name not in declared():
+            raise RuntimeError(f"method {name!r} must be registered with @register({name!r}) on a class in methods/")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def names() -> list[str]:
+    return sorted(declared())
+
+
+def summary(name: str) -> str:
+    return declared()[name][1]
+
+
+def get(name: str):
+    """The Method class registered as ``name``; UserError with the known names (and a "did you mean") if none."""
+    known = declared()
+    if name not in known:
+        raise unknown("method", name, known)
+    if name not in _REGISTRY:
+        importlib.import_module(known[name][0])
+    return _REGISTRY[name]
