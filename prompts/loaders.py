@@ -120,7 +120,10 @@ def load_shapes_jsonl(path: Path) -> list[Prompt]:
 
 def load_partiprompts(path: Path) -> list[Prompt]:
     text = _read_text(path)
-    rows = list(csv.reader(_io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE))
+    try:
+        rows = list(csv.reader(_io.StringIO(text, newline=None), delimiter="\t", quoting=csv.QUOTE_NONE))
+    except csv.Error as e:
+        raise PromptFileError(f"{path.name}: not a tab-separated PartiPrompts file ({e})") from None
     header = ["Prompt", "Category", "Challenge", "Note"]
     if not rows or rows[0][: len(header)] != header:
         raise PromptFileError(f"{path.name}:1: expected the PartiPrompts header {' / '.join(header)} (tab-separated)")
