@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from bench import suite as suite_mod
-from bench import sweep
+from bench import study as study_mod
 from bench.results import compare, tables
 from bench.rundir import RESULTS_FILE, read_config
 from core.errors import UserError
@@ -40,10 +40,6 @@ def _int_csv(text: str, what: str) -> list[int]:
     return _csv(text, what, int)
 
 
-def _float_csv(text: str, what: str) -> list[float]:
-    return _csv(text, what, float)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flashbench", description="Few-step text-to-image distillation at fixed NFE budgets.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -62,15 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    sw = sub.add_parser("sweep", help="sweep Imagine Flash's SRL settings (rho, k) on validation prompts")
-    sw.add_argument("--rho", default="0.25,0.5,0.75,1.0", help="comma-separated values of rho in (0, 1]")
-    sw.add_argument("--k", default="1,2,4", help="comma-separated teacher step counts")
-    sw.add_argument("--samples", type=int, default=500)
-    sw.add_argument("--updates", type=int, help="student updates per setting (default: the method's)")
-    sw.add_argument("--out", type=Path)
-    sw.add_argument("--device", default="cpu")
-    sw.add_argument("--cache", type=Path)
-    sw.add_argument("--no-progress", action="store_true")
+    st = sub.add_parser("study", help="choose a default by the study's rule, on validation prompts (see `list`)")
+    st.add_argument("study", help="a study name (bench/studies/NAME.toml) or a .toml path")
+    st.add_argument("--samples", type=int, help="validation prompts (default: the study's)")
+    st.add_argument("--train-seeds", help="comma-separated training seeds (default: the study's)")
+    st.add_argument("--out", type=Path)
+    st.add_argument("--resume", type=Path, metavar="RUN", help="finish an interrupted study run in RUN")
+    st.add_argument("--device", default="cpu")
+    st.add_argument("--cache", type=Path)
+    st.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
+    st.add_argument("--no-progress", action="store_true")
 
     bl = sub.add_parser("baseline", help="derive a run's regression tolerances from its seed-to-seed spread")
     bl.add_argument("run", type=Path)
@@ -119,14 +116,24 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+def cmd_study(args) -> int:
     from bench import runner
 
-    s = sweep.build(_float_csv(args.rho, "--rho"), _int_csv(args.k, "--k"), args.samples, args.updates)
-    opts = runner.Options(out=args.out, device=args.device, cache=args.cache, progress=not args.no_progress,
+    study = study_mod.load(args.study)
+    if args.resume is not None:
+        s = suite_mod.from_dict(read_config(args.resume)["suite"])
+    else:
+        seeds = _int_csv(args.train_seeds, "--train-seeds") if args.train_seeds else None
+        if args.samples is not None and args.samples < 1:
+            raise UserError(f"--samples must be a positive integer, got {args.samples}")
+        s = study_mod.build_suite(study, args.samples, seeds)
+    opts = runner.Options(out=args.resume or args.out, device=args.device, cache=args.cache, resume=args.resume is not None,
+                          progress=not args.no_progress, dry_run=args.dry_run,
                           command=getattr(args, "command_line", None))
     path = runner.run(s, opts)
-    print(sweep.write_table(path))
+    if path is not None:
+        study_mod.choose(path, study)
+        print((path / "tables" / "study.md").read_text())
     return 0
 
 
@@ -146,15 +153,21 @@ def cmd_list(_args) -> int:
     print("methods:")
     for n in registry.names():
         print(f"  {n:15s} {registry.summary(n)}")
+    print("studies:")
+    for name, path in study_mod.available().items():
+        print(f"  {name:26s} {_description(path)}")
     print("suites:")
     for name, path in suite_mod.available().items():
-        desc = ""
-        for line in path.read_text().splitlines():
-            if line.startswith("description"):
-                desc = line.split("=", 1)[1].strip().strip('"')
-                break
-        print(f"  {name:15s} {desc}")
+        print(f"  {name:15s} {_description(path)}")
     return 0
+
+
+def _description(path: Path) -> str:
+    """The description line of a suite or study file (read as text: no TOML parse, no import)."""
+    for line in path.read_text().splitlines():
+        if line.startswith("description"):
+            return line.split("=", 1)[1].strip().strip('"')
+    return ""
 
 
 def cmd_table(args) -> int:
@@ -195,7 +208,7 @@ def cmd_train_evaluators(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list,
+COMMANDS = {"run": cmd_run, "study": cmd_study, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list,
             "table": cmd_table, "train-teacher": cmd_train_teacher,
             "train-evaluators": cmd_train_evaluators}
 

@@ -14,7 +14,6 @@ from core import io
 # the protocol fields that define comparability: two rows are comparable iff their protocol ids are equal
 COMPARABLE = ("prompts", "evaluators", "fid", "clip_score", "accuracy", "bootstrap")
 
-
 def git_hash() -> str:
     """HEAD of the checkout this code runs from, "-dirty" when tracked files differ; "unknown" outside git."""
     here = Path(__file__).resolve().parent

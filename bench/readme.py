@@ -1,22 +1,28 @@
-"""Keep the README true: its result blocks are copied from committed reference runs, never typed.
+"""Keep the README true: its result blocks are copied from committed reference runs, never typed, and
+a block whose run was made from other numeric source than the code's is marked stale.
 
 Blocks look like
     <!-- include: results/reference/default/tables/main.md -->
     ...generated...
     <!-- end include -->
-`python -m bench.readme` refreshes them; `--check` exits 1 if any block differs from its file
-(the test suite runs the check).
+`python -m bench.readme` refreshes them; `--check` exits 1 if any block differs from its file (the
+test suite runs it); `--check-fresh` exits 1 while any cited reference run was made from other
+numeric source than the current code (``bench.provenance.source_hash``; run by `tox -e fresh`
+before an issue that moves numbers is closed).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
 
+from bench.source import source_hash
+
 ROOT = Path(__file__).resolve().parent.parent
 PATTERN = re.compile(r"(<!-- include: (?P<path>[^ ]+) -->\n)(?P<body>.*?)(<!-- end include -->)", re.S)
-
+REFERENCE = "results/reference/"
 
 INCLUDED_LEVEL = 4  # an included file's top headings become ####, under the README's ### sections
 HEADING = re.compile(r"^(#+) ", re.M)
@@ -31,10 +37,38 @@ def demote(body: str, level: int = INCLUDED_LEVEL) -> str:
     return HEADING.sub(lambda m: "#" * max(1, min(6, len(m[1]) + shift)) + " ", body)
 
 
-def render(text: str, root: Path = ROOT) -> str:
+def run_of(include: str, root: Path = ROOT) -> Path | None:
+    """The reference run directory an included file belongs to (None for files outside a run)."""
+    if not include.startswith(REFERENCE):
+        return None
+    run = root / REFERENCE / include[len(REFERENCE):].split("/", 1)[0]
+    return run if (run / "config.json").exists() else None
+
+
+def stale_runs(text: str, root: Path = ROOT, current: str | None = None) -> dict[str, str | None]:
+    """Cited reference runs whose recorded numeric source differs from the code's: run name -> its hash."""
+    current = current or source_hash(root)
+    out = {}
+    for m in PATTERN.finditer(text):
+        run = run_of(m["path"], root)
+        if run is not None:
+            made = json.loads((run / "config.json").read_text()).get("source_sha256")
+            if made != current:
+                out[run.name] = made
+    return out
+
+
+def render(text: str, root: Path = ROOT, current: str | None = None) -> str:
+    stale = stale_runs(text, root, current)
+    current = current or source_hash(root)
+
     def sub(m: re.Match) -> str:
         path = root / m["path"]
         body = demote(path.read_text()) if path.exists() else f"(missing: {m['path']})\n"
+        run = run_of(m["path"], root)
+        if run is not None and run.name in stale:
+            body = (f"> **Stale:** `{run.name}` was made from numeric source `{stale[run.name]}`; the code now hashes "
+                    f"to `{current}`. Re-run it before trusting these figures.\n\n" + body)
         return m.group(1) + body.rstrip("\n") + "\n" + m.group(4)
 
     return PATTERN.sub(sub, text)
@@ -44,6 +78,11 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     readme = ROOT / "README.md"
     text = readme.read_text()
+    if "--check-fresh" in argv:
+        stale = stale_runs(text)
+        for name, made in stale.items():
+            print(f"stale reference: results/reference/{name} (made from source {made}, code is {source_hash()})")
+        return 1 if stale else 0
     new = render(text)
     if "--check" in argv:
         if new != text:

@@ -32,6 +32,7 @@ from bench.dist import Dist
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir
+from bench.source import source_hash
 from bench.suite import Entry, Suite
 from core import faults
 from core.errors import UserError
@@ -66,11 +67,12 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return cell_key(self.entry.label, self.budget.nfe, self.seed)
+        return cell_key(self.entry.label, self.budget.nfe, self.seed, self.entry.train_seed)
 
 
-def cell_key(label: str, nfe: int, seed: int) -> str:
-    return f"{label}|nfe={nfe}|seed={seed}"
+def cell_key(label: str, nfe: int, seed: int, train_seed: int | None = None) -> str:
+    key = f"{label}|nfe={nfe}|seed={seed}"
+    return key if train_seed is None else f"{key}|train_seed={train_seed}"
 
 
 def plan(suite: Suite) -> list[Cell]:
@@ -101,11 +103,12 @@ class RunContext:
         return self.opts.progress and self.dist.main
 
     def method(self, entry: Entry) -> base.Method:
-        if entry.label not in self.methods:
+        key = (entry.label, entry.train_seed)
+        if key not in self.methods:
             ctx = base.Context(cache_dir=self.cache / "students", progress=self.progress, scale=self.suite.scale,
                                rank=self.dist.rank, world=self.dist.world)
-            self.methods[entry.label] = registry.get(entry.name)(self.backbone, entry.config, ctx)
-        return self.methods[entry.label]
+            self.methods[key] = registry.get(entry.name)(self.backbone, entry.config, ctx)
+        return self.methods[key]
 
 
 # --- 1. check, load, open ------------------------------------------------------------------------
@@ -144,12 +147,12 @@ def run(suite: Suite, opts: Options) -> Path | None:
         ctx = RunContext(suite, opts, rd, prompts, backbone, evaluators, dist)
         start(ctx)
         rows = rd.rows() if dist.main else []
-        done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"]) for r in rows})
+        done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"], r.get("train_seed")) for r in rows})
         t_cells = time.time()
         bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not ctx.progress)
         for cell in cells:
             if cell.key not in done:
-                bar.set_postfix_str(f"{cell.entry.label} nfe={cell.budget.nfe} seed={cell.seed}")
+                bar.set_postfix_str(cell.key)
                 row = run_cell(ctx, cell)
                 if dist.main:
                     rows.append(row)
@@ -175,6 +178,7 @@ def start(ctx: RunContext) -> None:
         "suite": suite.to_dict(),
         "versions": provenance.versions(),
         "git": provenance.git_hash(),
+        "source_sha256": source_hash(),
         "device": opts.device,
         "threads": torch.get_num_threads(),
         "teacher": ctx.backbone.identity(),
@@ -185,6 +189,9 @@ def start(ctx: RunContext) -> None:
     if old is not None:
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
+        if old.get("source_sha256", config["source_sha256"]) != config["source_sha256"]:
+            raise UserError(f"cannot resume {rd.path}: the code that makes its numbers changed since it started "
+                            f"(source {old['source_sha256']} then, {config['source_sha256']} now); start a new run")
         config.update(started=old.get("started"), command=old.get("command"),
                       resumed=old.get("resumed", []) + [dt.datetime.now().isoformat(timespec="seconds")])
     else:
@@ -216,9 +223,10 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
     row = {
         "suite": ctx.suite.name, "method": entry.name, "label": entry.label, "variant": entry.variant,
         "settings": method.settings(), "steps": budget.steps, "nfe": budget.nfe, "seed": cell.seed,
+        "train_seed": entry.train_seed,
         "n_samples": len(ctx.prompts), "protocol": ctx.protocol, "status": "ok", "error": None,
     }
-    failed = ctx.failed_training.get((entry.label, budget.steps))
+    failed = ctx.failed_training.get((entry.label, entry.train_seed, budget.steps))
     if failed:  # training already diverged in this run: do not retry
         return {**row, **failed}
     try:
@@ -227,7 +235,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
             row["train"] = method.prepare(budget.steps).to_dict()
         except DivergenceError as e:
             failed = {"status": "failed", "error": f"training diverged: {e}", "failed_step": e.step}
-            ctx.failed_training[(entry.label, budget.steps)] = failed
+            ctx.failed_training[(entry.label, entry.train_seed, budget.steps)] = failed
             return {**row, **failed}
         # 2. sample this process's shard into the metric accumulators, counting network evaluations
         sampled = sample_and_measure(ctx, cell, method)
@@ -249,7 +257,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0; once per method and budget, the same for every seed)
         if "latency" in ctx.suite.metrics:
-            key = (entry.label, budget.nfe)
+            key = (entry.label, budget.nfe)  # the same network sizes for every seed: timed once
             if key not in ctx.latency:
                 lat = ctx.suite.latency
                 ctx.latency[key] = latency.measure(method, ctx.prompts, budget.steps, lat["throughput_batch"],
@@ -278,7 +286,7 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     suite, d = ctx.suite, ctx.dist
     meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, fid="fid" in suite.metrics)
     shard = d.shard(len(ctx.prompts))
-    want_grid = cell.seed == suite.seeds[0]
+    want_grid = cell.seed == suite.seeds[0] and cell.entry.train_seed in (None, suite_first_train_seed(suite))
     grid, bad, t_sample, t_eval = [], 0, 0.0, 0.0
     method.reset_nfe()
     for i in tqdm(range(shard.start, shard.stop, suite.batch_size), desc="  sample", leave=False,
@@ -299,6 +307,11 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     counted, n, bad = d.sum([method.counted_nfe(), len(shard), bad])
     return {"meter": meter, "nfe_counted": counted / n, "bad": int(bad), "grid": grid if want_grid else None,
             "sample_seconds": round(t_sample, 2), "eval_seconds": t_eval}
+
+
+def suite_first_train_seed(suite: Suite) -> int | None:
+    seeds = [e.train_seed for e in suite.entries if e.train_seed is not None]
+    return min(seeds) if seeds else None
 
 
 def gather_grid(ctx: RunContext, local: list | None) -> torch.Tensor | None:

@@ -34,6 +34,7 @@ SPECS: dict[str, MetricSpec] = {s.key: s for s in (
     MetricSpec("acc_position", "position", 3, "higher"),
     MetricSpec("acc_count", "count", 3, "higher"),
     MetricSpec("saturation", "sat.", 3, None),
+    MetricSpec("saturation_lowpass", "sat. 3×3", 3, None),
     MetricSpec("contrast", "contrast", 3, None),
     MetricSpec("brightness", "brightness", 3, None),
     MetricSpec("latency_ms", "latency ms (b=1)", 1, "lower"),
@@ -42,7 +43,7 @@ SPECS: dict[str, MetricSpec] = {s.key: s for s in (
 
 # the metric columns of the main table, in order
 MAIN_COLUMNS = ("fid", "clip_score", "accuracy", "acc_color", "acc_shape", "acc_size", "acc_position", "acc_count",
-                "saturation", "contrast")
+                "saturation", "saturation_lowpass", "contrast")
 # the quality metrics plotted against NFE and latency
 PLOTTED = ("fid", "clip_score", "accuracy")
 # the metrics the regression gate checks
@@ -54,11 +55,15 @@ def missing(v) -> bool:
 
 
 def fmt(row: dict, key: str, ci: bool = True, decimals: int | None = None) -> str:
-    """A metric of a row as text: "4.05 [3.28, 4.94]" (with its CI when asked and stored), "4.05", or "—"."""
+    """A metric of a row as text: "4.05 [3.28, 4.94]" (with its CI when asked and stored), "4.05 ± 0.31"
+    (mean ± sd over training seeds, for a row aggregated over several), "4.05", or "—"."""
     d = SPECS[key].decimals if decimals is None else decimals
     v = row.get(key)
     if missing(v):
         return "—"
+    sd = row.get(f"{key}_seed_sd")
+    if ci and not missing(sd):
+        return f"{v:.{d}f} ± {sd:.{d}f}"
     lo, hi = row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
     if ci and not missing(lo) and not missing(hi):
         return f"{v:.{d}f} [{lo:.{d}f}, {hi:.{d}f}]"

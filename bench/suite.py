@@ -7,6 +7,8 @@
     batch_size = 250
     metrics = ["fid", "clip_score", "accuracy", "latency"]
 
+    train_seeds = [0, 1, 2]      # optional: every trained method once per training seed (its `seed`)
+
     [[methods]]
     name = "teacher"             # a registered method
     label = "teacher-ddim"       # unique row label (defaults to the name)
@@ -30,7 +32,7 @@ from methods.base import Budget
 
 SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
-TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "batch_size", "metrics", "methods", "grid",
+TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
 BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data"}}
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference"}}
@@ -48,10 +50,12 @@ class Entry:
     budgets: list[Budget]
     variant: str | None = None
     config: object = dataclasses.field(default=None, compare=False, repr=False)  # the method's Config
+    train_seed: int | None = None  # set when the suite runs the entry once per training seed
 
     def to_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "settings": self.settings, "variant": self.variant,
-                "steps": [b.steps for b in self.budgets], "nfe": [b.nfe for b in self.budgets]}
+                "steps": [b.steps for b in self.budgets], "nfe": [b.nfe for b in self.budgets],
+                "train_seed": self.train_seed}
 
 
 @dataclasses.dataclass
@@ -60,7 +64,7 @@ class Suite:
     description: str
     prompts: str
     samples: int
-    seeds: list[int]
+    seeds: list[int]  # sampling seeds
     batch_size: int
     metrics: list[str]
     entries: list[Entry]
@@ -159,6 +163,8 @@ def parse(raw: dict, where: str = "suite") -> Suite:
         raise UserError(f"{where}: needs at least one [[methods]] entry")
     entries = [_entry(e, i, where, train) for i, e in enumerate(entries_raw)]
     labels = [e.label for e in entries]
+    if "train_seeds" in raw:
+        entries = _per_training_seed(entries, _int_list(raw["train_seeds"], "train_seeds", where, allow_zero=True), where)
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise UserError(f"{where}: method labels must be unique; {sorted(dup)[0]!r} appears twice (set label = ...)")
@@ -229,6 +235,25 @@ def _entry(e, i: int, where: str, train: dict) -> Entry:
     return Entry(name, label, merged, budgets, variant, config)
 
 
+def _per_training_seed(entries: list[Entry], seeds: list[int], where: str) -> list[Entry]:
+    """Each entry of a trained method once per training seed (its `seed` setting); others once."""
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: train_seeds must not repeat a seed, got {seeds}")
+    out = []
+    for e in entries:
+        cls = registry.get(e.name)
+        if "seed" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            out.append(e)
+            continue
+        if "seed" in e.settings:
+            raise UserError(f"{where}: {e.label!r} sets seed and the suite sets train_seeds; give training seeds in one place")
+        for s in seeds:
+            settings = {**e.settings, "seed": s}
+            out.append(dataclasses.replace(e, settings=settings, config=cls.make_config(settings, e.label),
+                                           train_seed=s))
+    return out
+
+
 def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | None = None,
              samples: int | None = None, seeds: list[int] | None = None) -> Suite:
     """Apply CLI overrides (validated as strictly as the file)."""
@@ -262,5 +287,6 @@ def from_dict(d: dict) -> Suite:
         if [b.nfe for b in budgets] != e["nfe"]:
             raise UserError(f"{e['label']}: the stored budgets {e['nfe']} NFE do not match this version's cost of "
                             f"{e['steps']} steps; resume the run with the flashbench version that started it")
-        entries.append(Entry(e["name"], e["label"], e["settings"], budgets, e.get("variant"), config))
+        entries.append(Entry(e["name"], e["label"], e["settings"], budgets, e.get("variant"), config,
+                             e.get("train_seed")))
     return Suite(**{**d, "entries": entries})

@@ -1,10 +1,13 @@
 """Adversarial diffusion distillation (Sauer et al. 2023, SDXL-Turbo).
 
-The student (teacher copy) is trained at 4 grid times including pure noise, from real images
-noised to that time. Loss = adversarial (hinge; a discriminator on frozen teacher features with
-trainable text-conditioned heads and an R1 penalty) + λ·distillation: the student output is
-re-noised to a random t, the guided teacher denoises it, and the student output regresses onto
-that estimate with weight c(t) = ᾱ_t. Inference: 1-4 steps without CFG (x̂_0, then re-noise).
+The student (teacher copy) is trained at the grid times it samples at, including pure noise, from
+real images noised to that time: by default the trailing grids of 1..max_steps steps (for 4 steps
+SDXL-Turbo's [999, 749, 499, 249]; the union also holds 3 steps' [999, 666, 332]), so every sampling
+grid is a subset of the training times. Loss = adversarial (a discriminator on frozen teacher
+features with trainable text-conditioned heads, the bench's shared adversarial design) +
+λ·distillation: the student output is re-noised to a random t, the guided teacher denoises it, and
+the student output regresses onto that estimate with weight c(t) = ᾱ_t. Inference: 1-4 steps
+without CFG (x̂_0, then re-noise).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from methods.training import run_updates
 @dataclasses.dataclass
 class ADDConfig(AdversarialConfig):
     lambda_distill: float = 2.5
-    r1_gamma: float = 1e-5
-    student_timesteps: tuple[int, ...] = (999, 749, 499, 249)  # the 4 training grid times, pure noise first
+    # the training times; () = the trailing grids of 1..max_steps steps (every time the sampler visits)
+    student_timesteps: tuple[int, ...] = ()
     max_steps: int = 4
 
 
@@ -49,19 +52,26 @@ class ADD(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return 0  # one student for every step count
 
+    def training_timesteps(self, grid: int) -> set[int]:
+        cfg = self.config
+        return set(cfg.student_timesteps) or {t for k in range(1, cfg.max_steps + 1) for t in D.trailing_timesteps(k)}
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        return D.trailing_timesteps(steps)
+
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(unet, bb.schedule, bb.prediction_type)
+        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         adv = self.adversarial()
-        taus = torch.tensor(cfg.student_timesteps)
+        taus = torch.tensor(sorted(self.training_timesteps(grid), reverse=True))
 
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
             n = len(cond)
             x0_real = bb.from_images(real)
-            # 1. student input: a real image noised to one of the 4 student times
+            # 1. student input: a real image noised to one of the student times
             tau = taus[torch.randint(0, len(taus), (n,), generator=g)]
             eps = torch.randn(x0_real.shape, generator=g).to(x0_real)
             x_tau = bb.schedule.add_noise(x0_real, eps, tau).float()
@@ -74,22 +84,26 @@ class ADD(DistilledMethod):
                 x0_teacher, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
             l_distill = add_distillation_loss(x0_s, x0_teacher, t, bb.schedule)
             # 3. adversarial (generator side), gradients through the frozen teacher features
-            l_adv = adv.generator_loss(x0_s, cond, g)
-            loss = l_adv + cfg.lambda_distill * l_distill
+            l_adv = adv.generator_loss(x0_s, cond, g, step)
+            loss = cfg.lambda_distill * l_distill + (0 if l_adv is None else l_adv)
             self.step(opt, loss, unet)
-            # 4. discriminator: hinge + R1 on real images
+            # 4. discriminator on real images vs student outputs
             d = adv.step(x0_real, cond, x0_s, g)
-            return {"distill": l_distill.item(), "g_adv": l_adv.item(), "d": d}
+            losses = {"distill": l_distill.item(), "d": d}
+            if l_adv is not None:
+                losses["g_adv"] = l_adv.item()
+            return losses
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": adv.disc.heads},
-                          {"student": opt, "disc": adv.opt}, desc="add", progress=self.ctx.progress)
+                          {"student": opt, "disc": adv.opt}, desc="add", progress=self.ctx.progress,
+                          compute=self.compute)
         return self.trained(log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
         bb = self.backbone
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
-        grid = D.trailing_timesteps(steps)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
-        x0 = renoise_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T, grid, fresh)
+        x0 = renoise_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T,
+                                self.sampling_timesteps(steps), fresh)
         return bb.to_images(x0)

@@ -47,7 +47,9 @@ class TrainInfo:
     """What it cost to make the sampler (recorded with every result)."""
 
     student_updates: int = 0
-    teacher_nfe: int = 0  # teacher network evaluations (per-sample calls, CFG counted twice) spent training
+    teacher_nfe: int = 0  # teacher forward passes per sample (a guided call counts 2), counted in training
+    network_passes: int = 0  # forward + backward passes per sample of every network used in training, counted
+    passes: dict | None = None  # {role: {"forward": n, "backward": n}} (teacher, student, discriminator, ...)
     wall_seconds: float = 0.0  # seconds
     cached: bool = False
     checkpoint: str | None = None

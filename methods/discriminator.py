@@ -1,9 +1,11 @@
 """A discriminator on frozen teacher-UNet encoder features with small trainable heads (ADD / LADD style).
 
-The image (x̂_0 in model space) is re-noised to a random t_d, the frozen teacher UNet runs its
-encoder half (time embedding, down blocks, mid block) on it with the prompt, and one small
-text-conditioned head per feature level gives a logit (projection discriminator). Hinge loss;
-optional R1 penalty on real inputs. The features are the *teacher's* — never an evaluator's.
+The image (x̂_0 in model space) is re-noised to a random t_d ∈ [0, t_max], the frozen teacher UNet
+runs its encoder half (time embedding, down blocks, mid block) on it with the prompt, and one small
+text-conditioned head per feature level gives logits (projection discriminator): one per image
+(pooled) or one per feature-map location (``patch``, as PatchGAN / LADD). The loss is hinge or
+non-saturating (``loss``); R1 penalises the gradient of D at the *noised* real input. The features
+are the *teacher's*, never an evaluator's.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.backbone import Cond
+
+LOSSES = ("hinge", "non-saturating")
 
 
 def encoder_features(unet, x_t, t, cond: Cond, timestep_cond=None) -> list[torch.Tensor]:
@@ -43,7 +47,9 @@ def encoder_features(unet, x_t, t, cond: Cond, timestep_cond=None) -> list[torch
 
 
 class _Head(nn.Module):
-    def __init__(self, channels: int, text_dim: int, width: int):
+    """Logits of one feature level [B, C, h, w] -> [B, h·w] (patch) or [B, 1] (pooled), text-projected."""
+
+    def __init__(self, channels: int, text_dim: int, width: int, patch: bool):
         super().__init__()
         groups = 8 if width % 8 == 0 else 1
         self.body = nn.Sequential(
@@ -52,56 +58,85 @@ class _Head(nn.Module):
         )
         self.out = nn.Linear(width, 1)
         self.proj = nn.Linear(text_dim, width)  # projection-discriminator text conditioning
+        self.patch = patch
 
     def forward(self, f: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        h = self.body(f).mean((2, 3))  # [B, width]
-        return self.out(h).squeeze(1) + (h * self.proj(text)).sum(1) / h.shape[1] ** 0.5
+        h = self.body(f)  # [B, width, h, w]
+        h = h.flatten(2).transpose(1, 2) if self.patch else h.mean((2, 3))[:, None]  # [B, P, width]
+        return self.out(h).squeeze(-1) + (h * self.proj(text)[:, None]).sum(-1) / h.shape[-1] ** 0.5
 
 
 class TeacherFeatureDiscriminator(nn.Module):
-    """Hinge discriminator: frozen teacher encoder features + trainable text-conditioned heads."""
+    """Frozen teacher encoder features + trainable text-conditioned heads; hinge or non-saturating loss.
 
-    def __init__(self, teacher_unet, schedule, null_cond: Cond, t_max: int = 500, width: int = 32):
+    Counts its passes (per sample) for the training-compute record: ``forward_passes`` (teacher
+    encoder + heads) and ``backward_passes`` (samples whose logits a gradient flowed back through).
+    """
+
+    def __init__(self, teacher_unet, schedule, null_cond: Cond, t_max: int = 500, width: int = 32,
+                 patch: bool = True, loss: str = "hinge"):
         """`null_cond`: the teacher's encoding of one prompt (any), to probe feature shapes and text width."""
         super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         self.teacher = [teacher_unet]  # a list: not a submodule, never trained, never saved with the heads
-        self.schedule = schedule
-        self.t_max = t_max
+        self.schedule, self.t_max, self.loss = schedule, t_max, loss
         with torch.no_grad():
             probe = torch.zeros(1, teacher_unet.config.in_channels, teacher_unet.config.sample_size,
                                 teacher_unet.config.sample_size, device=next(teacher_unet.parameters()).device)
             chans = [f.shape[1] for f in encoder_features(teacher_unet, probe, 0, null_cond.index(slice(0, 1)))]
-        self.heads = nn.ModuleList(_Head(c, null_cond.states.shape[-1], width) for c in chans)
-        self.feature_passes = 0  # teacher encoder evaluations per sample, summed
+        self.heads = nn.ModuleList(_Head(c, null_cond.states.shape[-1], width, patch) for c in chans)
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def noised(self, x0: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, t): x0 re-noised to t ~ U{0..t_max}, per sample."""
+        t = torch.randint(0, self.t_max + 1, (x0.shape[0],), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen).to(x0)
+        return self.schedule.add_noise(x0, eps, t).to(x0.dtype), t
+
+    def logits_at(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """Logits [B, P] of noised inputs x_t at times t (P: patches over all heads, or one per head)."""
+        n = x_t.shape[0]
+        feats = encoder_features(self.teacher[0], x_t, t.to(x_t.device), cond)
+        text = cond.states.mean(1)
+        out = torch.cat([h(f, text) for h, f in zip(self.heads, feats)], 1)
+        self.forward_passes += n
+        if out.requires_grad:
+            out.register_hook(lambda grad: self._backward(n))
+        return out
+
+    def _backward(self, n: int) -> None:
+        self.backward_passes += n
 
     def logits(self, x0: torch.Tensor, cond: Cond, gen: torch.Generator | None = None) -> torch.Tensor:
-        n = x0.shape[0]
-        t = torch.randint(0, self.t_max + 1, (n,), generator=gen)
-        eps = torch.randn(x0.shape, generator=gen).to(x0)
-        x_t = self.schedule.add_noise(x0, eps, t).to(x0.dtype)
-        feats = encoder_features(self.teacher[0], x_t, t.to(x0.device), cond)
-        self.feature_passes += n
-        text = cond.states.mean(1)
-        return sum(h(f, text) for h, f in zip(self.heads, feats)) / len(self.heads)
+        x_t, t = self.noised(x0, gen)
+        return self.logits_at(x_t, t, cond)
 
     def d_loss(self, real_x0, real_cond: Cond, fake_x0, fake_cond: Cond, gen=None, r1_gamma: float = 0.0):
-        """Hinge loss for the heads (fake detached); R1 = γ/2 E‖∇_x D(real)‖² when r1_gamma > 0."""
-        real_x0 = real_x0.detach().requires_grad_(r1_gamma > 0)
+        """The heads' loss (fake detached); with r1_gamma > 0 plus R1 = γ/2 E‖∇_{x_t} D(x_t)‖² at the noised real x_t."""
+        x_r, t_r = self.noised(real_x0.detach(), gen)
         if r1_gamma > 0:
             # R1 needs a double backward, which fused attention kernels do not implement
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
+            x_r.requires_grad_(True)
             with sdpa_kernel(SDPBackend.MATH):
-                d_real = self.logits(real_x0, real_cond, gen)
+                d_real = self.logits_at(x_r, t_r, real_cond)
         else:
-            d_real = self.logits(real_x0, real_cond, gen)
+            d_real = self.logits_at(x_r, t_r, real_cond)
         d_fake = self.logits(fake_x0.detach(), fake_cond, gen)
-        loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        if r1_gamma > 0:
-            (grad,) = torch.autograd.grad(d_real.sum(), real_x0, create_graph=True)
+        if self.loss == "hinge":
+            loss = F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
+        else:
+            loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        if r1_gamma > 0:  # on each sample's mean logit (comparable between patch and pooled heads)
+            (grad,) = torch.autograd.grad(d_real.mean(1).sum(), x_r, create_graph=True)
             loss = loss + 0.5 * r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
         return loss
 
     def g_loss(self, fake_x0, cond: Cond, gen=None):
-        """Generator hinge loss −E[D(fake)]; gradients reach the student through the frozen features."""
-        return -self.logits(fake_x0, cond, gen).mean()
+        """Generator loss: −E[D(fake)] (hinge) or E[softplus(−D(fake))] (non-saturating); gradients reach the
+        student through the frozen features."""
+        d = self.logits(fake_x0, cond, gen)
+        return -d.mean() if self.loss == "hinge" else F.softplus(-d).mean()

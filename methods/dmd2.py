@@ -4,11 +4,14 @@ term and backward simulation for the multi-step generator. (Beyond the Imagine F
 Generator G (a teacher copy) produces x̂_0. The distribution-matching gradient at a noised
 x_t' = α x̂_0 + σ ε is the difference between the fake score (a second UNet trained online with a
 denoising loss on G's outputs) and the real score (the guided teacher), normalised per sample:
-  loss_DM = ½‖x̂_0 − sg(x̂_0 − (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|)‖².
-The fake score takes ``fake_updates`` steps per generator step (two time-scale update rule).
-Backward simulation: the generator's inputs at grid time t come from running its own few-step
-sampler from noise (as in Imagine Flash's backward distillation), never from noised real images.
-The GAN term reuses the frozen-teacher-feature discriminator (DMD2 puts its classifier on the
+  loss_DM = ½ mean‖x̂_0 − sg(x̂_0 − (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|)‖²
+(mean over elements, as tianweiy/DMD2's ``compute_distribution_matching_loss``).
+The fake score takes ``fake_updates`` steps per generator step (the two time-scale update rule;
+DMD2 uses 5). Backward simulation: the generator's inputs at grid time t come from running its own
+few-step sampler from noise (as in Imagine Flash's backward distillation), never from noised real
+images; a shared generator draws its step count k ∈ 1..max_steps per update and each sample its
+own grid index, so every sampling grid is one it trained on. The GAN term reuses the
+frozen-teacher-feature discriminator on the returned samples (DMD2 puts its classifier on the
 fake-score network; a documented deviation that keeps one discriminator design in the bench).
 """
 
@@ -30,25 +33,29 @@ from methods.training import optimizer_step, run_updates
 @dataclasses.dataclass
 class DMD2Config(AdversarialConfig):
     lr_fake: float = 1e-4
-    fake_updates: int = 2  # fake-score updates per generator update (DMD2 uses 5 on GPUs)
+    fake_updates: int = 5  # fake-score updates per generator update (DMD2's two time-scale ratio)
     lambda_gan: float = 0.05
+    adv_times: str = "last"  # the GAN term on the returned samples (x̂_0 at the last grid time) or at every time
     t_min: int = 20  # the distribution-matching noise range
     t_max: int = 980
-    max_steps: int = 4  # the generator's grid (trailing); sampling uses its first 1..max_steps points
+    max_steps: int = 4
     backward_simulation: bool = True
-    shared_student: bool = True  # one generator on the max_steps grid serves every step count
+    shared_student: bool = True  # one generator for 1..max_steps steps (trained on all their grids)
 
     def __post_init__(self):
         super().__post_init__()
         if self.fake_updates < 1:
             raise ValueError(f"fake_updates must be >= 1, got {self.fake_updates}")
+        if self.adv_times not in ("last", "all"):
+            raise ValueError(f"adv_times must be 'last' or 'all', got {self.adv_times!r}")
 
 
 def dm_loss(x0, x0_real, x0_fake) -> torch.Tensor:
-    """The DMD loss: its gradient w.r.t. x̂_0 is (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real| (per sample)."""
+    """The DMD loss, mean-reduced: its gradient w.r.t. x̂_0 is (x̂_0^fake − x̂_0^real) / mean|x̂_0 − x̂_0^real|
+    (normalised per sample) divided by the number of elements."""
     norm = (x0 - x0_real).abs().flatten(1).mean(1).clamp(min=1e-5)
     grad = (x0_fake - x0_real) / D._bcast(norm, x0)
-    return 0.5 * F.mse_loss(x0, (x0 - grad).detach(), reduction="sum") / x0.shape[0]
+    return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
 
 
 @register("dmd2")
@@ -64,24 +71,33 @@ class DMD2(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return self.config.max_steps if self.config.shared_student else steps
 
+    def training_timesteps(self, grid: int) -> set[int]:
+        counts = range(1, grid + 1) if self.config.shared_student else [grid]
+        return {t for k in counts for t in D.trailing_timesteps(k)}
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        return D.trailing_timesteps(steps)
+
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        gen = Denoiser(unet, bb.schedule, bb.prediction_type)
+        gen = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
         fake_unet = bb.new_unet()
-        fake = Denoiser(fake_unet, bb.schedule, bb.prediction_type)
+        fake = Denoiser(self.counting(fake_unet, "fake_score"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
         adv = self.adversarial()
-        timesteps = D.trailing_timesteps(grid)
 
         def generate(g, cond, real, n, with_grad: bool):
-            """x̂_0 of the generator at a grid time; its input by backward simulation (or noised real data)."""
-            i = int(torch.randint(0, grid, (1,), generator=g))
-            t = timesteps[i]
+            """(x̂_0 of the generator, which samples are at their grid's last time), each sample at its own
+            grid time; inputs by backward simulation (or noised real data)."""
+            k = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
+            timesteps = D.trailing_timesteps(k)
+            i = torch.randint(0, k, (n,), generator=g)
+            t = torch.tensor(timesteps)[i]
             if cfg.backward_simulation:
                 x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)
-                fresh = lambda k: torch.randn((n, *bb.sample_shape), generator=g)  # noqa: E731
+                fresh = lambda j: torch.randn((n, *bb.sample_shape), generator=g)  # noqa: E731
                 with torch.no_grad():
                     x_t = renoise_trajectory(lambda x, s: gen.predict(x, s, cond), bb.schedule, x_T, timesteps,
                                              fresh, stop_at=i)
@@ -90,7 +106,7 @@ class DMD2(DistilledMethod):
                 x_t = bb.schedule.add_noise(bb.from_images(real), eps, t).float()
             with torch.set_grad_enabled(with_grad):
                 x0, _ = gen.predict(x_t, t, cond)
-            return x0
+            return x0, (i == k - 1) if cfg.adv_times == "last" else torch.ones(n, dtype=torch.bool)
 
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
@@ -98,15 +114,15 @@ class DMD2(DistilledMethod):
             # 1. fake-score updates (the faster time scale): denoising loss on generator samples
             l_fake = 0.0
             for _ in range(cfg.fake_updates):
-                x0_fake_data = generate(g, cond, real, n, with_grad=False)
+                x0_fake_data, _ = generate(g, cond, real, n, with_grad=False)
                 t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
                 eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
                 x_t = bb.schedule.add_noise(x0_fake_data, eps, t).float()
                 loss_f = F.mse_loss(fake.raw(x_t, t, cond), eps)
                 optimizer_step(opt_fake, loss_f, fake_unet.parameters(), cfg.grad_clip)
                 l_fake += loss_f.item() / cfg.fake_updates
-            # 2. generator: distribution matching at a random t' + GAN term
-            x0 = generate(g, cond, real, n, with_grad=True)
+            # 2. generator: distribution matching at a random t' + GAN term on the returned samples
+            x0, last = generate(g, cond, real, n, with_grad=True)
             t = torch.randint(cfg.t_min, cfg.t_max + 1, (n,), generator=g)
             eps = torch.randn(x0.shape, generator=g).to(x0)
             x_t = bb.schedule.add_noise(x0.detach(), eps, t).float()
@@ -114,16 +130,21 @@ class DMD2(DistilledMethod):
                 x0_real, _ = teacher.predict_guided(x_t, t, cond, uncond, cfg.guidance_scale)
                 x0_fake, _ = fake.predict(x_t, t, cond)
             l_dm = dm_loss(x0, x0_real, x0_fake)
-            l_gan = adv.generator_loss(x0, cond, g)
-            loss = l_dm + cfg.lambda_gan * l_gan
+            l_gan = adv.generator_loss(x0[last], cond.index(last), g, step)
+            loss = l_dm if l_gan is None else l_dm + cfg.lambda_gan * l_gan
             self.step(opt, loss, unet)
-            # 3. discriminator heads on real renders vs generator samples
-            d = adv.step(bb.from_images(real), cond, x0, g)
-            return {"dm": l_dm.item(), "fake": l_fake, "g_gan": l_gan.item(), "d": d}
+            # 3. discriminator heads on real renders vs the generator's returned samples
+            d = adv.step(bb.from_images(real)[last], cond.index(last), x0[last], g)
+            losses = {"dm": l_dm.item(), "fake": l_fake}
+            if l_gan is not None:
+                losses["g_gan"] = l_gan.item()
+            if d is not None:
+                losses["d"] = d
+            return losses
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": adv.disc.heads},
                           {"student": opt, "fake": opt_fake, "disc": adv.opt}, desc=f"dmd2 {grid}-step",
-                          progress=self.ctx.progress)
+                          progress=self.ctx.progress, compute=self.compute)
         return self.trained(log)
 
     @torch.no_grad()
@@ -132,5 +153,5 @@ class DMD2(DistilledMethod):
         gen, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
         x0 = renoise_trajectory(lambda x, t: gen.predict(x, t, cond), bb.schedule, x_T,
-                                D.trailing_timesteps(steps), fresh)
+                                self.sampling_timesteps(steps), fresh)
         return bb.to_images(x0)

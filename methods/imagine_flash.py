@@ -2,12 +2,15 @@
 reconstruction loss (SRL), noise correction, and an adversarial term.
 
 Each component is a switch, so the paper's ablation is one field per row:
-  backward_distillation  student inputs come from its own sampler (off: real images noised to t)
-  srl                    teacher target from the re-noised student x̂_0 at γ(t) = ρ·t (off: from x_t)
-  noise_correction       first sampling step uses x_T as its direction (inference only)
-  adversarial            hinge GAN on frozen teacher-encoder features, weight lambda_adv
-The paper prints neither γ nor k: both are settings (rho, teacher_steps), recorded in every result;
-their defaults come from `flashbench sweep` (see the README).
+  backward_distillation     student inputs come from its own sampler (off: real images noised to t)
+  srl                       teacher target from the re-noised student x̂_0 at γ(t) = ρ·t (off: from x_t)
+  noise_correction          the sampler's first step uses x_T as its direction (inference only)
+  rollout_noise_correction  the backward-distillation rollouts do the same (training: part of the cache key)
+  adversarial               a GAN term on frozen teacher-encoder features, weight lambda_adv, applied to
+                            the student's returned samples (its x̂_0 at the last grid time, ``adv_times``)
+Each training sample draws its own grid time (per sample, so no batch is all t = T). The paper
+prints neither γ nor k, nor the adversarial design: all are settings recorded in every result,
+with defaults chosen by the studies in ``bench/studies/`` on validation prompts (see the README).
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ from methods.sampling import Denoiser, ddim_trajectory
 from methods.student import AdversarialConfig, DistilledMethod
 from methods.training import run_updates
 
+ADV_TIMES = ("last", "all")
+
 
 @dataclasses.dataclass
 class ImagineFlashConfig(AdversarialConfig):
     backward_distillation: bool = True
     srl: bool = True
     noise_correction: bool = True
+    rollout_noise_correction: bool = True
     adversarial: bool = True
-    rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time (the sweep in the README chose 1.0)
-    teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target (sweep: 2)
+    rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time
+    teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target
     lambda_adv: float = 0.1
+    adv_times: str = "last"  # where the GAN term applies: the returned samples ("last") or every grid time
     max_steps: int = 3  # students exist for 1..max_steps sampling steps
     shared_student: bool = False  # one student for every step count (trained on random grids) or one per count
 
@@ -43,26 +50,32 @@ class ImagineFlashConfig(AdversarialConfig):
             raise ValueError(f"rho must be in (0, 1], got {self.rho}")
         if self.teacher_steps < 1:
             raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
+        if self.adv_times not in ADV_TIMES:
+            raise ValueError(f"adv_times must be one of {ADV_TIMES}, got {self.adv_times!r}")
 
 
-def teacher_target(teacher: Denoiser, chi, t_start: int, k: int, cond, uncond, w: float) -> torch.Tensor:
-    """x̂_0 after k guided teacher DDIM steps from χ at t_start (the final estimate, no gradient)."""
-    grid = [int(round(t_start * (1 - j / k))) for j in range(k)]
-    grid = [g for i, g in enumerate(grid) if i == 0 or g < grid[i - 1]]  # strictly decreasing near t=0
+def teacher_target(teacher: Denoiser, chi, t_start, k: int, cond, uncond, w: float) -> torch.Tensor:
+    """x̂_0 after k guided teacher DDIM steps from χ at t_start (an int, or one time per sample [B]);
+    the grid is round(t_start · (1 − j/k)), j < k. The final estimate, without gradient."""
+    t_start = torch.as_tensor(t_start)
+    grid = [torch.round(t_start.double() * (1 - j / k)).long() for j in range(k)]
     with torch.no_grad():
         return ddim_trajectory(lambda x, t: teacher.predict_guided(x, t, cond, uncond, w), teacher.schedule, chi, grid)
 
 
 def srl_input(x0_student, t, rho: float, schedule: D.Schedule, eps_fresh):
-    """χ = α_{γ(t)} sg(x̂_0^Θ) + σ_{γ(t)} ε' with γ(t) = ρ·t (Imagine Flash, shifted reconstruction)."""
-    t_phi = int(D.gamma_shift(t, rho))
+    """χ = α_{γ(t)} sg(x̂_0^Θ) + σ_{γ(t)} ε' with γ(t) = ρ·t (Imagine Flash, shifted reconstruction).
+
+    `t`: an int or a long tensor [B]; returns (χ, γ(t)) with γ(t) of the same form."""
+    t_phi = D.gamma_shift(t, rho)
     chi = schedule.add_noise(x0_student.detach(), eps_fresh, t_phi).to(x0_student.dtype)
     return chi, t_phi
 
 
-def backward_latent(predict, schedule: D.Schedule, x_T, timesteps: list[int], i: int,
+def backward_latent(predict, schedule: D.Schedule, x_T, timesteps: list[int], i,
                     noise_correction: bool) -> torch.Tensor:
-    """x^Θ_{T→t}: the student's own sampler from pure noise down to grid time timesteps[i], without gradient."""
+    """x^Θ_{T→t}: the student's own sampler from pure noise down to grid time timesteps[i] (i: an int or
+    one grid index per sample [B]), without gradient."""
     with torch.no_grad():
         return ddim_trajectory(predict, schedule, x_T, timesteps, noise_correction, stop_at=i)
 
@@ -86,9 +99,16 @@ class ImagineFlash(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return self.config.max_steps if self.config.shared_student else steps
 
+    def training_timesteps(self, grid: int) -> set[int]:
+        counts = range(1, grid + 1) if self.config.shared_student else [grid]
+        return {t for k in counts for t in D.trailing_timesteps(k)}
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        return D.trailing_timesteps(steps)
+
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(unet, bb.schedule, bb.prediction_type)
+        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         modules, opts = {"student": unet}, {"student": opt}
@@ -100,16 +120,16 @@ class ImagineFlash(DistilledMethod):
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
             n = len(cond)
-            # 1. the training latent at a grid time t
+            # 1. each sample's training latent at its own grid time t = timesteps[i]
             steps = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
             timesteps = D.trailing_timesteps(steps)
-            i = int(torch.randint(0, steps, (1,), generator=g))
-            t = timesteps[i]
+            i = torch.randint(0, steps, (n,), generator=g)
+            t = torch.tensor(timesteps)[i]
             if cfg.backward_distillation:
                 # roll the student's own sampler from pure noise down to t, without gradient
                 x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)
                 x_t = backward_latent(lambda x, s: student.predict(x, s, cond), bb.schedule, x_T, timesteps, i,
-                                      cfg.noise_correction)
+                                      cfg.rollout_noise_correction)
             else:
                 # forward distillation: a real image noised to t
                 eps = torch.randn(real.shape, generator=g).to(bb.device)
@@ -126,24 +146,28 @@ class ImagineFlash(DistilledMethod):
             loss_d = distillation_loss(x0_s, target)
             losses = {"distill": loss_d.item()}
             loss = loss_d
-            # 4. adversarial term through the frozen teacher features
+            # 4. adversarial term on the samples the sampler returns (x̂_0 at the last grid time), or at every t
+            on = (i == steps - 1) if cfg.adv_times == "last" else torch.ones(n, dtype=torch.bool)
             if adv is not None:
-                g_adv = adv.generator_loss(x0_s, cond, g)
-                loss = loss + cfg.lambda_adv * g_adv
-                losses["g_adv"] = g_adv.item()
+                g_adv = adv.generator_loss(x0_s[on], cond.index(on), g, step)
+                if g_adv is not None:
+                    loss = loss + cfg.lambda_adv * g_adv
+                    losses["g_adv"] = g_adv.item()
             self.step(opt, loss, unet)
             if adv is not None:
-                losses["d"] = adv.step(bb.from_images(real), cond, x0_s, g)
+                d = adv.step(bb.from_images(real)[on], cond.index(on), x0_s[on], g)
+                if d is not None:
+                    losses["d"] = d
             return losses
 
         log = run_updates(update, self.updates(), ckpt, modules, opts, desc=f"imagine-flash {grid}-step",
-                          progress=self.ctx.progress)
-        return self.trained(log, teacher_nfe_per_sample=2 * cfg.teacher_steps)
+                          progress=self.ctx.progress, compute=self.compute)
+        return self.trained(log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
         bb = self.backbone
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond), bb.schedule, x_T,
-                             D.trailing_timesteps(steps), self.config.noise_correction)
+                             self.sampling_timesteps(steps), self.config.noise_correction)
         return bb.to_images(x0)

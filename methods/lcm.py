@@ -66,6 +66,8 @@ class LCM(DistilledMethod):
     """Latent consistency distillation (skipping-step DDIM solver, w-embedding, EMA target)."""
 
     Config = LCMConfig
+    # training draws w ~ U[w_min, w_max]; guidance_scale is only the w the sampler asks for
+    INFERENCE_FIELDS = frozenset({"guidance_scale"})
     w_dim = 64
 
     @classmethod
@@ -75,11 +77,26 @@ class LCM(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return 0  # one student for every step count
 
+    def training_timesteps(self, grid: int) -> set[int]:
+        return set(skipping_grid(self.config.num_ddim_timesteps).tolist())
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        scheduler = self._scheduler()
+        scheduler.set_timesteps(steps)
+        return [int(t) for t in scheduler.timesteps]
+
+    def _scheduler(self):
+        import diffusers
+
+        return diffusers.LCMScheduler.from_config(lcm_scheduler_config(self.backbone.scheduler_config),
+                                                  original_inference_steps=self.config.num_ddim_timesteps)
+
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
+        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type, self.w_dim)
         target_ema = EMA(unet, cfg.ema_decay)
-        target = Denoiser(target_ema.module, bb.schedule, bb.prediction_type, self.w_dim)
+        target = Denoiser(self.counting(target_ema.module, "ema_target"), bb.schedule, bb.prediction_type,
+                          self.w_dim)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         solver_grid = skipping_grid(cfg.num_ddim_timesteps)
@@ -113,18 +130,14 @@ class LCM(DistilledMethod):
             return {"consistency": loss.item()}
 
         log = run_updates(update, self.updates(), ckpt, {"student": unet, "target": target_ema.module}, {"student": opt},
-                          desc="lcm", progress=self.ctx.progress)
+                          desc="lcm", progress=self.ctx.progress, compute=self.compute)
         return self.trained(log)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
-        import diffusers
-
         bb = self.backbone
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
-        scheduler = diffusers.LCMScheduler.from_config(
-            lcm_scheduler_config(bb.scheduler_config), original_inference_steps=self.config.num_ddim_timesteps)
-        x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), scheduler, bb.schedule, x_T, steps,
+        x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), self._scheduler(), bb.schedule, x_T, steps,
                            bb.prediction_type, generators=lambda i: per_sample_generators(noise_keys, i + 1))
         return bb.to_images(x0)

@@ -1,10 +1,14 @@
 """Guided progressive distillation (Salimans & Ho 2022; Meng et al. 2023, the paper's "step distillation").
 
 Stage 0 distils classifier-free guidance into a w-conditioned student that samples with DDIM in
-``max_steps`` steps (1 NFE per step). Each following round halves the step count N -> N/2: the
+``max_steps`` steps (1 NFE per step; default 4, so each halving round gets a real share of the
+budget). Each following round halves the step count N -> N/2: the
 student (initialised from the previous round's) learns to match, in one DDIM step from z_t, two
 DDIM steps of the previous student, through the target x̃ that makes a single step land on z''.
-Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (16, 8, 4, 2, 1 steps).
+Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (4, 2, 1 steps). The student's
+output parameterisation is a setting (``student_prediction``): ε like the teacher it starts from, or
+v as Salimans & Ho recommend for few steps (the CFG stage then also teaches the new output). Each
+training sample draws its own grid index.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ from methods.training import run_updates
 
 @dataclasses.dataclass
 class ProgressiveConfig(DistillConfig):
-    lr: float = 1e-4
-    max_steps: int = 16  # the CFG-distilled student's DDIM steps (a power of two); rounds halve it down to 1
+    max_steps: int = 4  # the CFG-distilled student's DDIM steps (a power of two); rounds halve it down to 1
     cfg_fraction: float = 0.2  # share of student_updates spent on the CFG-distillation stage
     w_min: float = 1.5
     w_max: float = 4.5
+    student_prediction: str = "epsilon"  # the student's output: "epsilon" or "v_prediction"
 
     def __post_init__(self):
         super().__post_init__()
@@ -35,6 +39,8 @@ class ProgressiveConfig(DistillConfig):
             raise ValueError(f"max_steps must be a power of two, got {self.max_steps}")
         if not 0 < self.cfg_fraction < 1:
             raise ValueError(f"cfg_fraction must be in (0, 1), got {self.cfg_fraction}")
+        if self.student_prediction not in ("epsilon", "v_prediction"):
+            raise ValueError(f"student_prediction must be 'epsilon' or 'v_prediction', got {self.student_prediction!r}")
 
 
 def snr_weighted_x_loss(x0_pred, x0_target, t, schedule: D.Schedule) -> torch.Tensor:
@@ -44,10 +50,11 @@ def snr_weighted_x_loss(x0_pred, x0_target, t, schedule: D.Schedule) -> torch.Te
     return (w * (x0_pred - x0_target.detach()).pow(2).flatten(1).mean(1)).mean()
 
 
-def _coef(schedule: D.Schedule, t: int | None):
-    if t is None:  # the end of sampling: the clean image
-        return torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
-    return schedule.alpha(t), schedule.sigma(t)
+def _coef(schedule: D.Schedule, t: torch.Tensor):
+    """(α, σ) float64 [B] at per-sample times t; t = −1 marks the end of sampling (the clean image: 1, 0)."""
+    end = t < 0
+    t = t.clamp(min=0)
+    return (torch.where(end, 1.0, schedule.alpha(t)), torch.where(end, 0.0, schedule.sigma(t)))
 
 
 @register("progressive")
@@ -55,6 +62,8 @@ class Progressive(DistilledMethod):
     """Guided progressive distillation (Meng et al.): CFG distillation, then halving rounds."""
 
     Config = ProgressiveConfig
+    # training draws w ~ U[w_min, w_max]; guidance_scale is only the w the sampler asks for
+    INFERENCE_FIELDS = frozenset({"guidance_scale"})
     w_dim = 64
 
     @classmethod
@@ -68,6 +77,16 @@ class Progressive(DistilledMethod):
     @classmethod
     def smoke_settings(cls) -> dict:
         return {"student_updates": 6, "batch_size": 2, "max_steps": 2}
+
+    def training_timesteps(self, grid: int) -> set[int]:
+        # the CFG stage (grid = max_steps) learns at every t; a halving round at its own grid's times
+        return set(range(D.T_TRAIN)) if grid == self.config.max_steps else set(D.trailing_timesteps(grid))
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        return D.trailing_timesteps(steps)
+
+    def _denoiser(self, net, role: str) -> Denoiser:
+        return Denoiser(self.counting(net, role), self.backbone.schedule, self.student_prediction_type(), self.w_dim)
 
     def _stage_updates(self) -> tuple[int, int]:
         rounds = max(1, self.config.max_steps.bit_length() - 1)
@@ -83,10 +102,7 @@ class Progressive(DistilledMethod):
         prev = self.prepare(2 * grid)
         teacher_net = self.unets[2 * grid]
         unet.load_state_dict(teacher_net.state_dict())
-        info = self._train_round(unet, teacher_net, grid, ckpt)
-        info.student_updates += prev.student_updates
-        info.teacher_nfe += prev.teacher_nfe
-        return info
+        return self._train_round(unet, teacher_net, grid, ckpt, prev)
 
     def _w(self, g, n):
         return self.config.w_min + (self.config.w_max - self.config.w_min) * torch.rand(n, generator=g)
@@ -94,7 +110,7 @@ class Progressive(DistilledMethod):
     def _train_cfg_stage(self, unet, ckpt) -> TrainInfo:
         """Stage 0: x̂_0 of the w-conditioned student matches the guided teacher's, at random t."""
         bb = self.backbone
-        student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
+        student = self._denoiser(unet, "student")
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         updates, _ = self._stage_updates()
@@ -114,35 +130,39 @@ class Progressive(DistilledMethod):
             return {"cfg_distill": loss.item()}
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
-                          desc=f"progressive cfg ({self.config.max_steps} steps)", progress=self.ctx.progress)
+                          desc=f"progressive cfg ({self.config.max_steps} steps)", progress=self.ctx.progress,
+                          compute=self.compute)
         return self.trained(log, updates)
 
-    def _train_round(self, unet, teacher_net, grid: int, ckpt) -> TrainInfo:
+    def _train_round(self, unet, teacher_net, grid: int, ckpt, prev: TrainInfo) -> TrainInfo:
         """One halving round: 2 teacher DDIM steps -> 1 student step, through the x̃ target."""
         bb = self.backbone
-        student = Denoiser(unet, bb.schedule, bb.prediction_type, self.w_dim)
-        teacher = Denoiser(teacher_net, bb.schedule, bb.prediction_type, self.w_dim)
+        student = self._denoiser(unet, "student")
+        teacher = self._denoiser(teacher_net, "round_teacher")  # the previous round's student
         opt = self.optimizer(unet.parameters())
-        fine = D.trailing_timesteps(2 * grid)  # the teacher's grid; every other point is the student's
+        # the teacher's grid; every other point is the student's; -1 marks the end (the clean image)
+        fine = torch.tensor(D.trailing_timesteps(2 * grid) + [-1])
         _, updates = self._stage_updates()
 
         def update(step: int) -> dict:
             g, real, cond, _ = self.conditioned_batch(step, gen_stream=grid)
             n = len(cond)
             x0 = bb.from_images(real)
-            i = int(torch.randint(0, grid, (1,), generator=g))
-            t, t_mid = fine[2 * i], fine[2 * i + 1]
-            t_end = fine[2 * i + 2] if 2 * i + 2 < len(fine) else None
+            i = torch.randint(0, grid, (n,), generator=g)  # each sample its own student grid index
+            t, t_mid, t_end = fine[2 * i], fine[2 * i + 1], fine[2 * i + 2]
             z_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t).float()
             w = self._w(g, n)
             with torch.no_grad():
-                # 1. two teacher DDIM steps t -> t' -> t''
-                #    (at the last student step t'' is the end, and z'' the teacher's two-step x̂_0)
-                two = [t, t_mid] if t_end is None else [t, t_mid, t_end]
-                z_tpp = ddim_trajectory(lambda x, s: teacher.predict(x, s, cond, w), bb.schedule, z_t, two, stop_at=2)
+                # 1. two teacher DDIM steps t -> t' -> t'' (at the last student step t'' is the end and
+                #    z'' the teacher's two-step x̂_0)
+                a_mid, s_mid = _coef(bb.schedule, t_mid)
+                a2, s2 = _coef(bb.schedule, t_end)
+                x0_a, eps_a = teacher.predict(z_t, t, cond, w)
+                z_mid = D.ddim_step(x0_a, eps_a, a_mid.float(), s_mid.float())
+                x0_b, eps_b = teacher.predict(z_mid, t_mid, cond, w)
+                z_tpp = D.ddim_step(x0_b, eps_b, a2.float(), s2.float())
                 # 2. the x̃ a single DDIM step from z_t must predict to land on z''
                 a_t, s_t = _coef(bb.schedule, t)
-                a2, s2 = _coef(bb.schedule, t_end)
                 x_tilde = D.progressive_target(z_t.double(), z_tpp.double(), a_t, s_t, a2, s2).float()
             pred, _ = student.predict(z_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, x_tilde, t, bb.schedule)
@@ -150,8 +170,12 @@ class Progressive(DistilledMethod):
             return {"pd": loss.item()}
 
         log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
-                          desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress)
-        return self.trained(log, updates)
+                          desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress,
+                          compute=self.compute)
+        return self.trained(log, updates, before=prev)
+
+    def student_prediction_type(self) -> str:
+        return self.config.student_prediction
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
@@ -159,5 +183,5 @@ class Progressive(DistilledMethod):
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale
         x0 = ddim_trajectory(lambda x, t: student.predict(x, t, cond, w), bb.schedule, x_T,
-                             D.trailing_timesteps(steps))
+                             self.sampling_timesteps(steps))
         return bb.to_images(x0)

@@ -95,15 +95,39 @@ def _coef(schedule: D.Schedule, t: int | None, like: torch.Tensor):
     return schedule.alpha(t).to(like.dtype), schedule.sigma(t).to(like.dtype)
 
 
-def ddim_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list[int],
-                    noise_correction: bool = False, stop_at: int | None = None) -> torch.Tensor:
-    """Deterministic DDIM down `timesteps`; returns x̂_0 after the last step, or x at timesteps[stop_at].
+class _Stops:
+    """Where a trajectory stops: nowhere (run to the end), at one grid index, or at one index per sample."""
 
-    With noise_correction the first step (from x_T) uses the true noise x_T as the direction term.
+    def __init__(self, stop_at, x_T: torch.Tensor, n_steps: int):
+        self.per_sample = torch.is_tensor(stop_at) and stop_at.ndim == 1
+        if self.per_sample:
+            self.stop = stop_at.to(x_T.device)
+            self.end = int(self.stop.max()) if len(self.stop) else 0
+            self.out = x_T.clone()  # a sample that stops at index 0 keeps x_T
+        else:
+            self.end = n_steps if stop_at is None else int(stop_at)
+
+    def keep(self, i: int, x: torch.Tensor) -> None:
+        """x is the state at grid index i + 1: keep it for the samples that stop there."""
+        if self.per_sample:
+            sel = self.stop == i + 1
+            self.out[sel] = x[sel]
+
+    def result(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out if self.per_sample else x
+
+
+def ddim_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list,
+                    noise_correction: bool = False, stop_at=None) -> torch.Tensor:
+    """Deterministic DDIM down `timesteps`; returns x̂_0 after the last step, or the state x at
+    timesteps[stop_at] (``stop_at``: an int, or a long tensor [B] with one grid index per sample).
+
+    `timesteps` holds ints, or long tensors [B] (a grid per sample). With noise_correction the first
+    step (from x_T) uses the true noise x_T as the direction term (Imagine Flash).
     """
     x = x_T
-    end = len(timesteps) if stop_at is None else stop_at
-    for i in range(end):
+    stops = _Stops(stop_at, x_T, len(timesteps))
+    for i in range(stops.end):
         t = timesteps[i]
         x0, eps = predict(x, t)
         t_next = timesteps[i + 1] if i + 1 < len(timesteps) else None
@@ -112,21 +136,26 @@ def ddim_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, t
             x = D.noise_corrected_step(x0, x_T, a, s)
         else:
             x = D.ddim_step(x0, eps, a, s)
-    return x
+        stops.keep(i, x)
+    return stops.result(x)
 
 
-def renoise_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list[int],
-                       fresh_noise: Callable[[int], torch.Tensor], stop_at: int | None = None) -> torch.Tensor:
-    """Few-step sampling of ADD/DMD2 students: predict x̂_0, re-noise it with fresh noise to the next time."""
+def renoise_trajectory(predict: Predict, schedule: D.Schedule, x_T: torch.Tensor, timesteps: list,
+                       fresh_noise: Callable[[int], torch.Tensor], stop_at=None) -> torch.Tensor:
+    """Few-step sampling of ADD/DMD2 students: predict x̂_0, re-noise it with fresh noise to the next time.
+
+    Returns x̂_0 after the last step, or the state at timesteps[stop_at] (an int, or one index per sample).
+    """
     x = x_T
-    end = len(timesteps) if stop_at is None else stop_at
-    for i in range(end):
+    stops = _Stops(stop_at, x_T, len(timesteps))
+    for i in range(stops.end):
         x0, _ = predict(x, timesteps[i])
         if i + 1 == len(timesteps):
             return x0
         a, s = _coef(schedule, timesteps[i + 1], x)
         x = D.renoise(x0, fresh_noise(i + 1).to(x), a, s)
-    return x
+        stops.keep(i, x)
+    return stops.result(x)
 
 
 def lcm_scheduler_config(scheduler_config: dict) -> dict:

@@ -12,14 +12,14 @@ from core import io
 from methods.base import Method, TrainInfo
 from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise
-from methods.training import cached_student, optimizer_step
+from methods.training import TrainCompute, add_passes, cached_student, optimizer_step
 
 
 @dataclasses.dataclass
 class DistillConfig:
     """Training settings every distillation method has (equal footing: same student_updates and batch)."""
 
-    student_updates: int = 400
+    student_updates: int = 300
     batch_size: int = 32
     lr: float = 5e-5
     guidance_scale: float = 3.0  # the teacher's CFG scale when it builds targets
@@ -41,11 +41,33 @@ class DistillConfig:
 
 @dataclasses.dataclass
 class AdversarialConfig(DistillConfig):
-    """Settings of the adversarial term's discriminator (methods that have one)."""
+    """Settings of the adversarial term's discriminator (methods that have one).
+
+    The defaults are the stable design chosen by the ``imagine-flash-adversarial`` study
+    (``bench/studies/``, rule in ``bench/study.py``), shared by every method with an adversarial term.
+    """
 
     disc_lr: float = 2e-4
     disc_t_max: int = 500  # the discriminator sees its input re-noised to t in [0, disc_t_max]
-    r1_gamma: float = 0.0  # R1 penalty weight on real inputs (0: off)
+    disc_loss: str = "hinge"  # "hinge" or "non-saturating"
+    disc_patch: bool = True  # one logit per feature-map location (else one per image and level)
+    r1_gamma: float = 0.0  # R1 penalty weight at the noised real input (0: off)
+    adv_warmup: float = 0.0  # fraction of the updates in which only the discriminator trains
+    adv_ramp: float = 0.0  # fraction of the updates over which the generator term's weight ramps up linearly
+
+    def __post_init__(self):
+        super().__post_init__()
+        from methods.discriminator import LOSSES
+
+        if self.disc_loss not in LOSSES:
+            raise ValueError(f"disc_loss must be one of {LOSSES}, got {self.disc_loss!r}")
+        for name in ("adv_warmup", "adv_ramp"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a fraction in [0, 1), got {getattr(self, name)}")
+        if self.adv_warmup + self.adv_ramp >= 1:
+            raise ValueError("adv_warmup + adv_ramp must leave some updates at the full weight")
+        if self.r1_gamma < 0:
+            raise ValueError(f"r1_gamma must be >= 0, got {self.r1_gamma}")
 
 
 def add_lora(unet, rank: int) -> None:
@@ -64,19 +86,36 @@ class AdversarialTerm:
     """The discriminator on frozen teacher features and its heads' optimizer, as one helper.
 
     ``generator_loss`` is the student's side (heads frozen, gradients reach the student through the
-    frozen teacher features); ``step`` is one discriminator update (hinge, R1 when r1_gamma > 0).
+    frozen teacher features), scaled by the schedule ``weight(step)``: 0 while only the discriminator
+    trains (warm-up), then a linear ramp to 1. ``step`` is one discriminator update.
     """
 
-    def __init__(self, disc, opt: torch.optim.Optimizer, r1_gamma: float = 0.0):
-        self.disc, self.opt, self.r1_gamma = disc, opt, r1_gamma
+    def __init__(self, disc, opt: torch.optim.Optimizer, cfg: AdversarialConfig, total_updates: int):
+        self.disc, self.opt, self.r1_gamma = disc, opt, cfg.r1_gamma
+        self.warmup = round(cfg.adv_warmup * total_updates)
+        self.ramp = round(cfg.adv_ramp * total_updates)
 
-    def generator_loss(self, fake_x0: torch.Tensor, cond, gen: torch.Generator) -> torch.Tensor:
+    def weight(self, step: int) -> float:
+        """The generator term's multiplier at update `step`, in [0, 1]."""
+        if step < self.warmup:
+            return 0.0
+        if step < self.warmup + self.ramp:
+            return (step - self.warmup + 1) / self.ramp
+        return 1.0
+
+    def generator_loss(self, fake_x0: torch.Tensor, cond, gen: torch.Generator, step: int) -> torch.Tensor | None:
+        """weight(step) · the generator loss; None (nothing computed) while the weight is 0 or there is no sample."""
+        w = self.weight(step)
+        if w == 0 or len(fake_x0) == 0:
+            return None
         self.disc.heads.requires_grad_(False)
         loss = self.disc.g_loss(fake_x0, cond, gen)
         self.disc.heads.requires_grad_(True)
-        return loss
+        return w * loss
 
-    def step(self, real_x0: torch.Tensor, cond, fake_x0: torch.Tensor, gen: torch.Generator) -> float:
+    def step(self, real_x0: torch.Tensor, cond, fake_x0: torch.Tensor, gen: torch.Generator) -> float | None:
+        if len(fake_x0) == 0:
+            return None
         loss = self.disc.d_loss(real_x0, cond, fake_x0.detach(), cond, gen, r1_gamma=self.r1_gamma)
         optimizer_step(self.opt, loss)
         return loss.item()
@@ -95,6 +134,7 @@ class DistilledMethod(Method):
         self.students: dict[int, Denoiser] = {}  # grid -> the NFE-counted student
         self.unets: dict[int, torch.nn.Module] = {}  # grid -> the trained student network itself
         self.train_info: dict[int, TrainInfo] = {}
+        self.compute = TrainCompute()  # the pass counters of the training in progress
         self._null_cond = None
 
     @classmethod
@@ -136,11 +176,15 @@ class DistilledMethod(Method):
         def train(ckpt):
             t0 = time.time()
             unet.train()
+            outer, self.compute = self.compute, TrainCompute()  # a nested prepare (progressive) counts apart
             # prepare may be reached lazily from a no-grad sample(); any fresh weights (discriminator heads,
             # fake scores) draw from a generator seeded here, never from whatever ran before in the process
-            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed * 1_000_003 + grid)
-                info = self.train_student(unet, grid, ckpt)
+            try:
+                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.config.seed * 1_000_003 + grid)
+                    info = self.train_student(unet, grid, ckpt)
+            finally:
+                self.compute = outer
             info.wall_seconds = round(time.time() - t0, 1)
             return unet.state_dict(), dataclasses.asdict(info)
 
@@ -150,7 +194,7 @@ class DistilledMethod(Method):
         info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
         unet.eval().requires_grad_(False)
         self.unets[grid] = unet
-        self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.backbone.prediction_type,
+        self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.student_prediction_type(),
                                        self.w_dim)
         self.train_info[grid] = TrainInfo(**{k: v for k, v in info.items() if k in TrainInfo.__dataclass_fields__})
         return self.train_info[grid]
@@ -168,13 +212,31 @@ class DistilledMethod(Method):
         return self.students[grid]
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
-        """Train `unet` in place for a `grid`-step sampler; return what it cost."""
+        """Train `unet` in place for a `grid`-step sampler; return what it cost (``self.trained``)."""
+        raise NotImplementedError
+
+    def student_prediction_type(self) -> str:
+        """What the student network outputs (the teacher's parameterisation unless a method says otherwise)."""
+        return self.backbone.prediction_type
+
+    # --- the grids a student is trained and sampled on -------------------------------------------
+    def training_timesteps(self, grid: int) -> set[int]:
+        """Every timestep at which the student for `grid` sees inputs in training."""
+        raise NotImplementedError
+
+    def sampling_timesteps(self, steps: int) -> list[int]:
+        """The timesteps at which the sampler evaluates the student, at `steps` steps."""
         raise NotImplementedError
 
     # --- helpers for trainers -------------------------------------------------------------------
+    def counting(self, net: torch.nn.Module, role: str) -> torch.nn.Module:
+        """`net` wrapped so its passes count towards this training's compute under `role`."""
+        return self.compute.count(net, role)
+
     def teacher(self) -> Denoiser:
-        """The frozen teacher behind the Denoiser interface (not NFE-counted: training cost is tracked apart)."""
-        return Denoiser(self.backbone.unet, self.backbone.schedule, self.backbone.prediction_type)
+        """The frozen teacher behind the Denoiser interface, its passes counted as training compute."""
+        return Denoiser(self.counting(self.backbone.unet, "teacher"), self.backbone.schedule,
+                        self.backbone.prediction_type)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW([p for p in params if p.requires_grad], lr=self.config.lr, weight_decay=0.0)
@@ -183,12 +245,14 @@ class DistilledMethod(Method):
         """One student update with the configured gradient clip."""
         optimizer_step(opt, loss, module.parameters(), self.config.grad_clip)
 
-    def trained(self, losses: dict, updates: int | None = None, teacher_nfe_per_sample: int = 2) -> TrainInfo:
-        """What a training of `updates` updates cost: student updates and teacher NFE (per-sample calls,
-        `teacher_nfe_per_sample` per training sample per update; a guided call counts 2)."""
+    def trained(self, losses: dict, updates: int | None = None, before: TrainInfo | None = None) -> TrainInfo:
+        """What this training cost, as counted: `updates` student updates and every network's passes
+        (``self.compute``), plus the cost of the training it continued (`before`, e.g. a previous round)."""
         updates = self.updates() if updates is None else updates
-        return TrainInfo(student_updates=updates,
-                         teacher_nfe=updates * self.config.batch_size * teacher_nfe_per_sample, losses=losses)
+        passes = add_passes(before.passes if before else None, self.compute.passes())
+        return TrainInfo(student_updates=updates + (before.student_updates if before else 0),
+                         teacher_nfe=passes.get("teacher", {}).get("forward", 0), losses=losses, passes=passes,
+                         network_passes=sum(v["forward"] + v["backward"] for v in passes.values()))
 
     def captions_batch(self, step: int, stream: int = 0):
         """Real training images and captions of the world's train split (never evaluation data).
@@ -215,9 +279,11 @@ class DistilledMethod(Method):
     def adversarial(self) -> AdversarialTerm:
         """The adversarial term (AdversarialConfig settings): a discriminator on frozen teacher features."""
         cfg, bb = self.config, self.backbone
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max).to(bb.device)
+        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max,
+                                           patch=cfg.disc_patch, loss=cfg.disc_loss).to(bb.device)
+        self.compute.add(disc, "discriminator")
         opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))
-        return AdversarialTerm(disc, opt, cfg.r1_gamma)
+        return AdversarialTerm(disc, opt, cfg, self.updates())
 
     def generator(self, step: int, stream: int = 0) -> torch.Generator:
         stream = stream * self.ctx.world + self.ctx.rank

@@ -4,6 +4,7 @@ update loop, the student cache, divergence checks."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from pathlib import Path
@@ -25,6 +26,74 @@ class DivergenceError(RuntimeError):
 def check_finite(value: torch.Tensor, what: str, step: int) -> None:
     if not torch.isfinite(value).all():
         raise DivergenceError(what, step)
+
+
+class PassCounter(nn.Module):
+    """Wraps a network used in training and counts its passes per sample: a forward call on a batch of B
+    counts B forward passes; when a gradient flows back through that call's output, B backward passes.
+
+    Training compute is therefore counted, never computed from a formula (`TrainCompute`).
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def forward(self, x, *args, **kwargs):
+        n = x.shape[0]
+        self.forward_passes += n
+        out = self.net(x, *args, **kwargs)
+        self.watch(out.sample if hasattr(out, "sample") else out, n)
+        return out
+
+    def watch(self, out: torch.Tensor, n: int) -> None:
+        """Count `n` backward passes when a gradient reaches `out`."""
+        if torch.is_tensor(out) and out.requires_grad:
+            out.register_hook(functools.partial(self._backward, n))
+
+    def _backward(self, n: int, grad):
+        self.backward_passes += n
+
+
+class TrainCompute:
+    """The PassCounters of one training, by role (teacher, student, ema_target, fake_score, discriminator)."""
+
+    def __init__(self):
+        self.counters: dict[str, list] = {}
+
+    def count(self, net: nn.Module, role: str) -> PassCounter:
+        counter = PassCounter(net)
+        self.add(counter, role)
+        return counter
+
+    def add(self, counter, role: str) -> None:
+        """Count an object with ``forward_passes`` / ``backward_passes`` (e.g. a discriminator) under `role`."""
+        self.counters.setdefault(role, []).append(counter)
+
+    def passes(self) -> dict[str, dict[str, int]]:
+        """{role: {"forward": passes, "backward": passes}} summed over the role's networks (per sample)."""
+        return {role: {"forward": sum(c.forward_passes for c in cs), "backward": sum(c.backward_passes for c in cs)}
+                for role, cs in self.counters.items()}
+
+    def state(self) -> dict:
+        return {role: [[c.forward_passes, c.backward_passes] for c in cs] for role, cs in self.counters.items()}
+
+    def load_state(self, state: dict) -> None:
+        for role, values in state.items():
+            for c, (f, b) in zip(self.counters.get(role, []), values):
+                c.forward_passes, c.backward_passes = f, b
+
+
+def add_passes(a: dict | None, b: dict | None) -> dict:
+    """The sum of two `TrainCompute.passes()` dicts (a training that continues another)."""
+    out = {role: dict(v) for role, v in (a or {}).items()}
+    for role, v in (b or {}).items():
+        o = out.setdefault(role, {"forward": 0, "backward": 0})
+        o["forward"] += v["forward"]
+        o["backward"] += v["backward"]
+    return out
 
 
 class EMA:
@@ -106,13 +175,13 @@ def load_checkpoint(path: Path, modules: dict[str, nn.Module],
 
 def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
                 optimizers: dict[str, torch.optim.Optimizer], desc: str, progress: bool = True,
-                ckpt_every: int | None = None, log_every: int = 10) -> dict:
+                ckpt_every: int | None = None, log_every: int = 10, compute: TrainCompute | None = None) -> dict:
     """Call ``update(step) -> {loss name: float}`` for steps [start, total); resumable from ``ckpt``.
 
-    Checkpoints (modules + optimizers + loss log) are written atomically every ``ckpt_every``
-    updates; a killed training resumes at its last checkpoint. NaN/Inf in any loss raises
-    DivergenceError with the step. Returns the loss log: per loss, means over windows of
-    ``log_every`` updates.
+    Checkpoints (modules + optimizers + loss log + the pass counts of `compute`) are written
+    atomically every ``ckpt_every`` updates; a killed training resumes at its last checkpoint with
+    the counts it had there. NaN/Inf in any loss raises DivergenceError with the step. Returns the
+    loss log: per loss, means over windows of ``log_every`` updates.
     """
     from tqdm import tqdm
 
@@ -123,6 +192,8 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
         try:
             start, extra = load_checkpoint(ckpt, modules, optimizers)
             log = extra.get("log", {})
+            if compute is not None:
+                compute.load_state(extra.get("passes", {}))
         except Exception as e:  # a torn or corrupt checkpoint: never used, training restarts
             import warnings
 
@@ -150,7 +221,8 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
             bar.set_postfix({k: v[-1] for k, v in log.items()})
         bar.update(1)
         if (step + 1) % ckpt_every == 0 and step + 1 < total and rank0:
-            save_checkpoint(ckpt, step + 1, modules, optimizers, {"log": log})
+            save_checkpoint(ckpt, step + 1, modules, optimizers,
+                            {"log": log, "passes": compute.state() if compute is not None else {}})
     bar.close()
     for h in handles:
         h.remove()

@@ -161,3 +161,33 @@ def test_list_is_fast_and_names_everything():
     r = subprocess.run([sys.executable, "-c", "import sys; from bench.cli import main; main(['list']); "
                         "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip().endswith("False")  # listing imports no torch
+
+
+def test_training_seeds_give_one_row_with_the_spread(tmp_path):
+    (tmp_path / "s.toml").write_text("""
+name = "seeds"
+prompts = "shapes-eval"
+samples = 12
+batch_size = 12
+grid = 4
+train_seeds = [0, 1]
+metrics = ["fid", "clip_score", "accuracy"]
+[[methods]]
+name = "imagine-flash"
+label = "flash"
+steps = [1]
+settings = { student_updates = 2, batch_size = 2, max_steps = 1, adversarial = false }
+[[methods]]
+name = "teacher"
+label = "teacher"
+steps = [1]
+""")
+    r = flashbench("run", tmp_path / "s.toml", "--out", tmp_path / "run", "--cache", tmp_path / "cache", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert sorted((x["label"], x["train_seed"]) for x in rows) == [("flash", 0), ("flash", 1), ("teacher", None)]
+    flash = [x for x in rows if x["label"] == "flash"]
+    assert flash[0]["settings"]["seed"] != flash[1]["settings"]["seed"]
+    assert flash[0]["train"]["passes"]["teacher"]["forward"] == flash[0]["train"]["teacher_nfe"] > 0
+    table = (tmp_path / "run" / "tables" / "main.md").read_text()
+    assert " ± " in table.split("flash")[1].split("\n")[0]  # mean ± spread over the two students

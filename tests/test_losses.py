@@ -39,13 +39,17 @@ def test_add_distillation_weight_is_alpha_bar():
     assert x_s.grad is not None  # the teacher side is stop-gradient by construction (no grad to it)
 
 
-def test_dmd_loss_gradient_is_the_normalised_score_difference():
+def test_dmd_loss_gradient_is_the_normalised_score_difference_mean_reduced():
+    """As tianweiy/DMD2: 0.5·mse(x, sg(x − grad), reduction="mean"), so the gradient per element is the
+    normalised score difference over the element count (a sum would give λ_gan ~1/numel of its weight)."""
     x0 = torch.randn(2, 3, 4, 4, requires_grad=True)
     real, fake = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     dm_loss(x0, real, fake).backward()
     norm = (x0.detach() - real).abs().flatten(1).mean(1).view(-1, 1, 1, 1)
-    expected = (fake - real) / norm / x0.shape[0]
-    assert torch.allclose(x0.grad, expected, atol=1e-6)
+    expected = (fake - real) / norm / x0.numel()
+    assert torch.allclose(x0.grad, expected, atol=1e-7)
+    big = torch.randn(2, 3, 8, 8, requires_grad=True)  # the loss does not grow with the image size
+    assert dm_loss(big, big.detach() + 1, big.detach()).item() < 1.0
 
 
 def test_progressive_weight_is_truncated_snr():

@@ -49,3 +49,36 @@ def test_teacher_checks_follow_their_rules(tmp_path, r3, acc25, fid_sep, acc_ok)
     text = "\n".join(report.teacher_checks(tmp_path))
     assert f"≥ 0.8: **{acc_ok}**" in text
     assert f"outside the CIs: FID **{fid_sep}**" in text
+
+
+def _fake_run(root, name, source):
+    run = root / "results" / "reference" / name
+    (run / "tables").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"source_sha256": source}))
+    (run / "tables" / "main.md").write_text("| a |\n|---|\n| 1 |\n")
+
+
+def test_a_reference_made_from_other_source_is_marked_stale(tmp_path):
+    _fake_run(tmp_path, "fresh", "now")
+    _fake_run(tmp_path, "old", "then")
+    text = ("<!-- include: results/reference/fresh/tables/main.md -->\n<!-- end include -->\n"
+            "<!-- include: results/reference/old/tables/main.md -->\n<!-- end include -->\n")
+    assert readme.stale_runs(text, tmp_path, current="now") == {"old": "then"}
+    out = readme.render(text, tmp_path, current="now")
+    fresh, old = out.split("<!-- include: results/reference/old")
+    assert "Stale" not in fresh and "**Stale:** `old` was made from numeric source `then`" in old
+
+
+def test_source_hash_follows_the_numeric_source_only(tmp_path):
+    import shutil
+
+    from bench import source
+
+    for d in ("methods", "bench/shapes", "bench/metrics", "bench/results"):
+        shutil.copytree(readme.ROOT / d, tmp_path / d, ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    shutil.copy(readme.ROOT / "bench" / "runner.py", tmp_path / "bench" / "runner.py")
+    h = source.source_hash(tmp_path)
+    (tmp_path / "bench" / "results" / "tables.py").write_text("# a table's layout moves no number\n")
+    assert source.source_hash(tmp_path) == h
+    (tmp_path / "methods" / "lcm.py").write_text("# a method's code does\n")
+    assert source.source_hash(tmp_path) != h

@@ -60,20 +60,27 @@ class Accuracy(Accumulator):
         return row
 
 
-COLOUR_STATS = ("saturation", "contrast", "brightness")
+COLOUR_STATS = ("saturation", "saturation_lowpass", "contrast", "brightness")
+
+
+def saturation(x: torch.Tensor) -> torch.Tensor:
+    """Mean HSV saturation (max − min) / max per image of x [n, 3, H, W] in [0, 1] (float64 [n])."""
+    mx, mn = x.max(1).values, x.min(1).values
+    return torch.where(mx > 1e-6, (mx - mn) / mx.clamp(min=1e-6), torch.zeros_like(mx)).mean((1, 2))
 
 
 def colour_stats(images: torch.Tensor) -> torch.Tensor:
-    """Per image [n, 3] float64: mean HSV saturation, contrast (std of luminance), brightness (mean luminance)."""
+    """Per image [n, 4] float64: mean HSV saturation; the same after a 3×3 box low-pass (replicate padding),
+    which residual per-pixel colour noise does not inflate; contrast (std of luminance); brightness
+    (mean luminance, Rec. 601 weights)."""
     x = images.double().clamp(0, 1)
-    mx, mn = x.max(1).values, x.min(1).values
-    sat = torch.where(mx > 1e-6, (mx - mn) / mx.clamp(min=1e-6), torch.zeros_like(mx))
+    low = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     lum = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    return torch.stack([sat.mean((1, 2)), lum.std((1, 2)), lum.mean((1, 2))], 1)
+    return torch.stack([saturation(x), saturation(low), lum.std((1, 2)), lum.mean((1, 2))], 1)
 
 
 class ColourStats(Accumulator):
-    """Mean saturation, contrast and brightness (what noise correction is claimed to move)."""
+    """Mean saturation (plain and low-passed), contrast and brightness (what noise correction is claimed to move)."""
 
     width = len(COLOUR_STATS)
 

@@ -3,8 +3,10 @@
 Every verdict is "reproduced", "not reproduced" or "inconclusive" (or "not measured" when the run
 lacks the rows). The rules are fixed in advance and use the bootstrap CIs stored with each number:
 
-* compare(a, b): a is *significantly better* than b when their 95% CIs do not overlap and a's
-  value is better; *significantly worse* the other way round; otherwise *tied*.
+* compare(a, b): a is *significantly better* than b when their 95% intervals do not overlap and a's
+  value is better; *significantly worse* the other way round; otherwise *tied*. A row measured
+  once has the bootstrap CI of its sample; a row over several training seeds has the t-interval of
+  the mean over those seeds (student-to-student spread, which the bootstrap CI does not see).
 * within(student, teacher, tol): the student meets the bound teacher·(1±tol) by its point value
   ("pass"), misses it with its whole CI ("fail"), or neither ("unclear").
 Thresholds: FID within 10% and CLIP within 3% of the 25-step teacher for claim (a).
@@ -12,9 +14,11 @@ Thresholds: FID within 10% and CLIP within 3% of the 25-step teacher for claim (
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 from bench.results import select
 from bench.specs import SPECS, fmt
@@ -27,6 +31,11 @@ REPRODUCED, NOT, INCONCLUSIVE, MISSING = "reproduced", "not reproduced", "inconc
 
 
 def _ci(r: dict, m: str) -> tuple[float, float, float]:
+    """(value, low, high): the 95% t-interval over training seeds when the row has several, else its CI."""
+    sd, n = r.get(f"{m}_seed_sd"), r.get("n_train_seeds") or 0
+    if sd is not None and not math.isnan(sd) and n >= 2:
+        half = float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        return r[m], r[m] - half, r[m] + half
     return r[m], r.get(f"{m}_ci_low", r[m]), r.get(f"{m}_ci_high", r[m])
 
 
@@ -103,27 +112,35 @@ def claim_c(df) -> dict:
     """(c) removing SRL or backward distillation hurts most, the discriminator less; noise correction
     mainly changes colour/contrast."""
     full = _flash(df, 3, "full")
-    rows = {v: _flash(df, 3, v) for v in ("no-srl", "no-backward-distillation", "no-discriminator",
-                                          "no-noise-correction")}
-    if full is None or any(r is None for r in rows.values()):
+    rows = {v: _flash(df, 3, v) for v in ("no-srl", "no-backward-distillation", "no-noise-correction")}
+    # the discriminator's row: removed from a full method that has it, or added to one that does not
+    no_disc, with_disc = _flash(df, 3, "no-discriminator"), _flash(df, 3, "with-discriminator")
+    if full is None or any(r is None for r in rows.values()) or (no_disc is None and with_disc is None):
         return {"verdict": MISSING, "evidence": []}
+    if no_disc is not None:
+        rows["no-discriminator"] = no_disc
     delta = {v: r["fid"] - full["fid"] for v, r in rows.items()}
-    ev = [f"FID full {fmt(full, 'fid')}; " + "; ".join(f"{v} {fmt(r, 'fid')} (Δ {delta[v]:+.2f}, "
-                                                        f"{compare(r, full, 'fid')} than full)" for v, r in rows.items())]
+    # what removing the discriminator costs in FID (from the configuration that has it)
+    delta_disc = delta["no-discriminator"] if no_disc is not None else full["fid"] - with_disc["fid"]
+    shown = {**rows, **({"with-discriminator": with_disc} if with_disc is not None else {})}
+    ev = [f"FID full {fmt(full, 'fid')}; " + "; ".join(
+        f"{v} {fmt(r, 'fid')} (Δ {r['fid'] - full['fid']:+.2f}, {compare(r, full, 'fid')} than full)"
+        for v, r in shown.items())]
     # c1: SRL and BD removals are significantly worse than full, and each hurts more than removing the discriminator
     big = [compare(rows[v], full, "fid") for v in ("no-srl", "no-backward-distillation")]
-    order = all(delta[v] > delta["no-discriminator"] for v in ("no-srl", "no-backward-distillation"))
+    order = all(delta[v] > delta_disc for v in ("no-srl", "no-backward-distillation"))
     c1 = REPRODUCED if all(b == "worse" for b in big) and order else (
         NOT if any(b == "better" for b in big) or not order else INCONCLUSIVE)
     # c2: noise correction: FID tied, colour statistics moved
     nc = rows["no-noise-correction"]
     fid_tied = compare(nc, full, "fid") == "tied"
-    colour = {m: compare(full, nc, m) for m in ("saturation", "contrast") if m in full and m in nc}
+    colour_keys = ("saturation", "saturation_lowpass", "contrast")
+    colour = {m: compare(full, nc, m) for m in colour_keys if m in full and m in nc}
     moved = any(v != "tied" for v in colour.values())
     c2 = REPRODUCED if fid_tied and moved else (NOT if not moved else INCONCLUSIVE)
-    ev.append(f"c1 (SRL, backward distillation hurt most; discriminator less): {c1}")
-    ev.append(f"c2 noise correction: FID {'tied' if fid_tied else 'changed'}; saturation full {fmt(full, 'saturation')}"
-              f" vs {fmt(nc, 'saturation')}, contrast {fmt(full, 'contrast')} vs {fmt(nc, 'contrast')}: {c2}")
+    ev.append(f"c1 (SRL, backward distillation hurt most; discriminator less, Δ {delta_disc:+.2f} when removed): {c1}")
+    ev.append(f"c2 noise correction: FID {'tied' if fid_tied else 'changed'}; "
+              + ", ".join(f"{m} full {fmt(full, m)} vs {fmt(nc, m)} ({colour[m]})" for m in colour) + f": {c2}")
     verdict = c1 if c1 == c2 else (NOT if NOT in (c1, c2) else INCONCLUSIVE)
     return {"verdict": verdict, "evidence": ev}
 

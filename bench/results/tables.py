@@ -23,26 +23,39 @@ def load(run: Path) -> tuple[pd.DataFrame, dict | None]:
     return pd.DataFrame(load_rows(run)), load_floor(run)
 
 
+TRAIN_FIELDS = ("student_updates", "teacher_nfe", "network_passes", "wall_seconds")
+
+
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (label, NFE): metric means over seeds (CI bounds averaged), failures kept as failures."""
+    """One row per (label, NFE): metric means over sampling and training seeds (CI bounds averaged),
+    failures kept as failures. Rows over several training seeds also get, per metric, the standard
+    deviation over the training seeds' means (``<metric>_seed_sd``) and ``n_train_seeds``."""
     if df.empty:
         return df
     out = []
     order = list(dict.fromkeys(df["label"]))
+    if "train_seed" not in df:
+        df = df.assign(train_seed=None)
     for (label, nfe), g in df.groupby(["label", "nfe"], sort=False):
         ok = g[g["status"] == "ok"]
+        all_ok = len(ok) == len(g)
         r = {"label": label, "method": g["method"].iloc[0], "variant": g.get("variant", pd.Series([None])).iloc[0],
              "steps": int(g["steps"].iloc[0]), "nfe": int(nfe), "n_seeds": len(ok), "n_samples": int(g["n_samples"].iloc[0]),
-             "status": "ok" if len(ok) == len(g) else "failed",
-             "error": None if len(ok) == len(g) else "; ".join(str(e) for e in g["error"].dropna().unique())}
-        train = g["train"].iloc[0] if "train" in g and isinstance(g["train"].iloc[0], dict) else {}
-        for k in ("student_updates", "teacher_nfe", "wall_seconds"):
-            r[f"train_{k}"] = train.get(k)
-        for key in (*MAIN_COLUMNS, "latency_ms", "throughput"):
+             "status": "ok" if all_ok else "failed",
+             "error": None if all_ok else "; ".join(str(e) for e in g["error"].dropna().unique())}
+        trains = [t for t in g["train"] if isinstance(t, dict)] if "train" in g else []
+        for k in TRAIN_FIELDS:  # per student: the mean over the training seeds' students
+            vals = [t[k] for t in trains if t.get(k) is not None]
+            r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
+        train_seeds = ok["train_seed"].dropna().unique()
+        r["n_train_seeds"] = len(train_seeds)
+        for key in (*MAIN_COLUMNS, "brightness", "latency_ms", "throughput"):
             for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
                 col = key + suffix
-                if col in ok and len(ok) == len(g) and ok[col].notna().any():
+                if col in ok and all_ok and ok[col].notna().any():
                     r[col] = float(ok[col].mean())
+            if len(train_seeds) > 1 and key in ok and all_ok and key not in ("latency_ms", "throughput"):
+                r[f"{key}_seed_sd"] = float(ok.groupby("train_seed")[key].mean().std(ddof=1))
         out.append(r)
     agg = pd.DataFrame(out)
     agg["_order"] = agg["label"].map({k: i for i, k in enumerate(order)})
@@ -105,6 +118,7 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
                           and r.get("status") == "ok" else "—")
         rec["student updates"] = _train(r, "student_updates")
         rec["teacher NFE (train)"] = _train(r, "teacher_nfe")
+        rec["fwd+bwd passes (train)"] = _train(r, "network_passes")
         rec["train s"] = _train(r, "wall_seconds")
         recs.append(rec)
     return pd.DataFrame(recs)

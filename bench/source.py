@@ -1,0 +1,32 @@
+"""Which source a number depends on, hashed by content: references record it, the README checks it."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# the source a reference result's numbers are made by: the methods and their training, the embedded world
+# (renderer, teacher, evaluators, shipped weights), the metrics, and the runner's sampling loop. (Suite files
+# are recorded whole in each run's config.json.)
+NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics", "bench/runner.py")
+
+
+def source_files(root: Path = ROOT) -> list[Path]:
+    """The files of NUMERIC_SOURCES (Python, weights and their cards), sorted; caches excluded."""
+    out = []
+    for d in NUMERIC_SOURCES:
+        path = root / d
+        files = [path] if path.is_file() else path.rglob("*")
+        out += [p for p in files if p.is_file() and "__pycache__" not in p.parts
+                and p.suffix in (".py", ".safetensors", ".json")]
+    return sorted(out)
+
+
+def source_hash(root: Path = ROOT) -> str:
+    """sha256 (16 hex) of NUMERIC_SOURCES by content: (relative path, file sha256) of every file, in order."""
+    h = hashlib.sha256()
+    for p in source_files(root):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()[:16]

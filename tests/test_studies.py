@@ -1,0 +1,86 @@
+"""Defaults are chosen by a rule written in code, on validation prompts: the rules, a study end to end,
+and every committed study's choice against the defaults in the code."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from bench import study
+from core.errors import UserError
+from methods import base
+from tests.conftest import ROOT
+from tests.test_cli import flashbench
+
+REF = ROOT / "results" / "reference"
+
+
+def _table(rows):
+    return pd.DataFrame([{"method": "m", "clip_score": 90.0, "accuracy": 1.0, "n": 3, **r} for r in rows])
+
+
+def test_lowest_fid_breaks_ties_by_clip():
+    t = _table([{"label": "a", "fid": 2.0, "fid_sd": 0.1, "clip_score": 90.0},
+                {"label": "b", "fid": 2.0, "fid_sd": 0.1, "clip_score": 91.0},
+                {"label": "c", "fid": 3.0, "fid_sd": 0.1}])
+    assert study.lowest_fid(t, {})[0] == "b"
+
+
+@pytest.mark.parametrize(("challenger", "sd", "kept"), [(4.0, 0.5, "adv"),  # 1.0 lower, se 0.41: beats
+                                                        (4.6, 0.5, "base"),  # 0.4 lower, se 0.41: does not
+                                                        (6.0, 0.1, "base")])  # worse
+def test_a_candidate_is_kept_only_if_it_beats_the_baseline(challenger, sd, kept):
+    t = _table([{"label": "base", "fid": 5.0, "fid_sd": 0.5}, {"label": "adv", "fid": challenger, "fid_sd": sd}])
+    assert study.lowest_fid_beats_baseline(t, {"baseline": "base"})[0] == kept
+    assert study.beats(t.iloc[1], t.iloc[0]) == (kept == "adv")
+    assert math.isclose(math.sqrt(0.5**2 / 3 + sd**2 / 3), math.sqrt(0.25 / 3 + sd**2 / 3))
+
+
+def test_studies_never_choose_on_evaluation_prompts():
+    s = {**study.load("teacher-guidance"), "prompts": "shapes-eval"}
+    with pytest.raises(UserError, match="never chosen on the evaluation prompts"):
+        study.build_suite(s)
+    for name in study.available():  # every shipped study builds and validates
+        st = study.load(name)
+        suite = study.build_suite(st)
+        assert suite.prompts == "shapes-val" and {e.label for e in suite.entries} == set(study.candidates(st))
+
+
+def test_a_study_end_to_end(tmp_path):
+    (tmp_path / "s.toml").write_text("""
+name = "tiny-guidance"
+description = "two guidance scales"
+method = "teacher"
+steps = [1]
+samples = 12
+rule = "lowest-fid"
+[base]
+solver = "ddim"
+[grid]
+guidance_scale = [1.0, 3.0]
+""")
+    r = flashbench("study", tmp_path / "s.toml", "--out", tmp_path / "run", "--cache", tmp_path / "cache",
+                   "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    choice = json.loads((tmp_path / "run" / study.CHOICE_FILE).read_text())
+    assert choice["chosen"]["all"]["label"] in ("guidance_scale=1", "guidance_scale=3")
+    rows = {c["label"]: c["fid"] for c in choice["candidates"]}
+    assert choice["chosen"]["all"]["label"] == min(rows, key=rows.get)
+    assert "(chosen)" in (tmp_path / "run" / "tables" / "study.md").read_text()
+
+
+COMMITTED = sorted(REF.glob("study-*/" + study.CHOICE_FILE))
+
+
+@pytest.mark.skipif(not COMMITTED, reason="no committed study results")
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
+def test_defaults_are_the_committed_studies_choices(path):
+    """A default in the code is what its study chose (update both together: rerun the study)."""
+    choice = json.loads(path.read_text())
+    for c in choice["chosen"].values():
+        defaults = base.get(c["method"]).make_config({})
+        for key, value in c["settings"].items():
+            if key in ("shared_student", "max_steps"):  # the budget the study compared at, not a choice
+                continue
+            assert getattr(defaults, key) == value, (path.parent.name, c["method"], key, getattr(defaults, key), value)
