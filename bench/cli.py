@@ -129,7 +129,7 @@ def cmd_study(args) -> int:
         s = study_mod.build_suite(study, args.samples, seeds)
     opts = runner.Options(out=args.resume or args.out, device=args.device, cache=args.cache, resume=args.resume is not None,
                           progress=not args.no_progress, dry_run=args.dry_run,
-                          command=getattr(args, "command_line", None))
+                          command=getattr(args, "command_line", None), study=study["name"])
     path = runner.run(s, opts)
     if path is not None:
         study_mod.choose(path, study)

@@ -1,9 +1,10 @@
 """Multi-process sampling and metrics (`accelerate launch` / `torchrun`), identical to one process.
 
 Per-sample seeds make every image independent of which process draws it and of the batch it is in;
-each process samples a contiguous shard of the prompts, shards are padded to equal length with
-duplicates of their last sample, gathered, and the duplicates dropped, so the gathered set equals a
-one-process run's sample for sample. Process 0 alone writes files and measures latency.
+each process samples a contiguous, balanced shard of the prompts (sizes differ by at most one; a
+shard may be empty when there are more processes than prompts), shards are padded to equal length
+for the collective, gathered in rank order and trimmed, so the gathered set equals a one-process
+run's sample for sample. Process 0 alone writes files and measures latency.
 """
 
 from __future__ import annotations
@@ -34,27 +35,21 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def shard(self, n: int) -> range:
-        """This process's contiguous share of n items."""
-        per = -(-n // self.world)
-        return range(min(n, self.rank * per), min(n, (self.rank + 1) * per))
+    def shard(self, n: int, rank: int | None = None) -> range:
+        """A process's contiguous share of n items: rank r gets [r·n/world, (r+1)·n/world)."""
+        r = self.rank if rank is None else rank
+        return range(r * n // self.world, (r + 1) * n // self.world)
 
     def gather(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        """Concatenate every process's shard (in rank order) and drop padding: the first n rows."""
+        """Every process's rows for its shard of n items, concatenated in rank order: [n, ...]."""
         if self.world == 1:
             return x
-        per = -(-n // self.world)
-        pad = per - x.shape[0]
-        if pad:  # pad with duplicates of the last row (or zeros for an empty shard)
-            fill = x[-1:].expand(pad, *x.shape[1:]) if x.shape[0] else torch.zeros(pad, *x.shape[1:], dtype=x.dtype)
-            x = torch.cat([x, fill])
+        per = -(-n // self.world)  # the largest shard
+        if x.shape[0] < per:  # pad to equal length for all_gather (zeros; trimmed below)
+            x = torch.cat([x, torch.zeros(per - x.shape[0], *x.shape[1:], dtype=x.dtype, device=x.device)])
         out = [torch.empty_like(x) for _ in range(self.world)]
         torch.distributed.all_gather(out, x.contiguous())
-        full = []
-        for r, part in enumerate(out):
-            real = len(range(min(n, r * per), min(n, (r + 1) * per)))
-            full.append(part[:real])
-        return torch.cat(full)[:n]
+        return torch.cat([part[: len(self.shard(n, r))] for r, part in enumerate(out)])
 
     def sum(self, values: list[float]) -> list[float]:
         """Element-wise float64 sum of `values` over processes."""

@@ -38,13 +38,19 @@ def versions() -> dict:
     return out
 
 
-def protocol(prompts: dict, evaluators: dict, reference, teacher: dict, device: str, torchmetrics: str | None) -> dict:
+def protocol(prompts: dict, evaluators: dict, reference, teacher: dict, device: str, torchmetrics: str | None,
+             num_features: int | None = None) -> dict:
     """Everything that moves a number, stored beside it; ``id`` hashes the fields that define comparability.
 
-    `prompts`: the prompt set's name, sha256 and count; `evaluators`: ``Evaluators.identity()``;
-    `reference`: the FID reference (None when FID is not measured); `teacher`: ``Backbone.identity()``.
+    `prompts`: the prompt set's name, content sha256 and count; `evaluators`: ``Evaluators.identity()``;
+    `reference`: the FID reference (None when FID is not measured); `teacher`: ``Backbone.identity()``;
+    `num_features`: the FID feature width (a warning is recorded when the sample count is below it).
     """
     ev = evaluators
+    warnings = []
+    if reference is not None and num_features and prompts["n"] < num_features:
+        warnings.append(f"FID over {prompts['n']} samples with {num_features}-d features: the sample covariance is "
+                        "singular, so FID is biased upwards; compare FIDs only at equal sample counts")
     prot = {
         "prompts": prompts,
         "evaluators": ev,
@@ -52,7 +58,7 @@ def protocol(prompts: dict, evaluators: dict, reference, teacher: dict, device: 
             "library": f"torchmetrics {torchmetrics} FrechetInceptionDistance",
             "feature": ev["fid_feature"], "feature_sha256": ev["fid_feature_sha256"], "resize": ev["fid_resize"],
             "reference": reference.identity(), "accumulation": "float64",
-            "bootstrap_resamples": bootstrap_resamples(reference.num_features),
+            "bootstrap_resamples": bootstrap_resamples(reference.num_features), "warnings": warnings,
         },
         "clip_score": {"model": ev["clip_model"], "sha256": ev["clip_sha256"], "score": ev["clip_score"]},
         "accuracy": None if ev["accuracy_net_sha256"] is None else {"evaluator": "attribute_net",

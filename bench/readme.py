@@ -46,15 +46,19 @@ def run_of(include: str, root: Path = ROOT) -> Path | None:
 
 
 def stale_runs(text: str, root: Path = ROOT, current: str | None = None) -> dict[str, str | None]:
-    """Cited reference runs whose recorded numeric source differs from the code's: run name -> its hash."""
+    """Cited reference runs whose recorded numeric source differs from the code's: run name -> its hash.
+
+    Study runs are exempt: a study is made before its choice is written into the defaults, so its
+    source always differs; it documents how a default was chosen (tests check the default still is it)."""
     current = current or source_hash(root)
     out = {}
     for m in PATTERN.finditer(text):
         run = run_of(m["path"], root)
         if run is not None:
-            made = json.loads((run / "config.json").read_text()).get("source_sha256")
-            if made != current:
-                out[run.name] = made
+            config = json.loads((run / "config.json").read_text())
+            is_study = config.get("study") is not None or (run / "choice.json").exists()
+            if not is_study and config.get("source_sha256") != current:
+                out[run.name] = config.get("source_sha256")
     return out
 
 

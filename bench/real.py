@@ -3,15 +3,18 @@
 Everything is local: the Inception network is clean-fid's own file (``inception-2015-12-05.pt``) in a
 directory you give, the CLIP model is an open_clip model name plus a local pretrained file
 (safetensors or a weights-only checkpoint), and the FID reference is a local image folder whose
-statistics are computed once and cached by the content hash of its files. Every protocol field is
-stored with the numbers (``identity()``, and the reference's own identity); results of different
-protocols never share a column.
+statistics are computed once and cached by the content hash of its files. Reference images come as
+they are published (mixed sizes, RGBA / grayscale / CMYK, PNG / JPEG / WebP): each is converted to RGB
+and resized by the declared protocol (clean-fid "clean": PIL bicubic to 299, per image); a file that
+cannot be read is named before anything is written. Every protocol field is stored with the numbers
+(``identity()``, and the reference's own identity); results of different protocols never share a column.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,8 +40,13 @@ class CleanResize(nn.Module):
         self.resize = make_resizer("PIL", False, "bicubic", (size, size))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features [n, num_features] of images float [n, 3, H, W] in [0, 1] (quantised to 8 bits first)."""
         x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        x = np.stack([self.resize(im) for im in x])
+        return self.of_uint8(list(x))
+
+    def of_uint8(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Features of uint8 RGB images [H, W, 3], each of its own size (resized one by one, as clean-fid does)."""
+        x = np.stack([self.resize(im) for im in arrays])
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float().to(next(self.net.parameters(), torch.empty(0)).device)
         return self.net(x).flatten(1)
 
@@ -50,7 +58,9 @@ def inception(weights_dir: Path, device: str = "cpu") -> nn.Module:
     path = Path(weights_dir) / "inception-2015-12-05.pt"
     if not path.is_file():
         raise UserError(f"Inception weights not found at {path}; copy clean-fid's inception-2015-12-05.pt there")
-    net = InceptionV3W(str(weights_dir), download=False, resize_inside=False).to(device)
+    with warnings.catch_warnings():  # clean-fid's TorchScript file: torch.jit.load's deprecation notice is not ours
+        warnings.simplefilter("ignore", FutureWarning)
+        net = InceptionV3W(str(weights_dir), download=False, resize_inside=False).to(device)
     return CleanResize(net, 2048)
 
 
@@ -70,6 +80,13 @@ class OpenCLIPScore(nn.Module):
         norm = next(t for t in preprocess.transforms if t.__class__.__name__ == "Normalize")
         self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
+
+    def truncated(self, texts: list[str]) -> list[int]:
+        """Indices of texts longer than the text tower's context (start and end tokens included)."""
+        encode, ctx = getattr(self.tokenizer, "encode", None), getattr(self.tokenizer, "context_length", None)
+        if encode is None or ctx is None:
+            return []
+        return [i for i, t in enumerate(texts) if len(encode(t)) + 2 > ctx]
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -95,16 +112,38 @@ def folder_hash(files: list[Path], root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_images(files: list[Path], resolution: int | None = None) -> torch.Tensor:
-    from PIL import Image
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3] (RGBA, grayscale, palette, CMYK converted); UserError naming
+    the file when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
 
-    out = []
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise UserError(f"reference image {path} cannot be read ({type(e).__name__}); remove or replace it") from None
+
+
+def check_images(files: list[Path]) -> None:
+    """Open every image's header: a file that cannot be read is named before anything is written."""
+    from PIL import Image, UnidentifiedImageError
+
     for f in files:
-        im = Image.open(f).convert("RGB")
-        if resolution:
-            im = im.resize((resolution, resolution), Image.BICUBIC)
-        out.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-    return torch.stack(out)
+        try:
+            with Image.open(f) as im:
+                im.verify()
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise UserError(f"reference image {f} cannot be read ({type(e).__name__}); remove or replace it") from None
+
+
+def load_images(files: list[Path]) -> torch.Tensor:
+    """Images of one size as float32 [n, 3, H, W] in [0, 1]; UserError naming a file of another size."""
+    arrays = [read_rgb(f) for f in files]
+    for f, a in zip(files, arrays):
+        if a.shape != arrays[0].shape:
+            raise UserError(f"reference image {f} is {a.shape[1]}x{a.shape[0]}, not {arrays[0].shape[1]}x"
+                            f"{arrays[0].shape[0]} like {files[0].name}; this feature network does not resize")
+    return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
 class RealEvaluators(Evaluators):
@@ -121,6 +160,7 @@ class RealEvaluators(Evaluators):
         self.clip_model, self.clip_sha256 = clip_model, clip_sha256
         self.reference_dir = Path(reference_dir)
         self.reference_files = folder_images(self.reference_dir)
+        check_images(self.reference_files)
         self.reference_hash = folder_hash(self.reference_files, self.reference_dir)
 
     def _identity(self) -> dict:
@@ -136,12 +176,21 @@ class RealEvaluators(Evaluators):
     def _clip_score(self, images, texts):
         return self.clip(images, texts)
 
+    def clip_truncated(self, texts):
+        return self.clip.truncated(texts)
+
     def reference(self, prompts, cache_dir) -> Reference:
         """FID reference: the images of the reference folder (whatever the prompts), cached by content hash."""
         files = self.reference_files
         key = self.reference_hash + "-" + self.feature_id.replace(":", "-")
         source = {"kind": "image folder", "folder_sha256": self.reference_hash, "images": len(files)}
-        chunks = (self.fid_features(load_images(files[i : i + 64]).to(self.device)) for i in range(0, len(files), 64))
+
+        def chunk(part):
+            if isinstance(self.fid_net, CleanResize):  # per image, whatever its size or mode
+                return self.fid_net.of_uint8([read_rgb(f) for f in part])
+            return self.fid_features(load_images(part).to(self.device))
+
+        chunks = (chunk(files[i : i + 64]) for i in range(0, len(files), 64))
         return cached_reference(key, source, chunks, self.num_features, cache_dir)
 
 
@@ -156,6 +205,8 @@ def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretr
         feature_sha = sha256_file(Path(inception_dir) / "inception-2015-12-05.pt")
     else:
         feature_id, feature_sha = f"custom:{type(fid_net).__name__}:{fid_net.num_features}", None
-    clip_sha = sha256_file(Path(clip_pretrained)) if clip_pretrained and Path(clip_pretrained).is_file() else None
+    weights = Path(clip_model[len("local-dir:"):]) / "open_clip_model.safetensors" \
+        if clip_model.startswith("local-dir:") else Path(clip_pretrained) if clip_pretrained else None
+    clip_sha = sha256_file(weights) if weights is not None and weights.is_file() else None
     return RealEvaluators(fid_net, feature_id, feature_sha, OpenCLIPScore(clip_model, clip_pretrained, device),
                           clip_model, clip_sha, Path(reference_dir), device)

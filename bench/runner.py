@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -29,16 +30,18 @@ from tqdm import tqdm
 
 from bench import components, latency, provenance
 from bench.dist import Dist
-from bench.metrics.cell import CellMetrics
+from bench.metrics.cell import CellMetrics, to_8bit
 from bench.results import tables
 from bench.rundir import RunDir
 from bench.source import source_hash
 from bench.suite import Entry, Suite
 from core import faults
+from core.io import sha256_file
 from core.errors import UserError
 from methods import base, registry
 from methods.training import DivergenceError
 from prompts import prompt_sets
+from prompts.loaders import prompts_sha256
 
 
 def default_cache() -> Path:
@@ -54,6 +57,7 @@ class Options:
     progress: bool = True
     dry_run: bool = False
     command: str | None = None  # the command line that started the run (recorded in config.json)
+    study: str | None = None  # the study this run serves (bench/study.py), recorded in config.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,24 +118,49 @@ class RunContext:
 # --- 1. check, load, open ------------------------------------------------------------------------
 
 
-def run(suite: Suite, opts: Options) -> Path | None:
-    """Run a suite; returns the run directory (None for a dry run). Bad input raises UserError first."""
-    t_start = time.time()
+@dataclasses.dataclass
+class Checked:
+    """What ``check`` found good: the prompts, the cells, the loaded teacher and evaluators, truncations."""
+
+    prompts: list
+    cells: list[Cell]
+    backbone: object
+    evaluators: object
+    truncated: dict  # {"teacher": {encoder: [prompt ids]}, "clip_score": [prompt ids]}
+
+
+def check(suite: Suite, opts: Options) -> Checked:
+    """Everything that can be checked before anything is written (``--dry-run`` runs exactly this):
+    the device, the prompts and their ground truth against the metrics asked for, the sample count,
+    the run directory, the teacher's and the evaluators' files (loaded), the reference folder."""
     components.check_device(opts.device)
     prompts = components.suite_prompts(suite.prompts, suite.samples)
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if len(prompts) < processes:
-        raise UserError(f"samples = {len(prompts)} is fewer than the {processes} processes; use at least one per process")
+    components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"])
+    if opts.out is not None:
+        RunDir(opts.out).check_new(opts.resume)
     cells = plan(suite)
-    if opts.dry_run:
-        for c in cells:
-            print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
-                  f"seed={c.seed} n={suite.samples}")
-        print(f"{len(cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); nothing written (dry run)")
-        return None
-    dist = Dist(opts.device)
     backbone = components.load_backbone(suite.backbone, opts.device)
     evaluators = components.load_evaluators(suite.evaluators, opts.device)
+    texts = [p.text for p in prompts]
+    truncated = {"teacher": {k: [prompts[i].id for i in v] for k, v in backbone.truncated(texts).items()},
+                 "clip_score": [prompts[i].id for i in evaluators.clip_truncated(texts)]}
+    return Checked(prompts, cells, backbone, evaluators, truncated)
+
+
+def run(suite: Suite, opts: Options) -> Path | None:
+    """Run a suite; returns the run directory (None for a dry run). Bad input raises UserError before
+    anything is written; a failure while the run is being set up removes the new run directory."""
+    t_start = time.time()
+    checked = check(suite, opts)
+    if opts.dry_run:
+        for c in checked.cells:
+            ts = "" if c.entry.train_seed is None else f" train_seed={c.entry.train_seed}"
+            print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
+                  f"seed={c.seed} n={suite.samples}{ts}")
+        print(f"{len(checked.cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); checks passed; "
+              "nothing written (dry run)")
+        return None
+    dist = Dist(opts.device)
     stamp = dist.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
     error = None
@@ -144,13 +173,19 @@ def run(suite: Suite, opts: Options) -> Path | None:
     if error:
         raise UserError(error)
     try:
-        ctx = RunContext(suite, opts, rd, prompts, backbone, evaluators, dist)
-        start(ctx)
+        ctx = RunContext(suite, opts, rd, checked.prompts, checked.backbone, checked.evaluators, dist)
+        try:
+            start(ctx, checked.truncated)
+        except BaseException:
+            if dist.main and not opts.resume:  # nothing of this run exists yet: leave nothing behind
+                rd.unlock()
+                shutil.rmtree(rd.path, ignore_errors=True)
+            raise
         rows = rd.rows() if dist.main else []
         done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"], r.get("train_seed")) for r in rows})
         t_cells = time.time()
-        bar = tqdm(total=len(cells), desc=f"run {suite.name}", disable=not ctx.progress)
-        for cell in cells:
+        bar = tqdm(total=len(checked.cells), desc=f"run {suite.name}", disable=not ctx.progress)
+        for cell in checked.cells:
             if cell.key not in done:
                 bar.set_postfix_str(cell.key)
                 row = run_cell(ctx, cell)
@@ -159,7 +194,7 @@ def run(suite: Suite, opts: Options) -> Path | None:
                     rd.write_rows(rows)
             bar.update(1)
         bar.close()
-        finish(ctx, len(cells), t_start, t_cells)
+        finish(ctx, len(checked.cells), t_start, t_cells)
         return rd.path
     finally:
         rd.unlock()
@@ -168,7 +203,7 @@ def run(suite: Suite, opts: Options) -> Path | None:
 # --- 2. config, reference, protocol --------------------------------------------------------------
 
 
-def start(ctx: RunContext) -> None:
+def start(ctx: RunContext, truncated: dict) -> None:
     """config.json (kept from the first session on --resume), the FID reference and floor, the protocol."""
     suite, opts, rd, d = ctx.suite, ctx.opts, ctx.rundir, ctx.dist
     old = rd.config() if opts.resume else None
@@ -183,12 +218,18 @@ def start(ctx: RunContext) -> None:
         "threads": torch.get_num_threads(),
         "teacher": ctx.backbone.identity(),
         "evaluators": ctx.evaluators.identity(),
-        "prompt_set_sha256": prompt_sets().get(suite.prompts, {}).get("sha256"),
+        "prompts": prompt_identity(suite.prompts, ctx.prompts),
+        "truncated": truncated,
         "processes": d.world,
+        "study": opts.study,
     }
     if old is not None:
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
+        was = str(old.get("prompts", {}).get("sha256"))
+        if was != config["prompts"]["sha256"]:
+            raise UserError(f"cannot resume {rd.path}: its prompts {suite.prompts!r} have other contents now "
+                            f"(sha256 {config['prompts']['sha256'][:12]}…, was {was[:12]}…); start a new run")
         if old.get("source_sha256", config["source_sha256"]) != config["source_sha256"]:
             raise UserError(f"cannot resume {rd.path}: the code that makes its numbers changed since it started "
                             f"(source {old['source_sha256']} then, {config['source_sha256']} now); start a new run")
@@ -199,6 +240,7 @@ def start(ctx: RunContext) -> None:
     if d.main:
         rd.remember_cache(ctx.cache)
         rd.write_config(config)
+        faults.maybe_raise("setup", 0)
         if "fid" in suite.metrics:  # reference statistics, cached by content hash
             ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
             if not rd.has_floor():
@@ -206,10 +248,10 @@ def start(ctx: RunContext) -> None:
                 if floor is not None:
                     rd.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
                                     "what": "renders of the same prompts with other nuisance draws vs the reference"})
-    prompts = {"set": suite.prompts, "sha256": config["prompt_set_sha256"], "n": len(ctx.prompts)}
     if d.main:
-        ctx.protocol = provenance.protocol(prompts, config["evaluators"], ctx.reference, config["teacher"],
-                                           opts.device, config["versions"].get("torchmetrics"))
+        ctx.protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
+                                           opts.device, config["versions"].get("torchmetrics"),
+                                           ctx.evaluators.num_features if "fid" in suite.metrics else None)
     d.barrier()
 
 
@@ -271,12 +313,6 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
     return row
 
 
-def to_8bit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as they would be saved (8-bit levels, as float32 in [0, 1]) and which were finite [n] bool."""
-    finite = torch.isfinite(images).flatten(1).all(1)
-    return (images.nan_to_num(0).clamp(0, 1) * 255).round() / 255.0, finite
-
-
 def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     """Sample this process's shard batch by batch; each batch goes into the metric accumulators and is dropped.
 
@@ -336,6 +372,14 @@ def save_grid(images: torch.Tensor, path: Path, nrow: int = 8, upscale: int = 4)
 
 
 # --- 4. finish -------------------------------------------------------------------------------------
+
+
+def prompt_identity(spec: str, prompts: list) -> dict:
+    """The prompt set by content: the selected prompts' sha256 (ids, texts, ground truth) and the file's."""
+    shipped = prompt_sets().get(spec)
+    path = Path(spec)
+    return {"set": spec, "n": len(prompts), "sha256": prompts_sha256(prompts),
+            "file_sha256": shipped["sha256"] if shipped else (sha256_file(path) if path.is_file() else None)}
 
 
 def finish(ctx: RunContext, n_cells: int, t_start: float, t_cells: float) -> None:

@@ -6,10 +6,11 @@ import hashlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# the source a reference result's numbers are made by: the methods and their training, the embedded world
-# (renderer, teacher, evaluators, shipped weights), the metrics, and the runner's sampling loop. (Suite files
-# are recorded whole in each run's config.json.)
-NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics", "bench/runner.py")
+# the source a reference result's numbers are made by: the methods (training, sampling, backbones), the
+# embedded world (renderer, teacher, evaluators, shipped weights) and the metrics, from the 8-bit samples on.
+# The runner only routes prompts and seeds (each sample's noise is a function of its prompt id and seed);
+# suite files are recorded whole in each run's config.json.
+NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics")
 
 
 def source_files(root: Path = ROOT) -> list[Path]:

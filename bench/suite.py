@@ -34,7 +34,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
-BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data"}}
+BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data", "variant"}}
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference"}}
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
@@ -136,7 +136,9 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     prompts = raw.get("prompts", "shapes-eval")
     if not isinstance(prompts, str):
         raise UserError(f"{where}: prompts must be a set name or a file path, got {prompts!r}")
-    metrics = raw.get("metrics", list(METRICS))
+    evaluators = _component(raw.get("evaluators", {"kind": "shapes"}), "evaluators", EVALUATOR_KEYS, where)
+    # without a metrics list: everything the evaluators can measure (no attribute evaluator at real scale)
+    metrics = raw.get("metrics", list(METRICS) if evaluators["kind"] == "shapes" else ["fid", "clip_score", "latency"])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise UserError(f"{where}: metrics must be a list of names from {METRICS}")
     for m in metrics:
@@ -157,7 +159,6 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise UserError(f"{where}: scale must be a positive number, got {scale!r}")
     backbone = _component(raw.get("backbone", {"kind": "shapes"}), "backbone", BACKBONE_KEYS, where)
-    evaluators = _component(raw.get("evaluators", {"kind": "shapes"}), "evaluators", EVALUATOR_KEYS, where)
     entries_raw = raw.get("methods")
     if not isinstance(entries_raw, list) or not entries_raw:
         raise UserError(f"{where}: needs at least one [[methods]] entry")

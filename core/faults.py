@@ -5,6 +5,7 @@
     FLASHBENCH_FAULT="kill:metrics:1"     ... while computing the metrics of the second cell
     FLASHBENCH_FAULT="nan:train:3"        make the loss NaN at training update 3
     FLASHBENCH_FAULT="nan:sample:0"       put a NaN into the samples of the first cell
+    FLASHBENCH_FAULT="raise:setup:0"      raise an error while the run is being set up (after its directory exists)
 Several points may be given, comma-separated. Unset (always, outside tests), every check is a no-op.
 """
 
@@ -26,3 +27,12 @@ def hit(kind: str, where: str, index: int) -> bool:
 def maybe_kill(where: str, index: int) -> None:
     if hit("kill", where, index):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """An error raised on purpose by a failpoint."""
+
+
+def maybe_raise(where: str, index: int) -> None:
+    if hit("raise", where, index):
+        raise InjectedFault(f"failpoint raise:{where}:{index}")

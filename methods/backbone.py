@@ -125,6 +125,10 @@ class Backbone(abc.ABC):
     def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:
         """Real training data (images in [0, 1], captions) for methods that use it. Never evaluation data."""
 
+    def truncated(self, texts: list[str]) -> dict[str, list[int]]:
+        """Per text encoder, the indices of the texts longer than its context (which it encodes cut)."""
+        return {}
+
     @abc.abstractmethod
     def identity(self) -> dict:
         """What identifies the teacher (name, config, weight hashes) for caches and results."""

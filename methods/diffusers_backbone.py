@@ -1,9 +1,11 @@
 """Real-scale teachers: an SD 1.x / 2.x or SDXL pipeline from a local diffusers directory.
 
 Loads the UNet, VAE, text encoder(s), tokenizer(s) and scheduler config with
-``local_files_only=True`` and safetensors only (no hub access, nothing unpickled), and exposes the
-same Backbone interface as the shapes teacher, in latent space: every method trains and samples
-on it unchanged. Prompts longer than the text encoder's context are truncated and recorded.
+``local_files_only=True`` and safetensors only (no hub access, nothing unpickled), as published:
+plain or only as a variant (``fp16``, found by itself when it is the only one), single-file or
+sharded with an index. The identity records the sha256 of exactly the files loaded. It exposes the
+same Backbone interface as the shapes teacher, in latent space: every method trains and samples on
+it unchanged. Prompts longer than a text encoder's context are truncated; which ones is recorded.
 
 Real training images (for methods that use real data) come from an image folder with a
 ``metadata.jsonl`` of ``{"file_name", "text"}`` rows (the Hugging Face imagefolder convention).
@@ -11,13 +13,14 @@ Real training images (for methods that use real data) come from an image folder 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError
-from core.io import sha256_file
 from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
 
@@ -42,6 +45,10 @@ class ImageFolderData:
                     raise UserError(f"{meta.name}:{n}: expected a JSON object with file_name and text") from None
         if not self.rows:
             raise UserError(f"{meta} lists no images")
+        missing = [f for f, _ in self.rows if not (self.root / f).is_file()]
+        if missing:
+            raise UserError(f"training data {root}: {len(missing)} images listed in metadata.jsonl are missing "
+                            f"(first: {missing[0]})")
 
     def __call__(self, n: int, step: int):
         import numpy as np
@@ -55,46 +62,133 @@ class ImageFolderData:
         return torch.stack(imgs), caps
 
 
-class DiffusersBackbone(Backbone):
-    """An SD/SDXL layout behind the Backbone interface (latent space)."""
+# the file stem of each component's weights (diffusers models / transformers text encoders)
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                "text_encoder_2": "model"}
 
-    def __init__(self, path: Path, device: str | torch.device = "cpu", train_data=None, dtype=torch.float32):
-        from diffusers import AutoencoderKL, UNet2DConditionModel
+
+def weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:
+    """The safetensors files ``from_pretrained`` opens for a component and variant: the single file, or
+    the sharded index and every shard it lists ([] when neither exists)."""
+    v = f".{variant}" if variant else ""
+    single = folder / f"{stem}{v}.safetensors"
+    if single.is_file():
+        return [single]
+    index = folder / f"{stem}.safetensors.index{v}.json"
+    if not index.is_file():
+        return []
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise UserError(f"{folder}: the index {index.name} lists {len(missing)} missing shard(s) (first: {missing[0]})")
+    return [index] + [folder / s for s in shards]
+
+
+def variants_in(folder: Path, stem: str) -> set[str]:
+    """The weight variants present: "fp16" for model.fp16.safetensors or model.safetensors.index.fp16.json."""
+    found = set()
+    for p in folder.glob(f"{stem}*"):
+        m = re.fullmatch(rf"{re.escape(stem)}\.([A-Za-z0-9_]+)\.safetensors", p.name) or \
+            re.fullmatch(rf"{re.escape(stem)}\.safetensors\.index\.([A-Za-z0-9_]+)\.json", p.name)
+        if m:
+            found.add(m[1])
+    return found
+
+
+def resolve_variant(root: Path, components: list[str], requested: str | None) -> str | None:
+    """The variant to load: the requested one, else none when plain weights exist, else the only variant present.
+
+    UserError (one line) when weights are missing, or several variants exist and none was asked for.
+    """
+    for comp in components:
+        folder, stem = root / comp, WEIGHT_STEMS[comp]
+        if requested is not None:
+            if not weight_files(folder, stem, requested):
+                raise UserError(f"{folder}: no {requested!r} weights ({stem}.{requested}.safetensors or a sharded "
+                                f"index); variants here: {sorted(variants_in(folder, stem)) or 'none'}")
+        elif not weight_files(folder, stem, None):
+            found = variants_in(folder, stem)
+            if not found:
+                names = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+                raise UserError(f"{folder}: no safetensors weights ({stem}.safetensors, a variant, or a sharded index); "
+                                f"found {names[:6]}; flashbench loads safetensors only")
+            if len(found) > 1:
+                raise UserError(f"{folder}: only variant weights, and several ({sorted(found)}); set variant = one of them "
+                                "in [backbone]")
+            requested = next(iter(found))
+    return requested
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class DiffusersBackbone(Backbone):
+    """An SD 1.x/2.x or SDXL layout behind the Backbone interface (latent space)."""
+
+    def __init__(self, path: Path, device: str | torch.device = "cpu", train_data=None, dtype=torch.float32,
+                 variant: str | None = None):
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         self.path = Path(path)
         if not (self.path / "unet").is_dir() or not (self.path / "vae").is_dir():
             raise UserError(f"{path} is not a diffusers SD/SDXL directory (needs unet/, vae/, text_encoder/, "
                             "tokenizer/, scheduler/)")
-        self.device = torch.device(device)
-        kw = {"local_files_only": True, "use_safetensors": True}
-        self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", torch_dtype=dtype, **kw)
-        self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", torch_dtype=dtype, **kw)
-        self.tokenizers = [CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer", local_files_only=True)]
-        self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", torch_dtype=dtype,
-                                                            **kw)]
         self.sdxl = (self.path / "text_encoder_2").is_dir()
-        if self.sdxl:
-            self.tokenizers.append(CLIPTokenizer.from_pretrained(self.path, subfolder="tokenizer_2",
-                                                                 local_files_only=True))
-            self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-                self.path, subfolder="text_encoder_2", torch_dtype=dtype, **kw))
+        self.encoder_names = ["text_encoder"] + (["text_encoder_2"] if self.sdxl else [])
+        components = ["unet", "vae", *self.encoder_names]
+        self.variant = resolve_variant(self.path, components, variant)
+        self.device = torch.device(device)
+        kw = {"local_files_only": True, "use_safetensors": True, "variant": self.variant, "torch_dtype": dtype}
+        try:
+            self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", **kw)
+            self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **kw)
+            self.tokenizers = [CLIPTokenizer.from_pretrained(self.path, subfolder=n.replace("text_encoder", "tokenizer"),
+                                                             local_files_only=True) for n in self.encoder_names]
+            self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", **kw)]
+            if self.sdxl:
+                self.text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                    self.path, subfolder="text_encoder_2", **kw))
+            sched = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
+        except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot load the diffusers pipeline in {self.path}: {msg}") from None
         for m in [self.unet, self.vae, *self.text_encoders]:
             m.to(self.device).eval().requires_grad_(False)
-        sched = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
         self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
-        from diffusers import DDPMScheduler
-
         self.schedule = Schedule.from_diffusers(DDPMScheduler.from_config(self.scheduler_config))
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
         self.scaling = float(self.vae.config.scaling_factor)
         self.resolution = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.train_data = train_data
-        self.truncated: dict[str, bool] = {}
+        self._identity = self._hash_components(components)
+
+    def _hash_components(self, components: list[str]) -> dict:
+        """sha256 of every file that moves a number: each component's config and the weight files loaded
+        (the variant's, all shards), the tokenizers' files, the scheduler config."""
+        files = {}
+        for comp in components:
+            folder = self.path / comp
+            for f in [folder / "config.json", *weight_files(folder, WEIGHT_STEMS[comp], self.variant)]:
+                files[f.relative_to(self.path).as_posix()] = _sha(f)
+        for tok in [n.replace("text_encoder", "tokenizer") for n in self.encoder_names]:
+            for f in sorted((self.path / tok).iterdir()):
+                if f.is_file():
+                    files[f.relative_to(self.path).as_posix()] = _sha(f)
+        files["scheduler/scheduler_config.json"] = _sha(self.path / "scheduler" / "scheduler_config.json")
+        combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        return {"backbone": "diffusers", "name": self.path.name, "sdxl": self.sdxl, "variant": self.variant,
+                "resolution": self.resolution, "prediction_type": self.prediction_type, "sha256": combined,
+                "files": files}
 
     @classmethod
-    def load(cls, path, device="cpu", train_data: Path | None = None) -> DiffusersBackbone:
-        bb = cls(path, device)
+    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None) -> DiffusersBackbone:
+        bb = cls(path, device, variant=variant)
         if train_data is not None:
             bb.train_data = ImageFolderData(train_data, bb.resolution)
         return bb
@@ -104,13 +198,17 @@ class DiffusersBackbone(Backbone):
         s = int(self.unet.config.sample_size)
         return (int(self.unet.config.in_channels), s, s)
 
+    def truncated(self, texts: list[str]) -> dict[str, list[int]]:
+        out = {}
+        for name, tok in zip(self.encoder_names, self.tokenizers):
+            lengths = [len(ids) for ids in tok(texts, padding=False, truncation=False)["input_ids"]]
+            out[name] = [i for i, n in enumerate(lengths) if n > tok.model_max_length]
+        return out
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Cond:
         states, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):
-            full = tok(texts, padding=False, truncation=False)["input_ids"]
-            for t, ids in zip(texts, full):
-                self.truncated[t] = len(ids) > tok.model_max_length
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids.to(self.device)
             out = enc(ids, output_hidden_states=True)
@@ -144,7 +242,4 @@ class DiffusersBackbone(Backbone):
         return images.to(self.device), captions
 
     def identity(self) -> dict:
-        weights = sorted((self.path / "unet").glob("*.safetensors"))
-        return {"backbone": "diffusers", "name": self.path.name, "sdxl": self.sdxl,
-                "unet_sha256": sha256_file(weights[0]) if weights else None, "resolution": self.resolution,
-                "prediction_type": self.prediction_type}
+        return dict(self._identity)

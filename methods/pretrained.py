@@ -1,11 +1,16 @@
 """Published distilled checkpoints, loaded from local paths and measured under the bench's protocol.
 
-kind        what `path` is                                  scheduler (trailing spacing)      guidance
-lcm         a diffusers UNet dir with a w-embedding         LCMScheduler                      w = guidance_scale − 1, embedded
-lcm-lora    LoRA weights (safetensors) for the teacher UNet LCMScheduler                      none
-turbo       a diffusers UNet dir (SD-Turbo / SDXL-Turbo)    EulerAncestralDiscreteScheduler   none
-lightning   a UNet dir or LoRA (SDXL-Lightning)             EulerDiscreteScheduler            none
-Each step is 1 NFE. Text encoder, VAE and schedule are the backbone's (the checkpoint's base model).
+A checkpoint is a diffusers UNet directory or a LoRA file for the backbone's UNet, plus the way its
+authors sample it: scheduler, timestep spacing (or explicit timesteps), output parameterisation
+(``prediction_type``: epsilon, v_prediction or sample = x̂_0) and guidance (none: 1 NFE per step;
+cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guidance embedding with
+w = guidance_scale − 1, 1 NFE). ``recipe`` fills these from RECIPES (the model cards' settings);
+anything given explicitly wins. Text encoder, VAE and noise schedule are the backbone's.
+
+LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through
+diffusers' own converters; after loading, every UNet key must have been injected into an adapter,
+else the checkpoint is refused (a silent no-op LoRA would measure the base model). LoRAs that
+also adapt the text encoders are refused (the backbone's encoders are shared by every row).
 """
 
 from __future__ import annotations
@@ -16,37 +21,142 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError, unknown
+from core.io import sha256_file
 from methods.base import Method, TrainInfo
 from methods.registry import register
-from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise, solver_sample
+from methods.sampling import (PREDICTION_TYPES, Denoiser, lcm_scheduler_config, per_sample_generators,
+                              per_sample_noise, solver_sample)
 
-KINDS = ("lcm", "lcm-lora", "turbo", "lightning")
+KINDS = ("lcm", "lcm-lora", "turbo", "lightning", "unet", "lora")
+SCHEDULERS = ("lcm", "euler", "euler-ancestral", "ddim", "tcd")
+GUIDANCE = ("none", "cfg", "embedded")
+STOCHASTIC = ("lcm", "euler-ancestral", "tcd")  # schedulers that draw fresh noise per step
+
+# kind -> (scheduler, guidance) when neither a recipe nor the settings say
+KIND_DEFAULTS = {"lcm": ("lcm", "embedded"), "lcm-lora": ("lcm", "none"), "turbo": ("euler-ancestral", "none"),
+                 "lightning": ("euler", "none"), "unet": ("euler", "none"), "lora": ("euler", "none")}
+
+# Published few-step checkpoints, as their model cards sample them (`path` is yours: a local copy).
+RECIPES: dict[str, dict] = {
+    "lcm-lora-sdv1-5": {"kind": "lcm-lora", "scheduler": "lcm", "guidance": "none", "steps": (2, 4, 8)},
+    "lcm-lora-sdxl": {"kind": "lcm-lora", "scheduler": "lcm", "guidance": "none", "steps": (2, 4, 8)},
+    "lcm-sdxl": {"kind": "lcm", "scheduler": "lcm", "guidance": "embedded", "guidance_scale": 8.0, "steps": (2, 4, 8)},
+    "sd-turbo": {"kind": "turbo", "scheduler": "euler-ancestral", "guidance": "none", "steps": (1, 2, 4)},
+    "sdxl-turbo": {"kind": "turbo", "scheduler": "euler-ancestral", "guidance": "none", "steps": (1, 2, 4)},
+    "sdxl-lightning-1step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "prediction_type": "sample",
+                             "steps": (1,)},
+    "sdxl-lightning-2step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (2,)},
+    "sdxl-lightning-4step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (4,)},
+    "sdxl-lightning-8step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (8,)},
+    "hyper-sdxl-1step-lora": {"kind": "lora", "scheduler": "tcd", "eta": 1.0, "guidance": "none", "steps": (1,)},
+    "hyper-sdxl-2step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (2,)},
+    "hyper-sdxl-4step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (4,)},
+    "hyper-sdxl-8step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (8,)},
+    "hyper-sdxl-8step-cfg-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "cfg", "guidance_scale": 5.0,
+                                  "steps": (8,)},
+    "hyper-sd15-8step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (8,)},
+    "tcd-sdxl-lora": {"kind": "lora", "scheduler": "tcd", "eta": 0.3, "guidance": "none", "steps": (2, 4, 8)},
+    "dmd2-sdxl-4step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (999, 749, 499, 249),
+                        "steps": (4,)},
+    "dmd2-sdxl-1step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (399,), "steps": (1,)},
+}
 
 
 @dataclasses.dataclass
 class PretrainedConfig:
-    kind: str = "lcm"
-    path: str = ""
-    guidance_scale: float = 8.0  # used by kind "lcm" only (embedded as w = guidance_scale - 1)
+    path: str = ""  # a diffusers UNet directory, or a LoRA .safetensors file for the backbone's UNet
+    recipe: str = ""  # a key of RECIPES: the model card's sampling settings (explicit settings win)
+    kind: str | None = None  # lcm, lcm-lora, turbo, lightning (legacy names), unet or lora
+    scheduler: str | None = None  # lcm, euler, euler-ancestral, ddim, tcd
+    guidance: str | None = None  # none (1 NFE/step), cfg (2 NFE/step), embedded (LCM w-embedding, 1 NFE/step)
+    guidance_scale: float | None = None  # CFG scale, or the embedded w + 1 (LCM's convention); default 8.0 / 0
+    prediction_type: str | None = None  # the checkpoint's output: epsilon, v_prediction or sample (x̂_0)
+    timestep_spacing: str = "trailing"
+    timesteps: tuple[int, ...] | None = None  # explicit timesteps (one per step; DMD2's [999, 749, 499, 249])
+    eta: float | None = None  # TCD's gamma
     max_steps: int = 8
-    steps: tuple[int, ...] = ()  # step counts the checkpoint was distilled for (empty: 1..max_steps)
+    steps: tuple[int, ...] | None = None  # step counts the checkpoint was distilled for (empty: 1..max_steps)
 
     def __post_init__(self):
+        if self.recipe:
+            if self.recipe not in RECIPES:
+                raise unknown("checkpoint recipe", self.recipe, RECIPES)
+            for k, v in RECIPES[self.recipe].items():
+                if getattr(self, k) is None:
+                    setattr(self, k, v)
+        self.kind = self.kind or "unet"
         if self.kind not in KINDS:
             raise unknown("checkpoint kind", self.kind, KINDS)
+        scheduler, guidance = KIND_DEFAULTS[self.kind]
+        self.scheduler = self.scheduler or scheduler
+        self.guidance = self.guidance or guidance
+        if self.guidance_scale is None:
+            self.guidance_scale = 8.0 if self.guidance == "embedded" else 0.0
+        self.steps = tuple(self.steps or ())
+        self.timesteps = tuple(self.timesteps) if self.timesteps else None
+        if self.scheduler not in SCHEDULERS:
+            raise unknown("scheduler", self.scheduler, SCHEDULERS)
+        if self.guidance not in GUIDANCE:
+            raise unknown("guidance", self.guidance, GUIDANCE)
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise unknown("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        if self.timesteps and self.steps and self.steps != (len(self.timesteps),):
+            raise ValueError(f"{len(self.timesteps)} explicit timesteps serve {len(self.timesteps)} steps, not {self.steps}")
+        if self.timesteps and not self.steps:
+            self.steps = (len(self.timesteps),)
         if not self.path:
-            raise UserError(f"pretrained {self.kind}: give path = the local checkpoint (UNet directory or LoRA file)")
+            raise UserError(f"pretrained {self.recipe or self.kind}: give path = the local checkpoint (UNet directory "
+                            "or LoRA file)")
+
+
+def load_lora_strict(unet, path: Path, adapter: str = "distilled") -> int:
+    """Inject a LoRA file (any layout diffusers converts) into `unet`; returns the number of keys used.
+
+    Raises UserError when the file adapts the text encoders, when nothing was injected, or when some
+    UNet keys were not used (a silent partial LoRA).
+    """
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict
+
+    try:
+        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"LoRA {path.name}: cannot be read as a LoRA ({str(e).splitlines()[0][:160]})") from None
+    te = [k for k in state if k.startswith(("text_encoder.", "text_encoder_2."))]
+    if te:
+        raise UserError(f"LoRA {path.name} also adapts the text encoders ({len(te)} keys, e.g. {te[0]}); flashbench "
+                        "applies UNet LoRAs only (the encoders are shared by every row)")
+    # the names the UNet's adapters will carry (diffusers' own conversion, as load_lora_adapter applies it)
+    unet_keys = set(convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()
+                                                     if k.startswith("unet.")}))
+    other = [k for k in state if not k.startswith("unet.")]
+    if not unet_keys or other:
+        raise UserError(f"LoRA {path.name}: {len(other)} keys were not recognised as UNet LoRA weights "
+                        f"(e.g. {other[0] if other else 'none'}), {len(unet_keys)} were")
+    unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name=adapter)
+    loaded = set(get_peft_model_state_dict(unet, adapter_name=adapter))
+    unused = sorted(unet_keys - loaded)
+    if not loaded or unused:
+        raise UserError(f"LoRA {path.name}: {len(unused)} of {len(unet_keys)} UNet keys were not injected "
+                        f"(e.g. {unused[0] if unused else '-'}); the file does not fit this backbone's UNet")
+    return len(unet_keys)
 
 
 @register("pretrained")
 class Pretrained(Method):
-    """Published distilled checkpoints from local paths (LCM, LCM-LoRA, SD/SDXL-Turbo, SDXL-Lightning)."""
+    """Published distilled checkpoints from local paths (LCM, LCM-LoRA, Turbo, Lightning, Hyper-SD, TCD, DMD2)."""
 
     Config = PretrainedConfig
 
     def __init__(self, backbone, config: PretrainedConfig, ctx):
         super().__init__(backbone, config, ctx)
         self.denoiser = None
+        self.info = None
+
+    @classmethod
+    def nfe_per_step(cls, config) -> int:
+        return 2 if config.guidance == "cfg" else 1
 
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:
@@ -54,48 +164,72 @@ class Pretrained(Method):
 
     def prepare(self, steps: int) -> TrainInfo:
         if self.denoiser is not None:
-            return TrainInfo(cached=True, checkpoint=Path(self.config.path).name)
+            return self.info
         from diffusers import UNet2DConditionModel
 
-        path = Path(self.config.path)
+        cfg, bb = self.config, self.backbone
+        path = Path(cfg.path)
         if not path.exists():
-            raise UserError(f"pretrained {self.config.kind}: {path} does not exist")
-        bb = self.backbone
+            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} does not exist")
         if path.is_dir():
-            unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            weights = sorted(path.glob("*.safetensors"))
+            if not weights:
+                raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} holds no .safetensors UNet weights")
+            try:
+                unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
+            except (OSError, ValueError) as e:
+                raise UserError(f"pretrained {cfg.recipe or cfg.kind}: cannot load the UNet in {path} "
+                                f"({str(e).splitlines()[0][:160]})") from None
+            digest = sha256_file(weights[0]) if len(weights) == 1 else None
         elif path.suffix == ".safetensors":  # LoRA on the base model's UNet
             unet = bb.new_unet()
-            unet.load_lora_adapter(str(path), prefix="unet", adapter_name="distilled")
+            load_lora_strict(unet, path)
             unet.fuse_lora()
+            digest = sha256_file(path)
         else:
-            raise UserError(f"pretrained {self.config.kind}: {path} must be a UNet directory or a .safetensors LoRA")
+            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} must be a UNet directory or a .safetensors LoRA")
         unet = unet.to(bb.device).eval().requires_grad_(False)
-        w_dim = unet.config.time_cond_proj_dim if self.config.kind == "lcm" else None
-        if self.config.kind == "lcm" and not w_dim:
-            raise UserError(f"pretrained lcm: {path} has no guidance embedding (time_cond_proj_dim); "
-                            "use kind = 'lcm-lora' or 'turbo'")
-        self.denoiser = Denoiser(self.counted(unet), bb.schedule, bb.prediction_type, w_dim)
-        return TrainInfo(cached=True, checkpoint=path.name)
+        w_dim = unet.config.time_cond_proj_dim if cfg.guidance == "embedded" else None
+        if cfg.guidance == "embedded" and not w_dim:
+            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} has no guidance embedding "
+                            "(time_cond_proj_dim); use guidance = 'none' or 'cfg'")
+        self.denoiser = Denoiser(self.counted(unet), bb.schedule, cfg.prediction_type or bb.prediction_type, w_dim)
+        self.info = TrainInfo(cached=True, checkpoint=path.name, checkpoint_sha256=digest)
+        return self.info
 
-    def _scheduler(self):
+    def scheduler(self):
+        """The diffusers scheduler the checkpoint's authors sample with, on the backbone's noise schedule."""
         import diffusers
 
-        cfg = dict(self.backbone.scheduler_config, timestep_spacing="trailing")
-        if self.config.kind in ("lcm", "lcm-lora"):
-            return diffusers.LCMScheduler.from_config(lcm_scheduler_config(cfg))
-        if self.config.kind == "turbo":
-            return diffusers.EulerAncestralDiscreteScheduler.from_config(cfg)
-        return diffusers.EulerDiscreteScheduler.from_config(cfg)
+        cfg = self.config
+        base = dict(self.backbone.scheduler_config, timestep_spacing=cfg.timestep_spacing)
+        if cfg.prediction_type:
+            base["prediction_type"] = cfg.prediction_type
+        if cfg.scheduler == "lcm":
+            return diffusers.LCMScheduler.from_config(lcm_scheduler_config(base))
+        if cfg.scheduler == "tcd":
+            return diffusers.TCDScheduler.from_config(lcm_scheduler_config(base))
+        if cfg.scheduler == "ddim":
+            return diffusers.DDIMScheduler.from_config(base)
+        if cfg.scheduler == "euler-ancestral":
+            return diffusers.EulerAncestralDiscreteScheduler.from_config(base)
+        return diffusers.EulerDiscreteScheduler.from_config(base)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
         self.prepare(steps)
-        bb = self.backbone
+        cfg, bb = self.config, self.backbone
         cond = bb.encode_text(texts)
-        w = self.config.guidance_scale - 1.0 if self.config.kind == "lcm" else None
         x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
-        stochastic = self.config.kind in ("lcm", "lcm-lora", "turbo")
-        x0 = solver_sample(lambda x, t: self.denoiser.raw(x, t, cond, w), self._scheduler(), bb.schedule, x_T, steps,
-                           bb.prediction_type,
-                           generators=(lambda i: per_sample_generators(noise_keys, i + 1)) if stochastic else None)
+        if cfg.guidance == "cfg":
+            uncond = bb.encode_text([""] * len(texts))
+            model_output = lambda x, t: self.denoiser.raw_guided(x, t, cond, uncond, cfg.guidance_scale)  # noqa: E731
+        else:
+            w = cfg.guidance_scale - 1.0 if cfg.guidance == "embedded" else None
+            model_output = lambda x, t: self.denoiser.raw(x, t, cond, w)  # noqa: E731
+        stochastic = cfg.scheduler in STOCHASTIC
+        x0 = solver_sample(model_output, self.scheduler(), bb.schedule, x_T, steps, self.denoiser.prediction_type,
+                           generators=(lambda i: per_sample_generators(noise_keys, i + 1)) if stochastic else None,
+                           timesteps=list(cfg.timesteps) if cfg.timesteps else None,
+                           step_kwargs={"eta": cfg.eta} if cfg.scheduler == "tcd" and cfg.eta is not None else None)
         return bb.to_images(x0)

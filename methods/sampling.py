@@ -16,6 +16,7 @@ from methods import diffusion as D
 from methods.backbone import Cond, guidance_embedding
 
 SOLVERS = ("ddim", "dpmsolver++", "euler", "unipc")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names: ε, v, x̂_0
 # solvers whose state is x_t in the VP parameterisation, where noise correction is defined
 NOISE_CORRECTABLE = ("ddim", "dpmsolver++")
 
@@ -45,8 +46,8 @@ class Denoiser:
     """
 
     def __init__(self, net, schedule: D.Schedule, prediction_type: str = "epsilon", w_dim: int | None = None):
-        if prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         self.net, self.schedule, self.prediction_type, self.w_dim = net, schedule, prediction_type, w_dim
 
     def _t(self, t, n: int, device) -> torch.Tensor:
@@ -76,6 +77,8 @@ class Denoiser:
         sigma = self.schedule.sigma(t).to(x_t.device, x_t.dtype)
         if self.prediction_type == "epsilon":
             return D.x0_from_eps(x_t, out, alpha, sigma), out
+        if self.prediction_type == "sample":
+            return out, D.eps_from_x0(x_t, out, alpha, sigma)
         return D.x0_from_v(x_t, out, alpha, sigma), D.eps_from_v(x_t, out, alpha, sigma)
 
     def predict(self, x_t, t, cond: Cond, w=None):
@@ -185,19 +188,24 @@ def make_scheduler(solver: str, scheduler_config: dict):
 
 def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
                   prediction_type: str = "epsilon", noise_correction: bool = False,
-                  generators: Callable[[int], list[torch.Generator]] | None = None) -> torch.Tensor:
-    """Run a diffusers scheduler for `steps` steps; model_output(x_in, t) returns the (guided) raw output.
+                  generators: Callable[[int], list[torch.Generator]] | None = None,
+                  timesteps: list[int] | None = None, step_kwargs: dict | None = None) -> torch.Tensor:
+    """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps`); model_output(x_in, t)
+    returns the (guided) raw output; `step_kwargs` go to every ``scheduler.step`` (e.g. TCD's eta).
 
-    Stochastic schedulers (LCM, Euler ancestral) draw step i's noise from ``generators(i)``, one
+    Stochastic schedulers (LCM, Euler ancestral, TCD) draw step i's noise from ``generators(i)``, one
     generator per sample. Noise correction (ddim, dpmsolver++ only) replaces the first step's result
     by α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
     """
-    scheduler.set_timesteps(steps)
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps)
+    else:
+        scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
     ts = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
         out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
-        kwargs = {} if generators is None else {"generator": generators(i)}
+        kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators(i)}
         x_next = scheduler.step(out, scheduler.timesteps[i], x, **kwargs).prev_sample
         if noise_correction and i == 0:
             split = Denoiser(None, schedule, prediction_type).split

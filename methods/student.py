@@ -22,7 +22,7 @@ class DistillConfig:
     student_updates: int = 300
     batch_size: int = 32
     lr: float = 5e-5
-    guidance_scale: float = 3.0  # the teacher's CFG scale when it builds targets
+    guidance_scale: float = 1.5  # the teacher's CFG scale when it builds targets
     seed: int = 0
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the attention projections instead of the full UNet
     grad_clip: float = 1.0  # the student's gradient-norm clip at every update

@@ -16,7 +16,7 @@ from methods.sampling import NOISE_CORRECTABLE, SOLVERS, Denoiser, make_schedule
 @dataclasses.dataclass
 class TeacherConfig:
     solver: str = "dpmsolver++"
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.5
     guided: bool = True  # classifier-free guidance: 2 NFE per step
     noise_correction: bool = False
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io as _io
+import hashlib
 import json
+import re
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,18 +69,30 @@ def prompt_sets() -> dict[str, dict]:
 
 
 def _read_text(path: Path) -> str:
+    """A prompt file's text as people save it: UTF-8 with or without a BOM, any line endings (to \\n)."""
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
     raw = path.read_bytes()
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise PromptFileError(f"{path.name}:{line}: not valid UTF-8; prompt files must be UTF-8 text") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+# Unicode spaces (no-break, thin, ideographic, ...) and zero-width characters that editors and spreadsheets insert
+_SPACES = re.compile(r"[\s\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+
+
+def normalize_text(text: str) -> str:
+    """NFC, zero-width characters dropped, every run of (Unicode) whitespace one space, stripped."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFC", text).translate(_ZERO_WIDTH)).strip()
 
 
 def _check_text(text: str, where: str) -> str:
-    text = text.strip()
+    text = normalize_text(text)
     if not text:
         raise PromptFileError(f"{where}: empty prompt; every entry needs a non-empty prompt")
     if len(text) > MAX_PROMPT_CHARS:
@@ -102,7 +116,7 @@ def load_shipped(name: str) -> list[Prompt]:
 
 def load_shapes_jsonl(path: Path) -> list[Prompt]:
     out = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path.name}:{n}"
@@ -118,12 +132,21 @@ def load_shapes_jsonl(path: Path) -> list[Prompt]:
     return out
 
 
-def load_partiprompts(path: Path) -> list[Prompt]:
-    text = _read_text(path)
+def split_tsv_line(line: str) -> list[str]:
+    """Fields of one TSV line, in both dialects: a line written by a spreadsheet or pandas (a field that
+    holds tabs or quotes is wrapped in quotes, inner quotes doubled) is read as CSV; a line that is not
+    valid quoted TSV, such as the original PartiPrompts' `"G I G G L E" painted ...`, keeps its quotes
+    literally and splits at every tab."""
     try:
-        rows = list(csv.reader(_io.StringIO(text, newline=None), delimiter="\t", quoting=csv.QUOTE_NONE))
-    except csv.Error as e:
-        raise PromptFileError(f"{path.name}: not a tab-separated PartiPrompts file ({e})") from None
+        return next(csv.reader([line], delimiter="\t", strict=True))
+    except (csv.Error, StopIteration):
+        return line.split("\t")
+
+
+def load_partiprompts(path: Path) -> list[Prompt]:
+    rows = [split_tsv_line(line) if line else [] for line in _read_text(path).split("\n")]
+    while rows and not rows[-1]:
+        rows.pop()
     header = ["Prompt", "Category", "Challenge", "Note"]
     if not rows or rows[0][: len(header)] != header:
         raise PromptFileError(f"{path.name}:1: expected the PartiPrompts header {' / '.join(header)} (tab-separated)")
@@ -141,7 +164,7 @@ def load_partiprompts(path: Path) -> list[Prompt]:
 
 def load_geneval(path: Path) -> list[Prompt]:
     out = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         where = f"{path.name}:{n}"
@@ -151,19 +174,29 @@ def load_geneval(path: Path) -> list[Prompt]:
             raise PromptFileError(f"{where}: invalid JSON ({e.msg}); expected one GenEval object per line") from None
         if not isinstance(d, dict) or not isinstance(d.get("prompt"), str) or "tag" not in d:
             raise PromptFileError(f"{where}: expected a GenEval object with string 'prompt' and 'tag'")
-        meta = (("tag", str(d["tag"])), ("include", json.dumps(d.get("include", []), sort_keys=True)))
+        # every field is kept (strings as they are, others as JSON): GenEval's scorer needs include, exclude, ...
+        meta = tuple((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                     for k, v in sorted(d.items()) if k != "prompt")
         out.append(Prompt(f"geneval-{n - 1:05d}", _check_text(d["prompt"], where), meta=meta))
     return out
 
 
 def load_captions(path: Path, parse_caption: ParseCaption | None = None) -> list[Prompt]:
     out = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         text = _check_text(line, f"{path.name}:{n}")
         out.append(Prompt(f"{path.stem}-{n:05d}", text, parse_caption(text) if parse_caption else None))
     return out
+
+
+def prompts_sha256(prompts: list[Prompt]) -> str:
+    """sha256 of a prompt list by content (ids, texts, ground truth, metadata): the prompt set's identity in
+    every protocol, whatever file encoding, BOM or line endings carried it."""
+    rows = [[p.id, p.text, None if p.objects is None else [dataclasses.astuple(o) for o in p.objects],
+             p.scene_seed, list(p.meta)] for p in prompts]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def load_prompts(spec: str | Path, parse_caption: ParseCaption | None = None) -> list[Prompt]:
@@ -180,7 +213,7 @@ def load_prompts(spec: str | Path, parse_caption: ParseCaption | None = None) ->
     if path.suffix == ".tsv":
         prompts = load_partiprompts(path)
     elif path.suffix == ".jsonl":
-        first = next((ln for ln in _read_text(path).splitlines() if ln.strip()), "")
+        first = next((ln for ln in _read_text(path).split("\n") if ln.strip()), "")
         prompts = load_shapes_jsonl(path) if '"scene_seed"' in first else load_geneval(path)
     else:
         prompts = load_captions(path, parse_caption)

@@ -37,10 +37,11 @@ def test_backbone_interface(latent):
     assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
     assert bb.from_images(img).shape == (2, *bb.sample_shape)
     long = "a " * 40 + "circle"
-    bb.encode_text([long, "a red circle"])
-    assert bb.truncated[long] is True and bb.truncated["a red circle"] is False
+    cut = bb.truncated([long, "a red circle"])
+    assert set(cut) == set(bb.encoder_names) and all(v == [0] for v in cut.values())  # per encoder, the long one
     ident = bb.identity()
-    assert ident["backbone"] == "diffusers" and ident["unet_sha256"] and "/" not in ident["name"]
+    assert ident["backbone"] == "diffusers" and ident["sha256"] and "/" not in ident["name"]
+    assert "unet/diffusion_pytorch_model.safetensors" in ident["files"] and "vae/config.json" in ident["files"]
 
 
 @pytest.mark.parametrize("name", [n for n in base.names() if n != "pretrained"])

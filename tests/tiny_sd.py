@@ -118,3 +118,51 @@ def load_folder(root: Path) -> torch.Tensor:
     from bench.real import folder_images, load_images
 
     return load_images(folder_images(root))
+
+
+def make_loras(sd: Path, out: Path) -> Path:
+    """The same random LoRA for a tiny SD UNet in two key layouts, plus a zero (no-op) one:
+    lora_peft (diffusers/peft names), lora_kohya (``lora_unet_…`` with lora_down/lora_up/alpha), lora_zero."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(1)
+    weights = {k: (torch.randn_like(v) * 0.5).contiguous() for k, v in get_peft_model_state_dict(unet).items()}
+    save_file({f"unet.{k}": v for k, v in weights.items()}, str(out / "lora_peft.safetensors"))
+    save_file({f"unet.{k}": torch.zeros_like(v) if "lora_B" in k else v for k, v in weights.items()},
+              str(out / "lora_zero.safetensors"))
+    kohya = {}
+    for k, v in weights.items():
+        module, which = k.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_down.weight" if which.startswith("A") else f"{name}.lora_up.weight"] = v
+        kohya[f"{name}.alpha"] = torch.tensor(2.0)
+    save_file(kohya, str(out / "lora_kohya.safetensors"))
+    return out
+
+
+def real_fixtures(out: Path) -> Path:
+    """Real-scale stand-ins: a tiny SD pipeline (sd/), clean-fid's Inception file (inception/), an open_clip
+    "local-dir:" model (clip/) and 8 reference PNGs of 16 px (ref16/)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    build(out / "sd")
+    fake_inception(out / "inception")
+    clip = out / "clip"
+    clip.mkdir(parents=True, exist_ok=True)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16, "heads": 2, "layers": 1}}
+    (clip / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()},
+              str(clip / "open_clip_model.safetensors"))
+    image_folder(out / "ref16", 8)
+    return out

@@ -10,6 +10,13 @@ from bench.metrics.fid import FID, Reference
 from bench.metrics.scores import Accuracy, CLIPScore, ColourStats
 
 
+def to_8bit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What is measured: samples as they would be saved, 8-bit levels as float32 [n, 3, H, W] in [0, 1]
+    (NaN/Inf replaced by 0), and which samples were finite ([n] bool)."""
+    finite = torch.isfinite(images).flatten(1).all(1)
+    return (images.nan_to_num(0).clamp(0, 1) * 255).round() / 255.0, finite
+
+
 class CellMetrics:
     """FID (when there is a reference), CLIP score, compositional accuracy (when every prompt has ground
     truth and the evaluators can check it) and colour statistics, as accumulators.

@@ -37,6 +37,10 @@ class Evaluators(abc.ABC):
         """CLIP score 100·max(cos, 0) per image, float32 [n] in [0, 100]."""
         return in_fixed_chunks(self._clip_score, len(images), images, texts, chunk=CHUNK)
 
+    def clip_truncated(self, texts: list[str]) -> list[int]:
+        """Indices of the texts longer than the CLIP scorer's context (scored on their cut)."""
+        return []
+
     def attribute_checks(self, images: torch.Tensor, prompts: list) -> dict | None:
         """Per image, float64 arrays [n]: ``<type>_correct``, ``<type>_total`` for each of ``attributes``,
         and ``whole`` (1 when every check holds). None when there is no ground-truth evaluator."""

@@ -201,6 +201,9 @@ class ShapesEvaluators(Evaluators):
                 "clip_model": "open_clip.CLIP(tiny shapes config)", "clip_sha256": self.cards["clip"]["sha256"],
                 "clip_score": "100*max(cos,0)", "accuracy_net_sha256": attr_sha}
 
+    def clip_truncated(self, texts):
+        return [i for i, cut in enumerate(CLIP_TOKENIZER(texts)[1]) if cut]
+
     def _fid_features(self, images):
         return self.attr(images)
 

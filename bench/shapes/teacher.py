@@ -109,6 +109,9 @@ class ShapesBackbone(Backbone):
     def sample_shape(self) -> tuple[int, int, int]:
         return (3, world.RESOLUTION, world.RESOLUTION)
 
+    def truncated(self, texts: list[str]) -> dict[str, list[int]]:
+        return {"text_encoder": [i for i, cut in enumerate(tokenize(texts)[1]) if cut]}
+
     @torch.no_grad()
     def encode_text(self, texts: list[str]) -> Cond:
         ids, _ = tokenize(texts)
