@@ -139,5 +139,5 @@ class LCM(DistilledMethod):
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
         x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), self._scheduler(), bb.schedule, x_T, steps,
-                           bb.prediction_type, generators=lambda i: per_sample_generators(noise_keys, i + 1))
+                           bb.prediction_type, generators=per_sample_generators(noise_keys, 1))
         return bb.to_images(x0)

@@ -229,7 +229,7 @@ class Pretrained(Method):
             model_output = lambda x, t: self.denoiser.raw(x, t, cond, w)  # noqa: E731
         stochastic = cfg.scheduler in STOCHASTIC
         x0 = solver_sample(model_output, self.scheduler(), bb.schedule, x_T, steps, self.denoiser.prediction_type,
-                           generators=(lambda i: per_sample_generators(noise_keys, i + 1)) if stochastic else None,
+                           generators=per_sample_generators(noise_keys, 1) if stochastic else None,
                            timesteps=list(cfg.timesteps) if cfg.timesteps else None,
                            step_kwargs={"eta": cfg.eta} if cfg.scheduler == "tcd" and cfg.eta is not None else None)
         return bb.to_images(x0)

@@ -2,7 +2,9 @@
 
 Noise is a function of (prompt id, seed, stream) only, as in EDM: each sample has its own
 generator, so batch size and process count never change an image. ``stream`` 0 is the starting
-noise x_T; stochastic samplers draw stream k at their k-th re-noising.
+noise x_T; the bench's own re-noising samplers draw stream k at their k-th re-noising; diffusers'
+stochastic schedulers draw every step's noise from one generator per sample (stream 1), exactly as
+a diffusers pipeline called with that list of generators does.
 """
 
 from __future__ import annotations
@@ -173,8 +175,8 @@ def make_scheduler(solver: str, scheduler_config: dict):
     import diffusers
 
     cfg = dict(scheduler_config, timestep_spacing="trailing")
-    if solver == "ddim":
-        return diffusers.DDIMScheduler.from_config(cfg, set_alpha_to_one=True)
+    if solver == "ddim":  # clip_sample off, as diffusers' SD pipeline forces it: latents are not in [-1, 1]
+        return diffusers.DDIMScheduler.from_config(cfg, set_alpha_to_one=True, clip_sample=False)
     if solver == "dpmsolver++":
         return diffusers.DPMSolverMultistepScheduler.from_config(
             cfg, algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", lower_order_final=True)
@@ -188,13 +190,13 @@ def make_scheduler(solver: str, scheduler_config: dict):
 
 def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
                   prediction_type: str = "epsilon", noise_correction: bool = False,
-                  generators: Callable[[int], list[torch.Generator]] | None = None,
+                  generators: list[torch.Generator] | None = None,
                   timesteps: list[int] | None = None, step_kwargs: dict | None = None) -> torch.Tensor:
     """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps`); model_output(x_in, t)
     returns the (guided) raw output; `step_kwargs` go to every ``scheduler.step`` (e.g. TCD's eta).
 
-    Stochastic schedulers (LCM, Euler ancestral, TCD) draw step i's noise from ``generators(i)``, one
-    generator per sample. Noise correction (ddim, dpmsolver++ only) replaces the first step's result
+    Stochastic schedulers (LCM, Euler ancestral, TCD) draw each step's noise from ``generators``, one
+    generator per sample, consumed step after step (as a diffusers pipeline given the same list). Noise correction (ddim, dpmsolver++ only) replaces the first step's result
     by α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
     """
     if timesteps is not None:
@@ -205,7 +207,7 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     ts = [int(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
         out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
-        kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators(i)}
+        kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators}
         x_next = scheduler.step(out, scheduler.timesteps[i], x, **kwargs).prev_sample
         if noise_correction and i == 0:
             split = Denoiser(None, schedule, prediction_type).split

@@ -55,8 +55,9 @@ def build(root: Path, sdxl: bool = False, seed: int = 0, latent_size: int = 8, v
                   down_block_types=("DownEncoderBlock2D",) * vae_blocks, up_block_types=("UpDecoderBlock2D",) * vae_blocks,
                   latent_channels=4, norm_num_groups=4,
                   sample_size=latent_size * 2 ** (vae_blocks - 1)).save_pretrained(root / "vae", safe_serialization=True)
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  prediction_type="epsilon").save_pretrained(root / "scheduler")
+    # as SD 1.5 / SDXL publish it (clip_sample off: latents are not in [-1, 1])
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
+                  clip_sample=False, steps_offset=1).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline" if sdxl
                                                        else "StableDiffusionPipeline"}))
     return root
