@@ -6,7 +6,6 @@ Same scheduler, steps, guidance and starting latents; decoded images must agree 
 
 import diffusers
 import pytest
-import torch
 
 from methods import base
 from methods.diffusers_backbone import DiffusersBackbone
