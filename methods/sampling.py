@@ -196,8 +196,9 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     returns the (guided) raw output; `step_kwargs` go to every ``scheduler.step`` (e.g. TCD's eta).
 
     Stochastic schedulers (LCM, Euler ancestral, TCD) draw each step's noise from ``generators``, one
-    generator per sample, consumed step after step (as a diffusers pipeline given the same list). Noise correction (ddim, dpmsolver++ only) replaces the first step's result
-    by α_{t'} x̂_0 + σ_{t'} x_T, keeping the solver's own history of x̂_0 unchanged.
+    generator per sample, consumed step after step (as a diffusers pipeline given the same list).
+    Noise correction (ddim, dpmsolver++ only) replaces the first step's result by α_{t'} x̂_0 + σ_{t'} x_T,
+    keeping the solver's own history of x̂_0 unchanged.
     """
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
