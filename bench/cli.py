@@ -57,6 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $FLASHBENCH_CACHE or ~/.cache/flashbench)")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--shard", metavar="I/N", help="sample only the I-th of N prompt shards (0-based; e.g. "
+                   "$SLURM_ARRAY_TASK_ID/8); join the shards with `flashbench merge`")
+    r.add_argument("--save-samples", action="store_true", help="write every sample as PNG (GenEval layout) under "
+                   "RUN/samples/, for `flashbench evaluate`")
+
+    mg = sub.add_parser("merge", help="one run's results from the shards of a split run (--shard)")
+    mg.add_argument("runs", nargs="+", type=Path, help="the shard run directories")
+    mg.add_argument("--out", type=Path, required=True)
+    mg.add_argument("--cache", type=Path)
+    mg.add_argument("--device", default="cpu")
+    mg.add_argument("--no-progress", action="store_true", help="(no progress bars are shown here)")
+
+    ev = sub.add_parser("evaluate", help="score saved samples (GenEval layout) under a suite's protocol")
+    ev.add_argument("folder", type=Path, help="a folder of samples, or a run's samples/ folder")
+    ev.add_argument("suite", nargs="?", default=None, help="the suite whose evaluators and metrics to use (default: default)")
+    ev.add_argument("--out", type=Path, required=True)
+    ev.add_argument("--cache", type=Path)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--no-progress", action="store_true", help="(no progress bars are shown here)")
 
     st = sub.add_parser("study", help="choose a default by the study's rule, on validation prompts (see `list`)")
     st.add_argument("study", help="a study name (bench/studies/NAME.toml) or a .toml path")
@@ -106,13 +125,44 @@ def cmd_run(args) -> int:
             seeds=_int_csv(args.seeds, "--seeds") if args.seeds else None,
         )
         out, resume = args.out, False
+    shard = _shard(args.shard) if args.shard else None
+    if resume:
+        shard = tuple(read_config(args.resume).get("shard") or ()) or None
     opts = runner.Options(out=out, device=args.device, cache=args.cache, resume=resume,
                           progress=not args.no_progress, dry_run=args.dry_run,
-                          command=getattr(args, "command_line", None))
+                          command=getattr(args, "command_line", None), shard=shard, save_samples=args.save_samples)
     path = runner.run(s, opts)
-    if path is not None:
+    if path is not None and shard is None:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")
         print((path / "tables" / "main.md").read_text())
+    elif path is not None:
+        print(f"shard {shard[0]}/{shard[1]}: {path}; join the shards with `flashbench merge SHARD_RUNS... --out RUN`")
+    return 0
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard must be I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise UserError(f"--shard must be I/N with 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def cmd_merge(args) -> int:
+    from bench import merge
+
+    path = merge.merge(args.runs, args.out, args.cache, args.device)
+    print((path / "tables" / "main.md").read_text())
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from bench import evaluate
+
+    path = evaluate.evaluate(args.folder, suite_mod.load(args.suite), args.out, args.cache, args.device)
+    print((path / "tables" / "main.md").read_text())
     return 0
 
 
@@ -208,9 +258,9 @@ def cmd_train_evaluators(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "study": cmd_study, "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list,
-            "table": cmd_table, "train-teacher": cmd_train_teacher,
-            "train-evaluators": cmd_train_evaluators}
+COMMANDS = {"run": cmd_run, "study": cmd_study, "merge": cmd_merge, "evaluate": cmd_evaluate,
+            "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list, "table": cmd_table,
+            "train-teacher": cmd_train_teacher, "train-evaluators": cmd_train_evaluators}
 
 
 def main(argv: list[str] | None = None) -> int:

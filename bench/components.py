@@ -85,7 +85,9 @@ def load_backbone(spec: dict, device: str):
         if "path" not in spec:
             raise UserError("[backbone] kind = 'diffusers' needs path = a local SD/SDXL diffusers directory")
         data = spec.get("train_data")
-        return DiffusersBackbone.load(Path(spec["path"]), device, Path(data) if data else None, spec.get("variant"))
+        settings = {k: spec[k] for k in ("dtype", "vae", "compile", "channels_last", "train_workers") if k in spec}
+        return DiffusersBackbone.load(Path(spec["path"]), device, Path(data) if data else None, spec.get("variant"),
+                                      **settings)
     return ShapesBackbone.load(device)
 
 
@@ -99,5 +101,5 @@ def load_evaluators(spec: dict, device: str):
                 raise UserError(f"[evaluators] kind = 'real' needs {key} = ...")
         inc = spec.get("inception_dir")
         return load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"),
-                                    Path(spec["reference"]), device)
+                                    Path(spec["reference"]), device, dtype=spec.get("dtype", "fp32"))
     return load_shapes_evaluators(device)

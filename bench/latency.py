@@ -1,14 +1,22 @@
-"""Latency and throughput of a whole sample call.
+"""Latency, throughput and memory of the sampler, by stage.
 
-What is timed: text encoding, drawing the starting noise, every network evaluation of the sampler
-and the map to images in [0, 1] — one ``method.sample`` call, nothing else (no metrics, no I/O).
-Warm-up calls first, then the median and inter-quartile range of repeated calls; CUDA is
-synchronised before and after each call.
+What is timed: one ``method.sample`` call — text encoding, drawing the starting noise, every network
+evaluation of the sampler, and the map to images in [0, 1] (VAE decode for latent teachers) —
+nothing else (no metrics, no I/O). Warm-up calls first (for a compiled UNet: compilation happens
+there, outside the timing), then the median and inter-quartile range of repeated calls; CUDA is
+synchronised around each call and each stage. Stages are timed inside the same calls: text
+encoding and decoding by wrapping the backbone's ``encode_text`` and ``to_images``; the denoising
+loop is the rest (noise, every network evaluation, the solver), also given per step.
+
+Memory: peak accelerator memory (``torch.cuda.max_memory_allocated``) of the timed calls, and the
+peak host resident memory of a whole cell (``cell_memory``: Linux's VmHWM, reset per cell).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,23 +40,94 @@ def time_call(fn, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dic
         times.append(time.perf_counter() - t0)
     t = np.asarray(times)
     q1, med, q3 = np.percentile(t, [25, 50, 75])
-    return {"median_s": float(med), "iqr_s": float(q3 - q1), "repeats": repeats, "warmup": warmup}
+    return {"median_s": float(med), "iqr_s": float(q3 - q1), "repeats": repeats, "warmup": warmup, "all_s": times}
+
+
+@contextlib.contextmanager
+def stage_timer(backbone, device: str):
+    """Accumulates seconds spent in the backbone's encode_text and to_images while active: yields the dict."""
+    spent = {"text": [], "decode": []}
+    originals = {"text": backbone.encode_text, "decode": backbone.to_images}
+
+    def timed(stage):
+        fn = originals[stage]
+
+        def wrapper(*a, **k):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            _sync(device)
+            spent[stage].append(time.perf_counter() - t0)
+            return out
+
+        return wrapper
+
+    backbone.encode_text, backbone.to_images = timed("text"), timed("decode")
+    try:
+        yield spent
+    finally:
+        del backbone.encode_text, backbone.to_images  # the class's methods again
 
 
 def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dict:
-    """Per-image latency at batch 1 (ms) and throughput at batch `batch` (images/s) at `steps` sampler steps."""
+    """Per-image latency at batch 1 (ms, whole and by stage), throughput at batch `batch` (images/s), and peak
+    accelerator memory (MB) at `steps` sampler steps. With a compiled UNet, also the eager latency."""
     p1 = prompts[:1]
     pb = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
+    one_call = lambda: method.sample([p.text for p in p1], [(p.id, 0) for p in p1], steps)  # noqa: E731
+    cuda = str(device).startswith("cuda")
     with method.unpadded():
-        one = time_call(lambda: method.sample([p.text for p in p1], [(p.id, 0) for p in p1], steps), device,
-                        warmup, repeats)
+        for _ in range(warmup):
+            one_call()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        with stage_timer(method.backbone, device) as spent:
+            one = time_call(one_call, device, 0, repeats)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
         many = time_call(lambda: method.sample([p.text for p in pb], [(p.id, 0) for p in pb], steps), device,
                          1, max(2, repeats // 2))
-    return {
+        eager = None
+        if getattr(method.backbone, "compile", None):
+            with torch.compiler.set_stance("force_eager"):
+                eager = time_call(one_call, device, 1, repeats)
+    text = float(np.median(spent["text"])) if spent["text"] else 0.0
+    decode = float(np.median(spent["decode"])) if spent["decode"] else 0.0
+    denoise = max(0.0, one["median_s"] - text - decode)
+    out = {
         "latency_ms": 1000 * one["median_s"],
         "latency_iqr_ms": 1000 * one["iqr_s"],
+        "latency_text_ms": 1000 * float(text),
+        "latency_denoise_ms": 1000 * denoise,
+        "latency_step_ms": 1000 * denoise / steps,
+        "latency_decode_ms": 1000 * float(decode),
         "throughput": batch / many["median_s"],
         "throughput_batch": batch,
+        "peak_accelerator_mb": peak,
         "latency_protocol": {"warmup": warmup, "repeats": repeats, "timed": "method.sample (text encoding, noise, "
-                             "all network evaluations, decode to [0,1])", "threads": torch.get_num_threads()},
+                             "all network evaluations, decode to [0,1]); stages by wrapping encode_text and "
+                             "to_images, denoise = the rest", "threads": torch.get_num_threads(),
+                             "compiled": bool(getattr(method.backbone, "compile", None))},
     }
+    if eager is not None:
+        out["latency_eager_ms"] = 1000 * eager["median_s"]
+    return out
+
+
+@contextlib.contextmanager
+def cell_memory():
+    """Peak host resident memory (MB) while active, as Linux's VmHWM reset at entry; yields a dict filled at exit
+    (``peak_rss_mb``: None where /proc cannot reset or read it)."""
+    out = {"peak_rss_mb": None}
+    status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    try:
+        clear.write_text("5")  # resets VmHWM to the current RSS
+        ok = True
+    except OSError:
+        ok = False
+    try:
+        yield out
+    finally:
+        if ok:
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out["peak_rss_mb"] = round(int(line.split()[1]) / 1024, 1)

@@ -66,7 +66,10 @@ def protocol(prompts: dict, evaluators: dict, reference, teacher: dict, device: 
         "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL, "seed": BOOTSTRAP_SEED},
         "teacher": teacher,
         "device": device,
-        "dtype": "float32",
+        "dtype": {"teacher": teacher.get("dtype", "fp32"), "evaluators": ev["dtype"]},
+        "compile": teacher.get("compile"),
     }
-    prot["id"] = io.content_hash({k: prot[k] for k in COMPARABLE})
+    comparable = {k: prot[k] for k in COMPARABLE}
+    comparable["prompts"] = {k: prompts[k] for k in ("sha256", "n")}  # by content: not the file's name or encoding
+    prot["id"] = io.content_hash(comparable)
     return prot

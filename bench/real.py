@@ -152,8 +152,11 @@ class RealEvaluators(Evaluators):
     kind = "real"
 
     def __init__(self, fid_net: nn.Module, feature_id: str, feature_sha256: str | None, clip: nn.Module,
-                 clip_model: str, clip_sha256: str | None, reference_dir: Path, device: str | torch.device = "cpu"):
+                 clip_model: str, clip_sha256: str | None, reference_dir: Path, device: str | torch.device = "cpu",
+                 dtype: str = "fp32"):
         self.device = torch.device(device)
+        self.dtype_name = dtype
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.fid_net, self.clip = fid_net.eval().requires_grad_(False), clip
         self.num_features = int(fid_net.num_features)
         self.feature_id, self.feature_sha256 = feature_id, feature_sha256
@@ -168,7 +171,7 @@ class RealEvaluators(Evaluators):
                 "fid_resize": f"clean-fid {md.version('clean-fid')} mode=clean: PIL bicubic resize to 299",
                 "clip_model": self.clip_model, "clip_sha256": self.clip_sha256,
                 "clip_score": "100*max(cos,0), bicubic antialiased resize to the model's size",
-                "accuracy_net_sha256": None}
+                "accuracy_net_sha256": None, "dtype": self.dtype_name}
 
     def _fid_features(self, images):
         return self.fid_net(images)
@@ -195,7 +198,8 @@ class RealEvaluators(Evaluators):
 
 
 def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretrained: str | None,
-                         reference_dir: Path, device: str = "cpu", fid_net: nn.Module | None = None) -> RealEvaluators:
+                         reference_dir: Path, device: str = "cpu", fid_net: nn.Module | None = None,
+                         dtype: str = "fp32") -> RealEvaluators:
     """Inception FID + open_clip score. `fid_net` overrides the Inception network (tests use random weights)."""
     if fid_net is None:
         if inception_dir is None:
@@ -208,5 +212,9 @@ def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretr
     weights = Path(clip_model[len("local-dir:"):]) / "open_clip_model.safetensors" \
         if clip_model.startswith("local-dir:") else Path(clip_pretrained) if clip_pretrained else None
     clip_sha = sha256_file(weights) if weights is not None and weights.is_file() else None
-    return RealEvaluators(fid_net, feature_id, feature_sha, OpenCLIPScore(clip_model, clip_pretrained, device),
-                          clip_model, clip_sha, Path(reference_dir), device)
+    try:
+        clip = OpenCLIPScore(clip_model, clip_pretrained, device)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the open_clip model {clip_model!r} ({str(e).splitlines()[0][:160]})") from None
+    return RealEvaluators(fid_net, feature_id, feature_sha, clip, clip_model, clip_sha, Path(reference_dir), device,
+                          dtype)

@@ -27,6 +27,7 @@ RESULTS_FILE = "results.jsonl"
 CONFIG_FILE = "config.json"
 FLOOR_FILE = "floor.json"
 SUMMARY_FILE = "summary.json"
+VALUES_DIR = "values"
 CACHE_PATH_FILE = ".cache-path"
 
 
@@ -129,3 +130,21 @@ class RunDir:
 
     def write_summary(self, summary: dict) -> None:
         io.write_json(self.path / SUMMARY_FILE, summary)
+
+    def values_path(self, key: str) -> Path:
+        return self.path / VALUES_DIR / (key.replace("|", "__").replace("=", "-") + ".safetensors")
+
+    def write_values(self, key: str, values: list, grid, start: int) -> None:
+        """A shard's per-sample metric values of one cell (and its grid images), for `flashbench merge`."""
+        tensors = {f"part{k}": v for k, v in enumerate(values)}
+        if grid is not None:
+            tensors["grid"] = grid
+        io.save_tensors(self.values_path(key), tensors, {"parts": len(values), "start": start})
+
+    def read_values(self, key: str) -> tuple[list, object]:
+        """(the parts' values, the grid images or None) that ``write_values`` stored for a cell."""
+        from safetensors.torch import load_file
+
+        t = load_file(str(self.values_path(key)))
+        parts = sorted((k for k in t if k.startswith("part")), key=lambda k: int(k[4:]))
+        return [t[k] for k in parts], t.get("grid")

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 import shutil
 import time
 from pathlib import Path
 
+from io import BytesIO
+
 import torch
 import torchvision
+from PIL import Image
 from tqdm import tqdm
 
 from bench import components, latency, provenance
@@ -35,7 +39,7 @@ from bench.results import tables
 from bench.rundir import RunDir
 from bench.source import source_hash
 from bench.suite import Entry, Suite
-from core import faults
+from core import faults, io
 from core.io import sha256_file
 from core.errors import UserError
 from methods import base, registry
@@ -58,6 +62,8 @@ class Options:
     dry_run: bool = False
     command: str | None = None  # the command line that started the run (recorded in config.json)
     study: str | None = None  # the study this run serves (bench/study.py), recorded in config.json
+    shard: tuple[int, int] | None = None  # (i, n): sample only the i-th of n balanced prompt shards (merge later)
+    save_samples: bool = False  # write every sample losslessly (PNG, GenEval layout) under samples/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +109,11 @@ class RunContext:
     failed_training: dict = dataclasses.field(default_factory=dict)  # (label, steps) -> failure fields
 
     @property
+    def sample_range(self) -> range:
+        """The prompt indices this run samples: all of them, or its shard's."""
+        return shard_range(len(self.prompts), self.opts.shard)
+
+    @property
     def progress(self) -> bool:
         return self.opts.progress and self.dist.main
 
@@ -129,10 +140,20 @@ class Checked:
     truncated: dict  # {"teacher": {encoder: [prompt ids]}, "clip_score": [prompt ids]}
 
 
+def shard_range(n: int, shard: tuple[int, int] | None) -> range:
+    """The i-th of n balanced contiguous shards of range(n) (the whole range without a shard)."""
+    if shard is None:
+        return range(n)
+    i, k = shard
+    return range(i * n // k, (i + 1) * n // k)
+
+
 def check(suite: Suite, opts: Options) -> Checked:
     """Everything that can be checked before anything is written (``--dry-run`` runs exactly this):
     the device, the prompts and their ground truth against the metrics asked for, the sample count,
     the run directory, the teacher's and the evaluators' files (loaded), the reference folder."""
+    if opts.shard is not None and not 0 <= opts.shard[0] < opts.shard[1]:
+        raise UserError(f"--shard must be i/n with 0 <= i < n, got {opts.shard[0]}/{opts.shard[1]}")
     components.check_device(opts.device)
     prompts = components.suite_prompts(suite.prompts, suite.samples)
     components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"])
@@ -222,6 +243,7 @@ def start(ctx: RunContext, truncated: dict) -> None:
         "truncated": truncated,
         "processes": d.world,
         "study": opts.study,
+        "shard": list(opts.shard) if opts.shard else None,
     }
     if old is not None:
         if old["suite"] != config["suite"]:
@@ -241,18 +263,24 @@ def start(ctx: RunContext, truncated: dict) -> None:
         rd.remember_cache(ctx.cache)
         rd.write_config(config)
         faults.maybe_raise("setup", 0)
-        if "fid" in suite.metrics:  # reference statistics, cached by content hash
-            ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
-            if not rd.has_floor():
-                floor = ctx.evaluators.floor(ctx.prompts, ctx.reference)
-                if floor is not None:
-                    rd.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
-                                    "what": "renders of the same prompts with other nuisance draws vs the reference"})
+        if opts.shard is None:  # a shard's values are measured by `flashbench merge`, against the reference there
+            measurement(ctx)
     if d.main:
         ctx.protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
                                            opts.device, config["versions"].get("torchmetrics"),
                                            ctx.evaluators.num_features if "fid" in suite.metrics else None)
     d.barrier()
+
+
+def measurement(ctx: RunContext) -> None:
+    """The FID reference (cached by content hash) and the real-vs-real floor, when the suite measures FID."""
+    if "fid" in ctx.suite.metrics:
+        ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
+        if not ctx.rundir.has_floor():
+            floor = ctx.evaluators.floor(ctx.prompts, ctx.reference)
+            if floor is not None:
+                ctx.rundir.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
+                                        "what": "renders of the same prompts with other nuisance draws vs the reference"})
 
 
 # --- 3. one cell ----------------------------------------------------------------------------------
@@ -280,25 +308,30 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
             ctx.failed_training[(entry.label, entry.train_seed, budget.steps)] = failed
             return {**row, **failed}
         # 2. sample this process's shard into the metric accumulators, counting network evaluations
-        sampled = sample_and_measure(ctx, cell, method)
+        with latency.cell_memory() as memory:
+            sampled = sample_and_measure(ctx, cell, method)
+        row["peak_rss_mb"] = memory["peak_rss_mb"]
         faults.maybe_kill("metrics", cell.index)
         t0 = time.time()
-        values = sampled["meter"].gather(lambda t: ctx.dist.gather(t, len(ctx.prompts)))
+        values = sampled["meter"].gather(lambda t: ctx.dist.gather(t, len(ctx.sample_range)))
         grid = gather_grid(ctx, sampled["grid"])
         if not ctx.dist.main:
             return None
-        row["nfe_counted"] = sampled["nfe_counted"]
-        row["sample_seconds"] = sampled["sample_seconds"]
-        if row["nfe_counted"] != budget.nfe:
+        row.update(nfe_counted=sampled["nfe_counted"], sample_seconds=sampled["sample_seconds"],
+                   n_sampled=len(ctx.sample_range), non_finite=sampled["bad"])
+        if row["nfe_counted"] is not None and row["nfe_counted"] != budget.nfe:
             raise RuntimeError(f"{entry.label}: counted {row['nfe_counted']} NFE per sample, budget was {budget.nfe}")
-        if sampled["bad"]:
+        if ctx.opts.shard is not None:  # 3'. a shard keeps every sample's values; `flashbench merge` measures them
+            ctx.rundir.write_values(cell.key, values, grid, ctx.sample_range.start)
+            row["status"] = "shard"
+        elif sampled["bad"]:
             return {**row, "status": "failed",
                     "error": f"{sampled['bad']} of {len(ctx.prompts)} samples are not finite (NaN/Inf)"}
-        # 3. metrics, from every sample's values in sample order
-        row.update(sampled["meter"].compute(values))
+        else:  # 3. metrics, from every sample's values in sample order
+            row.update(sampled["meter"].compute(values))
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
-        # 4. latency (process 0; once per method and budget, the same for every seed)
-        if "latency" in ctx.suite.metrics:
+        # 4. latency (process 0 of the first shard; once per method and budget, the same for every seed)
+        if "latency" in ctx.suite.metrics and (ctx.opts.shard is None or ctx.opts.shard[0] == 0):
             key = (entry.label, budget.nfe)  # the same network sizes for every seed: timed once
             if key not in ctx.latency:
                 lat = ctx.suite.latency
@@ -306,7 +339,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
                                                    ctx.opts.device, lat["warmup"], lat["repeats"])
             row.update(ctx.latency[key])
         # 5. a sample grid of the first prompts
-        if grid is not None:
+        if grid is not None and ctx.opts.shard is None:
             save_grid(grid, ctx.rundir.path / "grids" / f"{entry.label}_nfe{budget.nfe}.png")
     except DivergenceError as e:
         row.update(status="failed", error=f"diverged: {e}", failed_step=e.step)
@@ -321,14 +354,16 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     """
     suite, d = ctx.suite, ctx.dist
     meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, fid="fid" in suite.metrics)
-    shard = d.shard(len(ctx.prompts))
+    part = d.shard(len(ctx.sample_range))
+    mine = ctx.sample_range[part.start : part.stop]  # this process's prompt indices
     want_grid = cell.seed == suite.seeds[0] and cell.entry.train_seed in (None, suite_first_train_seed(suite))
+    saver = SampleSaver(ctx, cell) if ctx.opts.save_samples else None
     grid, bad, t_sample, t_eval = [], 0, 0.0, 0.0
     method.reset_nfe()
-    for i in tqdm(range(shard.start, shard.stop, suite.batch_size), desc="  sample", leave=False,
+    for i in tqdm(range(mine.start, mine.stop, suite.batch_size), desc="  sample", leave=False,
                   disable=not ctx.progress):
         faults.maybe_kill("sample", cell.index)
-        batch = ctx.prompts[i : min(i + suite.batch_size, shard.stop)]
+        batch = ctx.prompts[i : min(i + suite.batch_size, mine.stop)]
         t0 = time.time()
         out = method.sample([p.text for p in batch], [(p.id, cell.seed) for p in batch], cell.budget.steps).cpu()
         t1 = time.time()
@@ -337,12 +372,57 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
             finite[0] = False
         bad += int((~finite).sum())
         meter.update(images, batch)
+        if saver is not None:
+            saver.save(i, batch, images)
         if want_grid:
             grid += [(i + j, images[j]) for j in range(len(batch)) if i + j < suite.grid]
         t_sample, t_eval = t_sample + t1 - t0, t_eval + time.time() - t1
-    counted, n, bad = d.sum([method.counted_nfe(), len(shard), bad])
-    return {"meter": meter, "nfe_counted": counted / n, "bad": int(bad), "grid": grid if want_grid else None,
-            "sample_seconds": round(t_sample, 2), "eval_seconds": t_eval}
+    counted, n, bad = d.sum([method.counted_nfe(), len(mine), bad])
+    return {"meter": meter, "nfe_counted": counted / n if n else None, "bad": int(bad),
+            "grid": grid if want_grid else None, "sample_seconds": round(t_sample, 2), "eval_seconds": t_eval}
+
+
+def cell_folder(label: str, nfe: int, train_seed: int | None) -> str:
+    return f"{label}_nfe{nfe}" + ("" if train_seed is None else f"_train{train_seed}")
+
+
+class SampleSaver:
+    """Every sample of a cell as a lossless PNG, in the GenEval folder layout that `flashbench evaluate` reads:
+    samples/<label>_nfe<NFE>[_train<seed>]/<index:05d>/metadata.jsonl and .../samples/<seed:04d>.png."""
+
+    def __init__(self, ctx: RunContext, cell: Cell):
+        e = cell.entry
+        self.root = ctx.rundir.path / "samples" / cell_folder(e.label, cell.budget.nfe, e.train_seed)
+        self.seed = cell.seed
+        io.write_json(self.root / "cell.json", {"label": e.label, "method": e.name, "variant": e.variant,
+                                                "steps": cell.budget.steps, "nfe": cell.budget.nfe,
+                                                "train_seed": e.train_seed, "settings": e.settings,
+                                                "teacher": ctx.backbone.identity()})
+
+    def save(self, start: int, prompts: list, images: torch.Tensor) -> None:
+        for j, (p, img) in enumerate(zip(prompts, images)):
+            folder = self.root / f"{start + j:05d}"
+            if not (folder / "metadata.jsonl").exists():
+                io.write_text(folder / "metadata.jsonl", json.dumps(prompt_record(p), sort_keys=True) + "\n")
+            png = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+            buf = BytesIO()
+            Image.fromarray(png).save(buf, format="PNG")
+            io.write_bytes(folder / "samples" / f"{self.seed:04d}.png", buf.getvalue())
+
+
+def prompt_record(p) -> dict:
+    """A prompt as one GenEval-style metadata line: its own fields first, flashbench's under "flashbench"."""
+    rec = {k: _json_or_str(v) for k, v in p.meta}
+    rec.update(prompt=p.text, flashbench={"id": p.id, "scene_seed": p.scene_seed, "meta": [list(m) for m in p.meta],
+                                          "objects": None if p.objects is None else [dataclasses.asdict(o) for o in p.objects]})
+    return rec
+
+
+def _json_or_str(v: str):
+    try:
+        return json.loads(v)
+    except (json.JSONDecodeError, TypeError):
+        return v
 
 
 def suite_first_train_seed(suite: Suite) -> int | None:
@@ -388,5 +468,6 @@ def finish(ctx: RunContext, n_cells: int, t_start: float, t_cells: float) -> Non
                                   "wall_seconds_cells": round(time.time() - t_cells, 1), "cells": n_cells,
                                   "processes": ctx.dist.world,
                                   "finished": dt.datetime.now().isoformat(timespec="seconds")})
-        tables.write_all(ctx.rundir.path)
+        if ctx.opts.shard is None:  # a shard's tables are the merged run's
+            tables.write_all(ctx.rundir.path)
     ctx.dist.barrier()

@@ -34,8 +34,12 @@ SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
-BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data", "variant"}}
-EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference"}}
+BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data", "variant", "dtype", "vae", "compile", "channels_last",
+                                                 "train_workers"}}
+EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
+# component settings that are not strings
+COMPONENT_TYPES = {"channels_last": bool, "train_workers": int}
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
@@ -197,8 +201,11 @@ def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
     for k, v in value.items():
         if k != "kind" and k not in kinds[kind]:
             raise unknown(f"key in [{what}] ({kind}) of {where}", k, kinds[kind] or {"kind"})
-        if not isinstance(v, str):
-            raise UserError(f"{where}: [{what}] {k} must be a string, got {v!r}")
+        want = COMPONENT_TYPES.get(k, str)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise UserError(f"{where}: [{what}] {k} must be a {want.__name__}, got {v!r}")
+        if k == "dtype" and v not in DTYPE_NAMES:
+            raise UserError(f"{where}: [{what}] dtype must be one of {DTYPE_NAMES}, got {v!r}")
     return {"kind": kind, **{k: v for k, v in value.items() if k != "kind"}}
 
 

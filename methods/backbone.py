@@ -101,8 +101,9 @@ class Backbone(abc.ABC):
         """(C, H, W) of the model space."""
 
     @abc.abstractmethod
-    def encode_text(self, texts: list[str]) -> Cond:
-        """Encode prompts; the empty string is the unconditional (CFG null) prompt."""
+    def encode_text(self, texts: list[str], micro: torch.Tensor | None = None) -> Cond:
+        """Encode prompts; the empty string is the unconditional (CFG null) prompt. `micro` [B, 4] long: a training
+        image's original (height, width) and crop (top, left), for teachers conditioned on them (SDXL)."""
 
     @abc.abstractmethod
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
@@ -119,11 +120,12 @@ class Backbone(abc.ABC):
             return add_w_embedding(cls, self.unet, time_cond_proj_dim)
         student = cls.from_config(self.unet.config)
         student.load_state_dict(self.unet.state_dict())
-        return student.to(self.device)
+        return student.to(self.device, self.unet.dtype)
 
     @abc.abstractmethod
-    def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:
-        """Real training data (images in [0, 1], captions) for methods that use it. Never evaluation data."""
+    def training_batch(self, n: int, key: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """Real training data for methods that use it, never evaluation data: (images float32 [n, 3, H, W] in
+        [0, 1], captions, micro-conditioning [n, 4] or None), a function of `key` alone."""
 
     def truncated(self, texts: list[str]) -> dict[str, list[int]]:
         """Per text encoder, the indices of the texts longer than its context (which it encodes cut)."""
@@ -135,6 +137,7 @@ class Backbone(abc.ABC):
 
     unet: nn.Module
     device: torch.device
+    dtype: torch.dtype = torch.float32  # the teacher's weights (students train in fp32 under autocast to it)
 
 
 def add_w_embedding(unet_cls, teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:

@@ -50,6 +50,7 @@ class TrainInfo:
     teacher_nfe: int = 0  # teacher forward passes per sample (a guided call counts 2), counted in training
     network_passes: int = 0  # forward + backward passes per sample of every network used in training, counted
     passes: dict | None = None  # {role: {"forward": n, "backward": n}} (teacher, student, discriminator, ...)
+    lora_rank: int = 0  # the LoRA rank the student trained at (0: the full UNet)
     wall_seconds: float = 0.0  # seconds
     cached: bool = False
     checkpoint: str | None = None

@@ -8,7 +8,7 @@ same Backbone interface as the shapes teacher, in latent space: every method tra
 it unchanged. Prompts longer than a text encoder's context are truncated; which ones is recorded.
 
 Real training images (for methods that use real data) come from an image folder with a
-``metadata.jsonl`` of ``{"file_name", "text"}`` rows (the Hugging Face imagefolder convention).
+``metadata.jsonl`` or webdataset shards (``methods.training_data``).
 """
 
 from __future__ import annotations
@@ -23,43 +23,7 @@ import torch
 from core.errors import UserError
 from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
-
-
-class ImageFolderData:
-    """(image, caption) pairs from a local folder with metadata.jsonl; images resized to `resolution`."""
-
-    def __init__(self, root: Path, resolution: int):
-        from PIL import Image
-
-        self.root, self.resolution, self._Image = Path(root), resolution, Image
-        meta = self.root / "metadata.jsonl"
-        if not meta.is_file():
-            raise UserError(f"training data {root} has no metadata.jsonl ({{\"file_name\", \"text\"}} per line)")
-        self.rows = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    d = json.loads(line)
-                    self.rows.append((d["file_name"], d["text"]))
-                except (json.JSONDecodeError, KeyError):
-                    raise UserError(f"{meta.name}:{n}: expected a JSON object with file_name and text") from None
-        if not self.rows:
-            raise UserError(f"{meta} lists no images")
-        missing = [f for f, _ in self.rows if not (self.root / f).is_file()]
-        if missing:
-            raise UserError(f"training data {root}: {len(missing)} images listed in metadata.jsonl are missing "
-                            f"(first: {missing[0]})")
-
-    def __call__(self, n: int, step: int):
-        import numpy as np
-
-        imgs, caps = [], []
-        for i in range(n):
-            f, text = self.rows[(step * n + i) % len(self.rows)]
-            im = self._Image.open(self.root / f).convert("RGB").resize((self.resolution,) * 2)
-            imgs.append(torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            caps.append(text)
-        return torch.stack(imgs), caps
+from methods.training_data import TrainingData
 
 
 # the file stem of each component's weights (diffusers models / transformers text encoders)
@@ -119,6 +83,9 @@ def resolve_variant(root: Path, components: list[str], requested: str | None) ->
     return requested
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def _sha(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -130,8 +97,12 @@ def _sha(path: Path) -> str:
 class DiffusersBackbone(Backbone):
     """An SD 1.x/2.x or SDXL layout behind the Backbone interface (latent space)."""
 
-    def __init__(self, path: Path, device: str | torch.device = "cpu", train_data=None, dtype=torch.float32,
-                 variant: str | None = None):
+    def __init__(self, path: Path, device: str | torch.device = "cpu", train_data=None, dtype: str = "fp32",
+                 variant: str | None = None, vae: Path | None = None, compile: str = "", channels_last: bool = False):
+        """`dtype`: fp32, bf16 or fp16 for the UNet and text encoders (the VAE decodes in fp32 when fp16 would
+        overflow, as diffusers' force_upcast, unless an fp16-safe `vae` folder replaces the pipeline's);
+        `compile`: a torch.compile backend ("inductor", ...) for the UNet, "" for eager; `channels_last`:
+        the UNet's memory format."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -142,12 +113,22 @@ class DiffusersBackbone(Backbone):
         self.sdxl = (self.path / "text_encoder_2").is_dir()
         self.encoder_names = ["text_encoder"] + (["text_encoder_2"] if self.sdxl else [])
         components = ["unet", "vae", *self.encoder_names]
+        if dtype not in DTYPES:
+            raise UserError(f"[backbone] dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        self.dtype_name, self.dtype = dtype, DTYPES[dtype]
+        self.vae_path = Path(vae) if vae else None
+        if self.vae_path is not None:
+            components.remove("vae")
         self.variant = resolve_variant(self.path, components, variant)
         self.device = torch.device(device)
-        kw = {"local_files_only": True, "use_safetensors": True, "variant": self.variant, "torch_dtype": dtype}
+        kw = {"local_files_only": True, "use_safetensors": True, "variant": self.variant, "torch_dtype": self.dtype}
         try:
             self.unet = UNet2DConditionModel.from_pretrained(self.path, subfolder="unet", **kw)
-            self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **kw)
+            if self.vae_path is not None:
+                self.vae = AutoencoderKL.from_pretrained(self.vae_path, local_files_only=True, use_safetensors=True,
+                                                         torch_dtype=self.dtype)
+            else:
+                self.vae = AutoencoderKL.from_pretrained(self.path, subfolder="vae", **kw)
             self.tokenizers = [CLIPTokenizer.from_pretrained(self.path, subfolder=n.replace("text_encoder", "tokenizer"),
                                                              local_files_only=True) for n in self.encoder_names]
             self.text_encoders = [CLIPTextModel.from_pretrained(self.path, subfolder="text_encoder", **kw)]
@@ -158,8 +139,17 @@ class DiffusersBackbone(Backbone):
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot load the diffusers pipeline in {self.path}: {msg}") from None
+        # fp16 VAEs that overflow decode in fp32 (diffusers' force_upcast), as the SDXL pipeline does
+        self.vae_dtype = torch.float32 if (self.dtype == torch.float16 and self.vae.config.get("force_upcast", False)) \
+            else self.dtype
+        self.vae.to(self.vae_dtype)
         for m in [self.unet, self.vae, *self.text_encoders]:
             m.to(self.device).eval().requires_grad_(False)
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        self.compile, self.channels_last = compile, channels_last
+        if compile:
+            self.unet.compile(backend=compile)
         self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
         self.schedule = Schedule.from_diffusers(DDPMScheduler.from_config(self.scheduler_config))
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
@@ -167,6 +157,11 @@ class DiffusersBackbone(Backbone):
         self.resolution = int(self.unet.config.sample_size) * 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.train_data = train_data
         self._identity = self._hash_components(components)
+        if self.vae_path is not None:
+            self._identity["files"].update({f"vae[{self.vae_path.name}]/{p.name}": _sha(p)
+                                            for p in sorted(self.vae_path.glob("*")) if p.suffix in (".json", ".safetensors")})
+        self._identity.update(dtype=dtype, vae_dtype=str(self.vae_dtype).replace("torch.", ""), compile=compile or None,
+                              channels_last=channels_last)
 
     def _hash_components(self, components: list[str]) -> dict:
         """sha256 of every file that moves a number: each component's config and the weight files loaded
@@ -187,10 +182,13 @@ class DiffusersBackbone(Backbone):
                 "files": files}
 
     @classmethod
-    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None) -> DiffusersBackbone:
-        bb = cls(path, device, variant=variant)
+    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None,
+             train_workers: int = 2, **settings) -> DiffusersBackbone:
+        """A backbone from a folder; `settings`: dtype, vae, compile, channels_last (see __init__); training data
+        read by `train_workers` DataLoader workers."""
+        bb = cls(path, device, variant=variant, **settings)
         if train_data is not None:
-            bb.train_data = ImageFolderData(train_data, bb.resolution)
+            bb.train_data = TrainingData(train_data, bb.resolution, train_workers)
         return bb
 
     @property
@@ -206,7 +204,10 @@ class DiffusersBackbone(Backbone):
         return out
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Cond:
+    def encode_text(self, texts: list[str], micro: torch.Tensor | None = None) -> Cond:
+        """SD: the text encoder's last hidden states. SDXL: both encoders' penultimate states, the second's pooled
+        embedding, zeros for the empty prompt, and time_ids (original size, crop corner, target size): `micro`'s
+        per image in training, (R, R, 0, 0, R, R) otherwise, as diffusers' SDXL pipeline."""
         states, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.text_encoders):
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -222,24 +223,29 @@ class DiffusersBackbone(Backbone):
         h = torch.where(empty[:, None, None], torch.zeros_like(h), h)  # SDXL: zeros for the empty prompt
         pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
         r = self.resolution
-        time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=h.dtype, device=self.device).repeat(len(texts), 1)
+        if micro is None:
+            time_ids = torch.tensor([[r, r, 0, 0, r, r]], dtype=h.dtype, device=self.device).repeat(len(texts), 1)
+        else:
+            target = torch.tensor([[r, r]], dtype=micro.dtype).repeat(len(texts), 1)
+            time_ids = torch.cat([micro, target], 1).to(self.device, h.dtype)
         return Cond(h, {"text_embeds": pooled, "time_ids": time_ids})
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            img = self.vae.decode(x0 / self.scaling).sample
+            img = self.vae.decode((x0 / self.scaling).to(self.vae_dtype)).sample
         return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return self.vae.encode(images.to(self.device) * 2.0 - 1.0).latent_dist.mean * self.scaling
+            x = (images.to(self.device) * 2.0 - 1.0).to(self.vae_dtype)
+            return (self.vae.encode(x).latent_dist.mean * self.scaling).float()
 
-    def training_batch(self, n: int, step: int):
+    def training_batch(self, n: int, key: int):
         if self.train_data is None:
-            raise UserError("this method trains on real images: give the latent teacher an image folder "
-                            "(train_data = DIR with metadata.jsonl)")
-        images, captions = self.train_data(n, step)
-        return images.to(self.device), captions
+            raise UserError("this method trains on real images: give the latent teacher training data "
+                            "(train_data = an image folder with metadata.jsonl, or webdataset .tar shards)")
+        images, captions, micro = self.train_data(n, key)
+        return images.to(self.device), captions, micro
 
     def identity(self) -> dict:
         return dict(self._identity)

@@ -56,14 +56,23 @@ class Denoiser:
         t = torch.as_tensor(t, device=device)
         return t.expand(n) if t.ndim == 0 else t
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The network's weight dtype: its inputs are cast to it, its output returned as float32."""
+        p = next(self.net.parameters(), None) if hasattr(self.net, "parameters") else None
+        return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
     def raw(self, x, t, cond: Cond, w=None) -> torch.Tensor:
+        """The network's output for x_t [B, C, H, W] at timesteps t (float32, whatever dtype the network runs in)."""
+        dt = self.dtype
         kwargs = {}
         if self.w_dim:
             w = torch.full((x.shape[0],), float(w)) if not torch.is_tensor(w) else w.float().expand(x.shape[0])
-            kwargs["timestep_cond"] = guidance_embedding(w, self.w_dim).to(x.device, x.dtype)
+            kwargs["timestep_cond"] = guidance_embedding(w, self.w_dim).to(x.device, dt)
         if cond.added is not None:
-            kwargs["added_cond_kwargs"] = cond.added
-        return self.net(x, self._t(t, x.shape[0], x.device), encoder_hidden_states=cond.states, **kwargs).sample
+            kwargs["added_cond_kwargs"] = {k: v.to(dt) if torch.is_floating_point(v) else v for k, v in cond.added.items()}
+        out = self.net(x.to(dt), self._t(t, x.shape[0], x.device), encoder_hidden_states=cond.states.to(dt), **kwargs)
+        return out.sample.float()
 
     def raw_guided(self, x, t, cond: Cond, uncond: Cond, w: float, w_embed=None) -> torch.Tensor:
         """CFG on the raw output (linear, so equal to guiding ε̂): one call on [x; x]."""

@@ -3,6 +3,7 @@ the optimizer step, the adversarial term, the training batch."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -24,12 +25,15 @@ class DistillConfig:
     lr: float = 5e-5
     guidance_scale: float = 1.5  # the teacher's CFG scale when it builds targets
     seed: int = 0
-    lora_rank: int = 0  # > 0: train LoRA adapters (peft) on the attention projections instead of the full UNet
+    # LoRA adapters (peft) on the attention projections instead of the full UNet: the rank, 0 for full fine-tuning,
+    # None for the default (LoRA of rank LORA_RANK for teachers above LORA_THRESHOLD parameters, else full)
+    lora_rank: int | None = None
+    gradient_checkpointing: bool = False  # recompute the student's activations in backward (memory for time)
     grad_clip: float = 1.0  # the student's gradient-norm clip at every update
     max_steps: int = 4  # the largest step count a student samples at (students serve 1..max_steps)
 
     def __post_init__(self):
-        if self.lora_rank < 0:
+        if self.lora_rank is not None and self.lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
         for name in ("student_updates", "batch_size", "max_steps"):
             if getattr(self, name) < 1:
@@ -68,6 +72,10 @@ class AdversarialConfig(DistillConfig):
             raise ValueError("adv_warmup + adv_ramp must leave some updates at the full weight")
         if self.r1_gamma < 0:
             raise ValueError(f"r1_gamma must be >= 0, got {self.r1_gamma}")
+
+
+LORA_THRESHOLD = 300_000_000  # teacher UNet parameters above which students train LoRA adapters by default
+LORA_RANK = 64
 
 
 def add_lora(unet, rank: int) -> None:
@@ -165,34 +173,48 @@ class DistilledMethod(Method):
         key = io.content_hash(ident)
         return f"{self.name}-{self.student_steps(steps)}step-{key}"
 
+    def lora_rank(self) -> int:
+        """The LoRA rank students train at (0: the full UNet): the setting, or the default for the teacher's size."""
+        if self.config.lora_rank is not None:
+            return self.config.lora_rank
+        params = sum(p.numel() for p in self.backbone.unet.parameters())
+        return LORA_RANK if params > LORA_THRESHOLD else 0
+
     def prepare(self, steps: int) -> TrainInfo:
         grid = self.student_steps(steps)
         if grid in self.students:
             return self.train_info[grid]
-        unet = self.backbone.new_unet(self.w_dim)
-        if self.config.lora_rank:
-            add_lora(unet, self.config.lora_rank)
+        bb = self.backbone
+        half = bb.dtype != torch.float32
+        # a student trains in fp32 master weights, under autocast to the teacher's dtype when that is lower
+        unet = bb.new_unet(self.w_dim).float()
+        if self.lora_rank():
+            add_lora(unet, self.lora_rank())
+        if self.config.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
 
         def train(ckpt):
             t0 = time.time()
             unet.train()
             outer, self.compute = self.compute, TrainCompute()  # a nested prepare (progressive) counts apart
+            autocast = torch.autocast(bb.device.type, dtype=bb.dtype) if half else contextlib.nullcontext()
             # prepare may be reached lazily from a no-grad sample(); any fresh weights (discriminator heads,
             # fake scores) draw from a generator seeded here, never from whatever ran before in the process
             try:
-                with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                with torch.enable_grad(), torch.random.fork_rng(devices=[]), autocast:
                     torch.manual_seed(self.config.seed * 1_000_003 + grid)
                     info = self.train_student(unet, grid, ckpt)
             finally:
                 self.compute = outer
             info.wall_seconds = round(time.time() - t0, 1)
+            info.lora_rank = self.lora_rank()
             return unet.state_dict(), dataclasses.asdict(info)
 
         def load(state):
             unet.load_state_dict(state)
 
         info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
-        unet.eval().requires_grad_(False)
+        unet.eval().requires_grad_(False).to(bb.dtype)  # samples in the teacher's dtype
         self.unets[grid] = unet
         self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.student_prediction_type(),
                                        self.w_dim)
@@ -255,7 +277,7 @@ class DistilledMethod(Method):
                          network_passes=sum(v["forward"] + v["backward"] for v in passes.values()))
 
     def captions_batch(self, step: int, stream: int = 0):
-        """Real training images and captions of the world's train split (never evaluation data).
+        """(real training images, captions, micro-conditioning or None) of update `step` (never evaluation data).
 
         With several processes each draws its own batch (data parallel); process 0 of a one-process
         run draws exactly what a single process would.
@@ -272,9 +294,12 @@ class DistilledMethod(Method):
 
     def conditioned_batch(self, step: int, gen_stream: int = 0):
         """(generator, real images, cond, uncond) for update `step`: the prologue of every trainer's update."""
-        real, captions = self.captions_batch(step)
-        return (self.generator(step, gen_stream), real, self.backbone.encode_text(captions),
-                self.null_cond().repeat(len(captions)))
+        real, captions, micro = self.captions_batch(step)
+        cond = self.backbone.encode_text(captions, micro)
+        uncond = self.null_cond().repeat(len(captions))
+        if cond.added is not None and "time_ids" in cond.added:  # SDXL: the null prompt at the same image size/crop
+            uncond.added = {**uncond.added, "time_ids": cond.added["time_ids"]}
+        return self.generator(step, gen_stream), real, cond, uncond
 
     def adversarial(self) -> AdversarialTerm:
         """The adversarial term (AdversarialConfig settings): a discriminator on frozen teacher features."""

@@ -30,7 +30,12 @@ label = "flash"
 steps = [1, 2]
 settings = { student_updates = 12, batch_size = 4, shared_student = true, max_steps = 2 }
 """
-TIMING = {"sample_seconds", "eval_seconds", "latency_ms", "latency_iqr_ms", "throughput"}
+TIMING = {"sample_seconds", "eval_seconds", "throughput"}
+
+
+def _timing(key: str) -> bool:
+    """Fields measured in time or memory: they vary between runs of the same code, never a metric."""
+    return key in TIMING or key.startswith(("latency_", "peak_"))
 
 
 def run(*args, fault=None, timeout=900):
@@ -46,7 +51,7 @@ def comparable(run_dir):
     rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     out = []
     for r in rows:
-        r = {k: v for k, v in r.items() if k not in TIMING}
+        r = {k: v for k, v in r.items() if not _timing(k)}
         if r.get("train"):
             r["train"] = {k: v for k, v in r["train"].items() if k not in ("wall_seconds", "cached")}
         out.append(r)

@@ -4,6 +4,7 @@ scale (``bench.real``). No method may train against these: nothing under methods
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ from bench.metrics.fid import Reference
 
 # every evaluator's identity() has exactly these fields; they go into each result's protocol
 IDENTITY_KEYS = ("kind", "fid_feature", "fid_feature_sha256", "fid_resize", "clip_model", "clip_sha256",
-                 "clip_score", "accuracy_net_sha256")
+                 "clip_score", "accuracy_net_sha256", "dtype")
 
 
 class Evaluators(abc.ABC):
@@ -28,14 +29,22 @@ class Evaluators(abc.ABC):
     attributes: tuple[str, ...] = ()  # compositional check types ("color", "shape", ...); () when none
     num_features: int
     device: torch.device
+    dtype: torch.dtype = torch.float32  # the networks run under autocast to this dtype when it is lower
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def fid_features(self, images: torch.Tensor) -> torch.Tensor:
         """FID features float32 [n, num_features]."""
-        return in_fixed_chunks(self._fid_features, len(images), images, chunk=CHUNK)
+        with self._autocast():
+            return in_fixed_chunks(self._fid_features, len(images), images, chunk=CHUNK).float()
 
     def clip_score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """CLIP score 100·max(cos, 0) per image, float32 [n] in [0, 100]."""
-        return in_fixed_chunks(self._clip_score, len(images), images, texts, chunk=CHUNK)
+        with self._autocast():
+            return in_fixed_chunks(self._clip_score, len(images), images, texts, chunk=CHUNK).float()
 
     def clip_truncated(self, texts: list[str]) -> list[int]:
         """Indices of the texts longer than the CLIP scorer's context (scored on their cut)."""

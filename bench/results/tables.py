@@ -14,7 +14,7 @@ import pandas as pd
 from bench.results import claims
 from bench.results.select import teacher_row
 from bench.rundir import load_floor, load_rows
-from bench.specs import MAIN_COLUMNS, PLOTTED, SPECS, fmt, missing
+from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, PLOTTED, SPECS, fmt, missing
 from core import io
 
 
@@ -36,11 +36,11 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     order = list(dict.fromkeys(df["label"]))
     if "train_seed" not in df:
         df = df.assign(train_seed=None)
-    for (label, nfe), g in df.groupby(["label", "nfe"], sort=False):
+    for (label, nfe), g in df.groupby(["label", "nfe"], sort=False, dropna=False):
         ok = g[g["status"] == "ok"]
         all_ok = len(ok) == len(g)
         r = {"label": label, "method": g["method"].iloc[0], "variant": g.get("variant", pd.Series([None])).iloc[0],
-             "steps": int(g["steps"].iloc[0]), "nfe": int(nfe), "n_seeds": len(ok), "n_samples": int(g["n_samples"].iloc[0]),
+             "steps": _int(g["steps"].iloc[0]), "nfe": _int(nfe), "n_seeds": len(ok), "n_samples": int(g["n_samples"].iloc[0]),
              "status": "ok" if all_ok else "failed",
              "error": None if all_ok else "; ".join(str(e) for e in g["error"].dropna().unique())}
         trains = [t for t in g["train"] if isinstance(t, dict)] if "train" in g else []
@@ -49,17 +49,21 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
         train_seeds = ok["train_seed"].dropna().unique()
         r["n_train_seeds"] = len(train_seeds)
-        for key in (*MAIN_COLUMNS, "brightness", "latency_ms", "throughput"):
+        for key in (*MAIN_COLUMNS, "brightness", *LATENCY_COLUMNS):
             for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
                 col = key + suffix
                 if col in ok and all_ok and ok[col].notna().any():
                     r[col] = float(ok[col].mean())
-            if len(train_seeds) > 1 and key in ok and all_ok and key not in ("latency_ms", "throughput"):
+            if len(train_seeds) > 1 and key in ok and all_ok and key not in LATENCY_COLUMNS:
                 r[f"{key}_seed_sd"] = float(ok.groupby("train_seed")[key].mean().std(ddof=1))
         out.append(r)
     agg = pd.DataFrame(out)
     agg["_order"] = agg["label"].map({k: i for i, k in enumerate(order)})
     return agg.sort_values(["_order", "nfe"]).drop(columns="_order").reset_index(drop=True)
+
+
+def _int(v) -> int | None:
+    return None if missing(v) else int(v)
 
 
 def _cell(r: dict, key: str, with_ci: bool) -> str:
@@ -146,6 +150,20 @@ def table_b(agg: pd.DataFrame) -> pd.DataFrame | None:
     return pd.DataFrame(recs)
 
 
+def latency_table(agg: pd.DataFrame) -> pd.DataFrame | None:
+    """Per method and budget: latency at batch 1 by stage, throughput, peak memory (None without latency rows)."""
+    if "latency_ms" not in agg or agg["latency_ms"].isna().all():
+        return None
+    cols = [k for k in LATENCY_COLUMNS if k in agg and agg[k].notna().any()]
+    recs = []
+    for r in agg.to_dict("records"):
+        if missing(r.get("latency_ms")):
+            continue
+        recs.append({"method": r["label"], "steps": r["steps"], "NFE": r["nfe"],
+                     **{SPECS[k].header: _cell(r, k, False) for k in cols}})
+    return pd.DataFrame(recs)
+
+
 def write_all(run: Path) -> None:
     run = Path(run)
     df, floor = load(run)
@@ -153,6 +171,9 @@ def write_all(run: Path) -> None:
     tdir = run / "tables"
     disp = display_table(agg, floor)
     io.write_text(tdir / "main.md", disp.to_markdown(index=False) + "\n")
+    lat = latency_table(agg)
+    if lat is not None:
+        io.write_text(tdir / "latency.md", lat.to_markdown(index=False) + "\n")
     io.write_text(tdir / "main.csv", agg.to_csv(index=False))
     io.write_text(tdir / "main.tex", display_table(agg, floor, with_ci=False).to_latex(index=False))
     if not agg.empty and reference_row(agg) is not None:

@@ -199,7 +199,7 @@ class ShapesEvaluators(Evaluators):
         return {"kind": self.kind, "fid_feature": f"attribute_net.penultimate[{FEATURE_DIM}]",
                 "fid_feature_sha256": attr_sha, "fid_resize": f"none (native {world.RESOLUTION} px)",
                 "clip_model": "open_clip.CLIP(tiny shapes config)", "clip_sha256": self.cards["clip"]["sha256"],
-                "clip_score": "100*max(cos,0)", "accuracy_net_sha256": attr_sha}
+                "clip_score": "100*max(cos,0)", "accuracy_net_sha256": attr_sha, "dtype": "fp32"}
 
     def clip_truncated(self, texts):
         return [i for i, cut in enumerate(CLIP_TOKENIZER(texts)[1]) if cut]

@@ -113,7 +113,7 @@ class ShapesBackbone(Backbone):
         return {"text_encoder": [i for i, cut in enumerate(tokenize(texts)[1]) if cut]}
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str]) -> Cond:
+    def encode_text(self, texts: list[str], micro=None) -> Cond:
         ids, _ = tokenize(texts)
         return Cond(self.text_encoder(ids.to(self.device)))
 
@@ -123,9 +123,9 @@ class ShapesBackbone(Backbone):
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2.0 - 1.0
 
-    def training_batch(self, n: int, step: int) -> tuple[torch.Tensor, list[str]]:
-        scenes = world.scenes("train", (step * n) % (world.SPLIT_SIZE - n), n)
-        return world.render(scenes).to(self.device), [s.caption for s in scenes]
+    def training_batch(self, n: int, key: int) -> tuple[torch.Tensor, list[str], None]:
+        scenes = world.scenes("train", (key * n) % (world.SPLIT_SIZE - n), n)
+        return world.render(scenes).to(self.device), [s.caption for s in scenes], None
 
     def identity(self) -> dict:
         return {"backbone": "shapes", "teacher_sha256": self.card.get("sha256"), "resolution": world.RESOLUTION}
