@@ -34,7 +34,7 @@ class ADDConfig(AdversarialConfig):
 
 def add_distillation_loss(x0_student, x0_teacher, t, schedule: D.Schedule) -> torch.Tensor:
     """c(t)·‖x̂_0^θ − sg(x̂_0^ψ)‖² with c(t) = ᾱ_t (ADD's exponential weighting)."""
-    c = schedule.alpha_bar[torch.as_tensor(t).cpu()].to(x0_student)
+    c = schedule.alpha_sq(t).to(x0_student)
     per = (x0_student - x0_teacher.detach()).pow(2).flatten(1).mean(1)
     return (c * per).mean()
 
@@ -54,10 +54,11 @@ class ADD(DistilledMethod):
 
     def training_timesteps(self, grid: int) -> set[int]:
         cfg = self.config
-        return set(cfg.student_timesteps) or {t for k in range(1, cfg.max_steps + 1) for t in D.trailing_timesteps(k)}
+        grid = self.backbone.schedule.grid
+        return set(cfg.student_timesteps) or {t for k in range(1, cfg.max_steps + 1) for t in grid(k)}
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        return D.trailing_timesteps(steps)
+    def sampling_timesteps(self, steps: int) -> list:
+        return self.backbone.schedule.grid(steps)
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
@@ -77,7 +78,7 @@ class ADD(DistilledMethod):
             x_tau = bb.schedule.add_noise(x0_real, eps, tau).float()
             x0_s, _ = student.predict(x_tau, tau, cond)
             # 2. distillation: re-noise the student output to a random t; the guided teacher denoises it
-            t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+            t = bb.schedule.sample_t(n, g)
             eps2 = torch.randn(x0_s.shape, generator=g).to(x0_s)
             x_t = bb.schedule.add_noise(x0_s.detach(), eps2, t).float()
             with torch.no_grad():

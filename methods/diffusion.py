@@ -1,13 +1,14 @@
-"""All diffusion math of the project, in one place.
+"""All diffusion math of the project, in one place, for both families of models.
 
-Symbols (one meaning each, everywhere):
-  alpha_bar  diffusers' ``alphas_cumprod``                     (ᾱ_t)
-  alpha      sqrt(alpha_bar)                                   (α_t)
-  sigma      sqrt(1 - alpha_bar)                               (σ_t)
-  x_t        alpha * x0 + sigma * eps                          (forward process)
-  t          a discrete timestep in [0, T), T = 1000
-  eps, v, x0 network predictions (ε-, v- and x0-parameterisations)
-Every adapter imports these functions; nobody re-derives them.
+The forward process is x_t = alpha_t · x0 + sigma_t · eps for both:
+  variance preserving (VP, ``Schedule``): alpha = sqrt(ᾱ_t), sigma = sqrt(1 − ᾱ_t), ᾱ = diffusers'
+      ``alphas_cumprod``; t a discrete timestep in [0, T), T = 1000; non-zero terminal SNR (SD)
+  rectified flow (``FlowSchedule``): alpha = 1 − σ, sigma = σ with σ = t / T; t a continuous timestep in
+      (0, T], the network's own timestep input (σ·1000, as SD3/FLUX); zero terminal SNR (σ = 1 at t = T);
+      a timestep shift (static ``shift``, or FLUX's resolution-dependent ``mu``) spaces the sampling grid
+Symbols (one meaning each, everywhere): alpha, sigma as above; ``eps``, ``v``, ``x0`` and ``flow``
+(u = ε − x0, what SD3/FLUX predict) are the network parameterisations; every method is written once in
+(x̂_0, ε̂) terms and the conversions happen here. Every adapter imports these functions; nobody re-derives them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def _bcast(a: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """A discrete DDPM noise schedule (ᾱ_t for t = 0..T-1), stored in float64."""
+    """A discrete DDPM (variance-preserving) noise schedule: ᾱ_t for t = 0..T-1, stored in float64."""
 
     alpha_bar: torch.Tensor
+    kind = "vp"
 
     @classmethod
     def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, T: int = T_TRAIN) -> Schedule:
@@ -63,6 +65,101 @@ class Schedule:
         """Forward process x_t = α_t x0 + σ_t ε."""
         return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
 
+    def alpha_sq(self, t) -> torch.Tensor:
+        """α_t² (= ᾱ_t), float64."""
+        return self._at(t)
+
+    # --- the timesteps methods train and sample at ---------------------------------------------
+    def grid(self, steps: int) -> list[int]:
+        """A `steps`-step sampling grid from pure noise: diffusers' "trailing" spacing (starts at T − 1)."""
+        return trailing_timesteps(steps, self.T)
+
+    def sample_t(self, n: int, generator: torch.Generator, low: int = 0, high: int | None = None) -> torch.Tensor:
+        """n training timesteps, uniform on the integers [low, high) (default [0, T)), long [n]."""
+        return torch.randint(low, self.T if high is None else high, (n,), generator=generator)
+
+    def solver_grid(self, n: int) -> torch.Tensor:
+        """LCM's skipping-step solver grid of n points: [skip − 1, 2·skip − 1, ..., T − 1] (diffusers' DDIMSolver)."""
+        skip = self.T // n
+        return torch.arange(1, n + 1) * skip - 1
+
+    def shift_t(self, t, rho: float):
+        """γ(t) = ρ·t rounded to a timestep (the shifted reconstruction loss's teacher time)."""
+        return gamma_shift(t, rho)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowSchedule:
+    """Rectified flow: x_t = (1 − σ) x0 + σ ε with σ = t / T, t ∈ (0, T] continuous (the network's timestep).
+
+    ``shift`` (or ``mu`` with exponential time shifting, as FLUX's ``calculate_shift``) warps the sampling
+    grid and training times towards noise: σ' = shift·σ / (1 + (shift − 1)·σ), or e^mu / (e^mu + 1/σ − 1).
+    """
+
+    shift: float = 1.0
+    mu: float | None = None
+    T: int = T_TRAIN
+    kind = "flow"
+
+    def _sigma(self, t) -> torch.Tensor:
+        return torch.as_tensor(t, dtype=torch.float64).cpu() / self.T
+
+    def alpha(self, t) -> torch.Tensor:
+        return 1.0 - self._sigma(t)
+
+    def sigma(self, t) -> torch.Tensor:
+        return self._sigma(t)
+
+    def alpha_sq(self, t) -> torch.Tensor:
+        return self.alpha(t) ** 2
+
+    def snr(self, t) -> torch.Tensor:
+        s = self._sigma(t)
+        return (1.0 - s) ** 2 / s**2
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+        """Forward process x_t = (1 − σ) x0 + σ ε."""
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * eps
+
+    def warp(self, s: torch.Tensor) -> torch.Tensor:
+        """The timestep shift applied to σ ∈ [0, 1] (identity with shift 1 and no mu)."""
+        s = torch.as_tensor(s, dtype=torch.float64)
+        if self.mu is not None:
+            m = torch.exp(torch.tensor(self.mu, dtype=torch.float64))
+            return torch.where(s > 0, m / (m + 1 / s.clamp(min=1e-12) - 1), s)
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    def grid(self, steps: int) -> list[float]:
+        """A `steps`-step grid from pure noise (σ = 1): σ_i = warp(1 − i/steps), as timesteps σ·T."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        s = self.warp(1.0 - torch.arange(steps, dtype=torch.float64) / steps)
+        return [float(v) * self.T for v in s]
+
+    def sample_t(self, n: int, generator: torch.Generator, low: float = 0, high: float | None = None) -> torch.Tensor:
+        """n training timesteps, σ uniform on (low, high]/T (default (0, 1]) then warped, float64 [n]."""
+        high = self.T if high is None else high
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+        s = (high - (high - low) * u) / self.T  # in (low, high] / T
+        return self.warp(s) * self.T
+
+    def solver_grid(self, n: int) -> torch.Tensor:
+        """A consistency solver grid of n points, uniform in σ: [T/n, 2T/n, ..., T]."""
+        return torch.arange(1, n + 1, dtype=torch.float64) * (self.T / n)
+
+    def shift_t(self, t, rho: float):
+        """γ(t) = ρ·t (continuous time)."""
+        if not 0.0 < rho <= 1.0:
+            raise ValueError(f"rho must be in (0, 1], got {rho}")
+        return torch.as_tensor(t, dtype=torch.float64) * rho
+
+
+def flow_shift_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096, base_shift: float = 0.5,
+                  max_shift: float = 1.15) -> float:
+    """FLUX's resolution-dependent shift mu: linear in the number of latent tokens (diffusers' calculate_shift)."""
+    m = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * m + base_shift - m * base_seq_len
+
 
 # --- conversions between parameterisations ---------------------------------------------------
 
@@ -75,6 +172,16 @@ def x0_from_eps(x_t, eps, alpha, sigma):
 def eps_from_x0(x_t, x0, alpha, sigma):
     """ε̂ = (x_t − α_t x̂_0) / σ_t."""
     return (x_t - _bcast(alpha, x_t) * x0) / _bcast(sigma, x_t)
+
+
+def x0_from_flow(x_t, u, sigma):
+    """x̂_0 = x_t − σ u for rectified flow (u = ε − x0)."""
+    return x_t - _bcast(sigma, x_t) * u
+
+
+def eps_from_flow(x_t, u, alpha):
+    """ε̂ = x_t + (1 − σ) u for rectified flow (alpha = 1 − σ)."""
+    return x_t + _bcast(alpha, x_t) * u
 
 
 def x0_from_v(x_t, v, alpha, sigma):

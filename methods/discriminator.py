@@ -91,7 +91,7 @@ class TeacherFeatureDiscriminator(nn.Module):
 
     def noised(self, x0: torch.Tensor, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, t): x0 re-noised to t ~ U{0..t_max}, per sample."""
-        t = torch.randint(0, self.t_max + 1, (x0.shape[0],), generator=gen)
+        t = self.schedule.sample_t(x0.shape[0], gen, 0, self.t_max + 1)
         eps = torch.randn(x0.shape, generator=gen).to(x0)
         return self.schedule.add_noise(x0, eps, t).to(x0.dtype), t
 

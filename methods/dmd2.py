@@ -73,10 +73,10 @@ class DMD2(DistilledMethod):
 
     def training_timesteps(self, grid: int) -> set[int]:
         counts = range(1, grid + 1) if self.config.shared_student else [grid]
-        return {t for k in counts for t in D.trailing_timesteps(k)}
+        return {t for k in counts for t in self.backbone.schedule.grid(k)}
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        return D.trailing_timesteps(steps)
+    def sampling_timesteps(self, steps: int) -> list:
+        return self.backbone.schedule.grid(steps)
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
@@ -92,7 +92,7 @@ class DMD2(DistilledMethod):
             """(x̂_0 of the generator, which samples are at their grid's last time), each sample at its own
             grid time; inputs by backward simulation (or noised real data)."""
             k = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
-            timesteps = D.trailing_timesteps(k)
+            timesteps = bb.schedule.grid(k)
             i = torch.randint(0, k, (n,), generator=g)
             t = torch.tensor(timesteps)[i]
             if cfg.backward_simulation:
@@ -115,7 +115,7 @@ class DMD2(DistilledMethod):
             l_fake = 0.0
             for _ in range(cfg.fake_updates):
                 x0_fake_data, _ = generate(g, cond, real, n, with_grad=False)
-                t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+                t = bb.schedule.sample_t(n, g)
                 eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
                 x_t = bb.schedule.add_noise(x0_fake_data, eps, t).float()
                 loss_f = F.mse_loss(fake.raw(x_t, t, cond), eps)
@@ -123,7 +123,7 @@ class DMD2(DistilledMethod):
                 l_fake += loss_f.item() / cfg.fake_updates
             # 2. generator: distribution matching at a random t' + GAN term on the returned samples
             x0, last = generate(g, cond, real, n, with_grad=True)
-            t = torch.randint(cfg.t_min, cfg.t_max + 1, (n,), generator=g)
+            t = bb.schedule.sample_t(n, g, cfg.t_min, cfg.t_max + 1)
             eps = torch.randn(x0.shape, generator=g).to(x0)
             x_t = bb.schedule.add_noise(x0.detach(), eps, t).float()
             with torch.no_grad():

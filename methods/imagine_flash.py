@@ -58,7 +58,9 @@ def teacher_target(teacher: Denoiser, chi, t_start, k: int, cond, uncond, w: flo
     """x̂_0 after k guided teacher DDIM steps from χ at t_start (an int, or one time per sample [B]);
     the grid is round(t_start · (1 − j/k)), j < k. The final estimate, without gradient."""
     t_start = torch.as_tensor(t_start)
-    grid = [torch.round(t_start.double() * (1 - j / k)).long() for j in range(k)]
+    grid = [t_start.double() * (1 - j / k) for j in range(k)]
+    if teacher.schedule.kind == "vp":  # discrete timesteps
+        grid = [torch.round(g).long() for g in grid]
     with torch.no_grad():
         return ddim_trajectory(lambda x, t: teacher.predict_guided(x, t, cond, uncond, w), teacher.schedule, chi, grid)
 
@@ -66,8 +68,8 @@ def teacher_target(teacher: Denoiser, chi, t_start, k: int, cond, uncond, w: flo
 def srl_input(x0_student, t, rho: float, schedule: D.Schedule, eps_fresh):
     """χ = α_{γ(t)} sg(x̂_0^Θ) + σ_{γ(t)} ε' with γ(t) = ρ·t (Imagine Flash, shifted reconstruction).
 
-    `t`: an int or a long tensor [B]; returns (χ, γ(t)) with γ(t) of the same form."""
-    t_phi = D.gamma_shift(t, rho)
+    `t`: a timestep or a tensor [B]; returns (χ, γ(t)) with γ(t) of the same form."""
+    t_phi = schedule.shift_t(t, rho)
     chi = schedule.add_noise(x0_student.detach(), eps_fresh, t_phi).to(x0_student.dtype)
     return chi, t_phi
 
@@ -101,10 +103,10 @@ class ImagineFlash(DistilledMethod):
 
     def training_timesteps(self, grid: int) -> set[int]:
         counts = range(1, grid + 1) if self.config.shared_student else [grid]
-        return {t for k in counts for t in D.trailing_timesteps(k)}
+        return {t for k in counts for t in self.backbone.schedule.grid(k)}
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        return D.trailing_timesteps(steps)
+    def sampling_timesteps(self, steps: int) -> list:
+        return self.backbone.schedule.grid(steps)
 
     def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
@@ -122,7 +124,7 @@ class ImagineFlash(DistilledMethod):
             n = len(cond)
             # 1. each sample's training latent at its own grid time t = timesteps[i]
             steps = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
-            timesteps = D.trailing_timesteps(steps)
+            timesteps = bb.schedule.grid(steps)
             i = torch.randint(0, steps, (n,), generator=g)
             t = torch.tensor(timesteps)[i]
             if cfg.backward_distillation:

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from methods import diffusion as D
 from methods.base import TrainInfo
 from methods.registry import register
-from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, solver_sample
+from methods.sampling import (Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise,
+                              renoise_trajectory, solver_sample)
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import EMA, run_updates
 
@@ -55,12 +56,6 @@ def consistency_loss(pred, target, kind: str = "huber", c: float = 0.001) -> tor
     return torch.mean(torch.sqrt((pred.float() - target.float()) ** 2 + c**2) - c)
 
 
-def skipping_grid(num_ddim_timesteps: int, T: int = D.T_TRAIN) -> torch.Tensor:
-    """The solver grid [skip-1, 2·skip-1, ..., T-1] (diffusers' DDIMSolver)."""
-    skip = T // num_ddim_timesteps
-    return torch.arange(1, num_ddim_timesteps + 1) * skip - 1
-
-
 @register("lcm")
 class LCM(DistilledMethod):
     """Latent consistency distillation (skipping-step DDIM solver, w-embedding, EMA target)."""
@@ -77,13 +72,18 @@ class LCM(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return 0  # one student for every step count
 
-    def training_timesteps(self, grid: int) -> set[int]:
-        return set(skipping_grid(self.config.num_ddim_timesteps).tolist())
+    def training_timesteps(self, grid: int) -> set:
+        return set(self.backbone.schedule.solver_grid(self.config.num_ddim_timesteps).tolist())
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        scheduler = self._scheduler()
-        scheduler.set_timesteps(steps)
-        return [int(t) for t in scheduler.timesteps]
+    def sampling_timesteps(self, steps: int) -> list:
+        schedule = self.backbone.schedule
+        if schedule.kind == "vp":  # diffusers' LCMScheduler picks them from its origin grid
+            scheduler = self._scheduler()
+            scheduler.set_timesteps(steps)
+            return [int(t) for t in scheduler.timesteps]
+        # rectified flow: the same rule on the flow solver grid (every `skip`-th point, from pure noise)
+        grid = schedule.solver_grid(self.config.num_ddim_timesteps).flip(0)
+        return [float(t) for t in grid[:: len(grid) // steps][:steps]]
 
     def _scheduler(self):
         import diffusers
@@ -99,8 +99,8 @@ class LCM(DistilledMethod):
                           self.w_dim)
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
-        solver_grid = skipping_grid(cfg.num_ddim_timesteps)
-        skip = D.T_TRAIN // cfg.num_ddim_timesteps
+        solver_grid = bb.schedule.solver_grid(cfg.num_ddim_timesteps)
+        skip = solver_grid[0] + 1 if bb.schedule.kind == "vp" else solver_grid[0]  # the grid's spacing
 
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
@@ -138,6 +138,14 @@ class LCM(DistilledMethod):
         bb = self.backbone
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
+        if bb.schedule.kind != "vp":
+            # rectified flow (FlowMatchLCMScheduler's rule): the consistency output, re-noised to the next σ
+            def predict(x, t):
+                x0, _ = student.predict(x, t, cond, w)
+                return consistency(x, x0, t), None
+
+            fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
+            return bb.to_images(renoise_trajectory(predict, bb.schedule, x_T, self.sampling_timesteps(steps), fresh))
         x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), self._scheduler(), bb.schedule, x_T, steps,
                            bb.prediction_type, generators=per_sample_generators(noise_keys, 1))
         return bb.to_images(x0)

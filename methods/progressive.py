@@ -80,10 +80,13 @@ class Progressive(DistilledMethod):
 
     def training_timesteps(self, grid: int) -> set[int]:
         # the CFG stage (grid = max_steps) learns at every t; a halving round at its own grid's times
-        return set(range(D.T_TRAIN)) if grid == self.config.max_steps else set(D.trailing_timesteps(grid))
+        schedule = self.backbone.schedule
+        if grid == self.config.max_steps:  # the CFG stage learns at every t (all of them: a marker set)
+            return set(range(schedule.T)) | set(schedule.grid(grid))
+        return set(schedule.grid(grid))
 
-    def sampling_timesteps(self, steps: int) -> list[int]:
-        return D.trailing_timesteps(steps)
+    def sampling_timesteps(self, steps: int) -> list:
+        return self.backbone.schedule.grid(steps)
 
     def _denoiser(self, net, role: str) -> Denoiser:
         return Denoiser(self.counting(net, role), self.backbone.schedule, self.student_prediction_type(), self.w_dim)
@@ -119,7 +122,7 @@ class Progressive(DistilledMethod):
             g, real, cond, uncond = self.conditioned_batch(step, gen_stream=100)
             n = len(cond)
             x0 = bb.from_images(real)
-            t = torch.randint(0, D.T_TRAIN, (n,), generator=g)
+            t = bb.schedule.sample_t(n, g)
             x_t = bb.schedule.add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), t).float()
             w = self._w(g, n)
             with torch.no_grad():
@@ -141,7 +144,7 @@ class Progressive(DistilledMethod):
         teacher = self._denoiser(teacher_net, "round_teacher")  # the previous round's student
         opt = self.optimizer(unet.parameters())
         # the teacher's grid; every other point is the student's; -1 marks the end (the clean image)
-        fine = torch.tensor(D.trailing_timesteps(2 * grid) + [-1])
+        fine = torch.tensor(bb.schedule.grid(2 * grid) + [-1])
         _, updates = self._stage_updates()
 
         def update(step: int) -> dict:

@@ -18,7 +18,7 @@ from methods import diffusion as D
 from methods.backbone import Cond, guidance_embedding
 
 SOLVERS = ("ddim", "dpmsolver++", "euler", "unipc")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # diffusers' names: ε, v, x̂_0
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # ε, v, x̂_0 (diffusers' names); flow: u = ε − x0
 # solvers whose state is x_t in the VP parameterisation, where noise correction is defined
 NOISE_CORRECTABLE = ("ddim", "dpmsolver++")
 
@@ -82,7 +82,7 @@ class Denoiser:
         return D.cfg(out[:n], out[n:], w)
 
     def split(self, x_t, t, out) -> tuple[torch.Tensor, torch.Tensor]:
-        """Model output -> (x̂_0, ε̂) through the schedule."""
+        """Model output -> (x̂_0, ε̂) through the schedule (VP or rectified flow)."""
         t = self._t(t, x_t.shape[0], "cpu")
         alpha = self.schedule.alpha(t).to(x_t.device, x_t.dtype)
         sigma = self.schedule.sigma(t).to(x_t.device, x_t.dtype)
@@ -90,6 +90,8 @@ class Denoiser:
             return D.x0_from_eps(x_t, out, alpha, sigma), out
         if self.prediction_type == "sample":
             return out, D.eps_from_x0(x_t, out, alpha, sigma)
+        if self.prediction_type == "flow":
+            return D.x0_from_flow(x_t, out, sigma), D.eps_from_flow(x_t, out, alpha)
         return D.x0_from_v(x_t, out, alpha, sigma), D.eps_from_v(x_t, out, alpha, sigma)
 
     def predict(self, x_t, t, cond: Cond, w=None):
@@ -180,9 +182,26 @@ def lcm_scheduler_config(scheduler_config: dict) -> dict:
 
 
 def make_scheduler(solver: str, scheduler_config: dict):
-    """A diffusers scheduler for the teacher; the final step always lands on the clean estimate."""
+    """A diffusers scheduler for the teacher; the final step always lands on the clean estimate.
+
+    A rectified-flow teacher (its config has ``shift``, as FlowMatchEulerDiscreteScheduler's) gets the
+    flow versions: Euler (DDIM on a flow is Euler), DPM-Solver++ and UniPC on flow sigmas with its shift.
+    """
     import diffusers
 
+    if "shift" in scheduler_config:
+        flow = {k: v for k, v in scheduler_config.items() if k not in ("_class_name", "_diffusers_version")}
+        shift = flow.get("shift", 1.0)
+        if solver in ("ddim", "euler"):
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow)
+        common = dict(num_train_timesteps=flow.get("num_train_timesteps", 1000), use_flow_sigmas=True,
+                      prediction_type="flow_prediction", flow_shift=shift, final_sigmas_type="zero")
+        if solver == "dpmsolver++":
+            return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
+                                                         lower_order_final=True, **common)
+        if solver == "unipc":
+            return diffusers.UniPCMultistepScheduler(solver_order=2, lower_order_final=True, **common)
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     cfg = dict(scheduler_config, timestep_spacing="trailing")
     if solver == "ddim":  # clip_sample off, as diffusers' SD pipeline forces it: latents are not in [-1, 1]
         return diffusers.DDIMScheduler.from_config(cfg, set_alpha_to_one=True, clip_sample=False)
@@ -214,7 +233,8 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     else:
         scheduler.set_timesteps(steps)
     x = x_T * scheduler.init_noise_sigma
-    ts = [int(t) for t in scheduler.timesteps]
+    discrete = getattr(schedule, "kind", "vp") == "vp"
+    ts = [int(t) if discrete else float(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
         out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
         kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators}

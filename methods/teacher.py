@@ -44,7 +44,7 @@ class Teacher(Method):
 
     @classmethod
     def allowed_steps(cls, config: TeacherConfig) -> tuple[int, ...]:
-        return tuple(range(1, T_TRAIN + 1))  # a solver visits at most every training timestep once
+        return tuple(range(1, T_TRAIN + 1))  # a solver visits each of the (1000) training timesteps at most once
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):

@@ -6,7 +6,7 @@ from methods import diffusion as D
 from methods.add import add_distillation_loss
 from methods.dmd2 import dm_loss
 from methods.imagine_flash import distillation_loss
-from methods.lcm import consistency, consistency_loss, skipping_grid
+from methods.lcm import consistency, consistency_loss
 from methods.progressive import snr_weighted_x_loss
 
 S = D.Schedule.scaled_linear()
@@ -16,7 +16,7 @@ def test_lcm_consistency_function_boundary_and_grid():
     x, x0 = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     assert torch.equal(consistency(x, x0, torch.tensor([0, 0])), x)  # f(x, 0) = x
     assert torch.allclose(consistency(x, x0, torch.tensor([999, 999])), x0, atol=1e-4)
-    g = skipping_grid(50)
+    g = S.solver_grid(50)
     assert g[0] == 19 and g[-1] == 999 and len(g) == 50 and set((g[1:] - g[:-1]).tolist()) == {20}
 
 

@@ -58,3 +58,52 @@ def test_student_4step_throughput_batch32(benchmark, student):
     texts, keys = TEXT * 32, [("bench", i) for i in range(32)]
     with student.unpadded():
         benchmark.pedantic(lambda: (student.sample(texts, keys, 4), _sync()), rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.benchmark(group="stages")
+def test_stage_text_encoding(benchmark, backbone):
+    benchmark(lambda: (backbone.encode_text(TEXT), _sync()))
+
+
+@pytest.mark.benchmark(group="stages")
+def test_stage_guided_network_call(benchmark, backbone):
+    from methods.sampling import Denoiser
+
+    d = Denoiser(backbone.unet, backbone.schedule)
+    x = torch.randn(1, *backbone.sample_shape, device=backbone.device)
+    cond, uncond = backbone.encode_text(TEXT), backbone.encode_text([""])
+    with torch.no_grad():
+        benchmark(lambda: (d.raw_guided(x, 999, cond, uncond, 1.5), _sync()))
+
+
+@pytest.mark.benchmark(group="stages")
+def test_stage_decode(benchmark, backbone):
+    x = torch.randn(1, *backbone.sample_shape, device=backbone.device)
+    benchmark(lambda: (backbone.to_images(x), _sync()))
+
+
+@pytest.mark.benchmark(group="loop-vs-pipeline")
+def test_our_loop_against_the_diffusers_pipeline(benchmark, tmp_path_factory):
+    """The teacher method against StableDiffusionPipeline at equal NFE (DPM-Solver++, 4 guided steps, batch 1):
+    the ratio of medians goes into extra_info (``our / pipeline``)."""
+    import diffusers
+
+    from bench.latency import time_call
+    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.sampling import make_scheduler, per_sample_noise
+    from tests import tiny_sd
+
+    bb = DiffusersBackbone.load(tiny_sd.build(tmp_path_factory.mktemp("sd") / "pipe"), DEVICE)
+    cls = base.get("teacher")
+    m = cls(bb, cls.make_config({"solver": "dpmsolver++"}), base.Context("."))
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=bb.vae, unet=bb.unet, scheduler=make_scheduler("dpmsolver++", bb.scheduler_config), tokenizer=bb.tokenizers[0],
+        text_encoder=bb.text_encoders[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents = per_sample_noise(KEY, bb.sample_shape, device=DEVICE)
+    call = lambda: pipe(TEXT, num_inference_steps=4, guidance_scale=1.5, latents=latents, output_type="pt")  # noqa: E731
+    theirs = time_call(lambda: (call(), _sync()), DEVICE, 1, 5)
+    with m.unpadded():
+        benchmark(lambda: (m.sample(TEXT, KEY, 4), _sync()))
+    benchmark.extra_info["pipeline_median_s"] = theirs["median_s"]
+    benchmark.extra_info["ratio_ours_over_pipeline"] = benchmark.stats.stats.median / theirs["median_s"]
