@@ -26,7 +26,7 @@ from methods.training import EMA, run_updates
 
 @dataclasses.dataclass
 class LCMConfig(DistillConfig):
-    lr: float = 1e-4
+    # lr: the shared DistillConfig default (one learning rate for every distillation: equal footing)
     w_min: float = 1.5  # guidance scales sampled in training, fed to the student as an embedding
     w_max: float = 4.5
     num_ddim_timesteps: int = 50  # the skipping-step solver grid: skip = 1000 / 50 = 20
