@@ -20,7 +20,7 @@ from prompts.loaders import normalize_text, prompts_sha256, split_tsv_line
 from tests import tiny_sd
 from tests.conftest import DATA, ROOT
 from tests.test_cli import flashbench
-from tests.test_faults import comparable
+from tests.test_faults import assert_close, comparable
 
 CASES = DATA / "cases"
 
@@ -388,13 +388,15 @@ def test_case_10_any_sample_count_on_four_processes_equals_one(tmp_path, n):
     s = suite(tmp_path, DIST5.format(n=n))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     env.pop("FLASHBENCH_FAULT", None)
-    one = flashbench("run", s, "--out", tmp_path / "one", "--cache", tmp_path / "cache", "--no-progress")
+    one = subprocess.run([sys.executable, "-m", "bench", "run", str(s), "--out", str(tmp_path / "one"), "--cache",
+                          str(tmp_path / "cache"), "--no-progress"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert one.returncode == 0, one.stderr[-2000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "-m", "bench", "run",
                         str(s), "--out", str(tmp_path / "four"), "--cache", str(tmp_path / "cache"), "--no-progress"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert comparable(tmp_path / "four") == comparable(tmp_path / "one")
+    # the same rows; the shards sample in other batch shapes, so floats agree to 1e-3, not bit for bit
+    assert_close(comparable(tmp_path / "four"), comparable(tmp_path / "one"))
 
 
 # --- (6) real-scale reference folders as they come -------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from bench.metrics import bootstrap, fid
 from bench.metrics.cell import CellMetrics, measure
-from bench.metrics.scores import colour_stats
+from bench.metrics.scores import COLOUR_STATS, colour_stats
 from bench.shapes import world
 from bench.shapes.evaluators import attribute_correctness, load_evaluators, real_images
 from prompts import Prompt, load_prompts
@@ -93,13 +93,17 @@ def test_attribute_correctness_on_handmade_predictions():
 
 
 def test_colour_stats():
-    grey = torch.full((1, 3, 4, 4), 0.5)
-    red = torch.zeros(1, 3, 4, 4)
+    grey = torch.full((1, 3, 8, 8), 0.5)
+    red = torch.zeros(1, 3, 8, 8)
     red[:, 0] = 1.0
-    s = colour_stats(torch.cat([grey, red]))
-    assert s[:, 0].tolist() == [0.0, 1.0]  # saturation
-    assert s[0, 1] == 0.0  # contrast
-    assert math.isclose(s[1, 2], 0.299)  # brightness
+    noisy = grey.clone()  # zero-mean per-pixel chroma noise on grey: HSV saturation sees it, the low-pass much less
+    noisy[:, 0, ::2, ::2], noisy[:, 0, 1::2, 1::2] = 0.6, 0.4
+    s = dict(zip(COLOUR_STATS, colour_stats(torch.cat([grey, red, noisy])).T.tolist()))
+    assert s["saturation"][:2] == [0.0, 1.0]
+    assert s["saturation_lowpass"][:2] == [0.0, 1.0]  # flat images: the low-pass changes nothing
+    assert s["saturation_lowpass"][2] < 0.5 * s["saturation"][2]
+    assert s["contrast"][:2] == [0.0, 0.0]
+    assert math.isclose(s["brightness"][1], 0.299)
 
 
 def test_bootstrap_ci_brackets_the_estimate():
