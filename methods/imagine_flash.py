@@ -36,7 +36,7 @@ class ImagineFlashConfig(AdversarialConfig):
     srl: bool = True
     noise_correction: bool = True
     rollout_noise_correction: bool = True
-    adversarial: bool = True
+    adversarial: bool = False  # off: the imagine-flash-adversarial study's choice (the paper's term is one setting away)
     rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time
     teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target
     lambda_adv: float = 0.1
