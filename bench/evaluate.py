@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from bench import components, provenance, runner
-from bench.dist import Dist
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir
@@ -99,9 +98,7 @@ def evaluate(folder: Path, suite: Suite, out: Path, cache: Path | None = None, d
     rd = RunDir(out)
     rd.create(resume=False)
     try:
-        opts = runner.Options(out=out, device=device, cache=cache)
-        ctx = runner.RunContext(suite, opts, rd, prompts, None, evaluators, Dist(device))
-        ctx.cache = Path(cache or runner.default_cache())
+        ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
         info = [json.loads((c / "cell.json").read_text()) if (c / "cell.json").exists() else {} for c in cells]
         teacher = info[0].get("teacher", {"backbone": "unknown (samples from outside)"})
         config = {"suite": suite.to_dict(), "evaluated": [str(c.name) for c in cells], "versions": provenance.versions(),

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from bench import components, provenance, runner
-from bench.dist import Dist
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir, load_rows, read_config
@@ -64,9 +63,7 @@ def merge(runs: list[Path], out: Path, cache: Path | None = None, device: str = 
     rd = RunDir(out)
     rd.create(resume=False)
     try:
-        opts = runner.Options(out=out, device=device, cache=cache)
-        ctx = runner.RunContext(suite, opts, rd, prompts, None, evaluators, Dist(device))
-        ctx.cache = Path(cache or runner.default_cache())
+        ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
         config = {k: v for k, v in configs[0].items() if k not in ("shard", "started", "command", "resumed")}
         config.update(merged_from=[r.name for r in runs], started=dt.datetime.now().isoformat(timespec="seconds"),
                       command=f"flashbench merge {' '.join(r.name for r in runs)}")

@@ -5,6 +5,8 @@ Blocks look like
     <!-- include: results/reference/default/tables/main.md -->
     ...generated...
     <!-- end include -->
+A block may also name a generator instead of a file (``<!-- include: generated:recipes -->``, see
+``GENERATED``): a table built from the code itself, so it cannot drift from it.
 `python -m bench.readme` refreshes them; `--check` exits 1 if any block differs from its file (the
 test suite runs it); `--check-fresh` exits 1 while any cited reference run was made from other
 numeric source than the current code (``bench.provenance.source_hash``; run by `tox -e fresh`
@@ -35,6 +37,23 @@ def demote(body: str, level: int = INCLUDED_LEVEL) -> str:
         return body
     shift = level - min(levels)
     return HEADING.sub(lambda m: "#" * max(1, min(6, len(m[1]) + shift)) + " ", body)
+
+
+def recipes_table() -> str:
+    """The `pretrained` method's recipes (``methods.pretrained.RECIPES``) as a Markdown table."""
+    from methods.pretrained import RECIPES
+
+    rows = ["| recipe | kind | scheduler | guidance | steps | other settings |", "|---|---|---|---|---|---|"]
+    for name, r in RECIPES.items():
+        guidance = r["guidance"] + (f" ({r['guidance_scale']:g})" if "guidance_scale" in r else "")
+        other = ", ".join(f"{k} = {v}" for k, v in r.items() if k not in ("kind", "scheduler", "guidance",
+                                                                           "guidance_scale", "steps"))
+        rows.append(f"| `{name}` | {r['kind']} | {r['scheduler']} | {guidance} | "
+                    f"{', '.join(map(str, r['steps']))} | {other or '—'} |")
+    return "\n".join(rows) + "\n"
+
+
+GENERATED = {"generated:recipes": recipes_table}
 
 
 def run_of(include: str, root: Path = ROOT) -> Path | None:
@@ -68,7 +87,10 @@ def render(text: str, root: Path = ROOT, current: str | None = None) -> str:
 
     def sub(m: re.Match) -> str:
         path = root / m["path"]
-        body = demote(path.read_text()) if path.exists() else f"(missing: {m['path']})\n"
+        if m["path"] in GENERATED:
+            body = GENERATED[m["path"]]()
+        else:
+            body = demote(path.read_text()) if path.exists() else f"(missing: {m['path']})\n"
         run = run_of(m["path"], root)
         if run is not None and run.name in stale:
             body = (f"> **Stale:** `{run.name}` was made from numeric source `{stale[run.name]}`; the code now hashes "

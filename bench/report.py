@@ -63,7 +63,8 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
     r25, r3 = _row(rows, label, 25), _row(rows, label, 3)
     if r25 is None:
         return [f"(no `{label}` row at 25 steps in `{run.name}`)"]
-    lines = [f"Teacher, DPM-Solver++ with CFG (guidance 3), {r25['n_samples']} evaluation prompts "
+    w = (r25.get("settings") or {}).get("guidance_scale")
+    lines = [f"Teacher, DPM-Solver++ with CFG (guidance {w:g}), {r25['n_samples']} evaluation prompts "
              f"(from `{run.name}`; 95% bootstrap CIs):", "",
              "| steps | NFE | FID ↓ | CLIP ↑ | accuracy ↑ | two-object accuracy ↑ |", "|---|---|---|---|---|---|"]
     for steps in (1, 2, 3, 4, 8, 25):
@@ -112,8 +113,9 @@ def build(ref: Path) -> str:
     lines = ["### Where the figures come from", "",
              "Each reference run below was made on this project's machine (2 CPU cores, no GPU) with the command "
              "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, "
-             "this block by `python -m bench.report`. `default` and `sweep` started from an empty cache (FID "
-             "reference statistics built inside their time); the runs with 1 torch thread ran two at a time.", ""]
+             "this block by `python -m bench.report`. Wall times include building FID reference statistics where a "
+             "run's cache lacked them; a student loaded from the cache was trained by an earlier run (a study's, "
+             "with the same settings and seed). Runs with 1 torch thread ran two or three at a time.", ""]
     lines += run_table(ref) + ["", "### Shipped weights", ""] + weight_cards()
     default = ref / "default"
     if (default / "results.jsonl").exists():

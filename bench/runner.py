@@ -108,6 +108,14 @@ class RunContext:
     latency: dict = dataclasses.field(default_factory=dict)  # (label, nfe) -> latency fields
     failed_training: dict = dataclasses.field(default_factory=dict)  # (label, steps) -> failure fields
 
+    @classmethod
+    def scoring(cls, suite: Suite, rundir: RunDir, prompts: list, evaluators, out: Path, device: str,
+                cache: Path | None) -> RunContext:
+        """A context that only measures (no teacher, no sampling): `merge` and `evaluate`."""
+        ctx = cls(suite, Options(out=out, device=device, cache=cache), rundir, prompts, None, evaluators, Dist(device))
+        ctx.cache = Path(cache or default_cache())
+        return ctx
+
     @property
     def sample_range(self) -> range:
         """The prompt indices this run samples: all of them, or its shard's."""
