@@ -64,7 +64,7 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
     if r25 is None:
         return [f"(no `{label}` row at 25 steps in `{run.name}`)"]
     w = (r25.get("settings") or {}).get("guidance_scale")
-    lines = [f"Teacher, DPM-Solver++ with CFG (guidance {w:g}), {r25['n_samples']} evaluation prompts "
+    lines = [f"Teacher, DPM-Solver++ with CFG{'' if w is None else f' (guidance {w:g})'}, {r25['n_samples']} evaluation prompts "
              f"(from `{run.name}`; 95% bootstrap CIs):", "",
              "| steps | NFE | FID ↓ | CLIP ↑ | accuracy ↑ | two-object accuracy ↑ |", "|---|---|---|---|---|---|"]
     for steps in (1, 2, 3, 4, 8, 25):

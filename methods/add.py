@@ -27,6 +27,7 @@ from methods.training import run_updates
 @dataclasses.dataclass
 class ADDConfig(AdversarialConfig):
     lambda_distill: float = 2.5
+    r1_gamma: float = 1e-5  # ADD (Sauer et al. 2023, sec. 3.2): R1 on the discriminator, gamma 1e-5
     # the training times; () = the trailing grids of 1..max_steps steps (every time the sampler visits)
     student_timesteps: tuple[int, ...] = ()
     max_steps: int = 4

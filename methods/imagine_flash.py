@@ -41,6 +41,10 @@ class ImagineFlashConfig(AdversarialConfig):
     teacher_steps: int = 2  # k: guided teacher DDIM steps that build the target
     lambda_adv: float = 0.1
     adv_times: str = "last"  # where the GAN term applies: the returned samples ("last") or every grid time
+    # the design the imagine-flash-adversarial study compared against no discriminator (used when adversarial)
+    r1_gamma: float = 10.0
+    adv_warmup: float = 0.2
+    adv_ramp: float = 0.2
     max_steps: int = 3  # students exist for 1..max_steps sampling steps
     shared_student: bool = False  # one student for every step count (trained on random grids) or one per count
 

@@ -47,17 +47,18 @@ class DistillConfig:
 class AdversarialConfig(DistillConfig):
     """Settings of the adversarial term's discriminator (methods that have one).
 
-    The defaults are the stable design chosen by the ``imagine-flash-adversarial`` study
-    (``bench/studies/``, rule in ``bench/study.py``), shared by every method with an adversarial term.
+    The base defaults (hinge, patch logits, no R1, no warm-up or ramp) are what ADD and DMD2 get unless
+    their own config follows its paper further (ADD: R1 with gamma 1e-5); Imagine Flash, whose paper leaves
+    the design open, takes the design compared in the ``imagine-flash-adversarial`` study.
     """
 
     disc_lr: float = 2e-4
     disc_t_max: int = 500  # the discriminator sees its input re-noised to t in [0, disc_t_max]
     disc_loss: str = "hinge"  # "hinge" or "non-saturating"
     disc_patch: bool = True  # one logit per feature-map location (else one per image and level)
-    r1_gamma: float = 10.0  # R1 penalty weight at the noised real input (0: off)
-    adv_warmup: float = 0.2  # fraction of the updates in which only the discriminator trains
-    adv_ramp: float = 0.2  # fraction of the updates over which the generator term's weight ramps up linearly
+    r1_gamma: float = 0.0  # R1 penalty weight at the noised real input (0: off)
+    adv_warmup: float = 0.0  # fraction of the updates in which only the discriminator trains
+    adv_ramp: float = 0.0  # fraction of the updates over which the generator term's weight ramps up linearly
 
     def __post_init__(self):
         super().__post_init__()
