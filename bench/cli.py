@@ -21,7 +21,12 @@ from methods import registry
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
-        self.exit(2, f"flashbench: error: {message} (see `{self.prog} --help`)\n")
+        self.exit(2, f"flashbench: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters from user input (\\r, \\n, ...) are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message))
 
 
 def _csv(text: str, what: str, kind=int) -> list:
@@ -270,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.cmd](args)
     except UserError as e:
-        print(f"flashbench: error: {e}", file=sys.stderr)
+        print(f"flashbench: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("flashbench: interrupted; finished cells are kept — continue with `flashbench run --resume RUN`",

@@ -33,6 +33,26 @@ REQUIRED = ["method", "steps", "nfe", "seed", "n_samples", "fid", "clip_score", 
             "saturation", "contrast"]
 
 
+def flashbench_in_process(*args, cwd):
+    """(exit status, stderr) of `flashbench ARGS` run in this process (no interpreter start-up)."""
+    import contextlib
+    import io
+
+    from bench.cli import main
+
+    err, here = io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code
+    finally:
+        os.chdir(here)
+    return code, err.getvalue()
+
+
 def flashbench(*args, cwd=None, env_extra=None):
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "bench", *map(str, args)], capture_output=True, text=True,
@@ -105,11 +125,11 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
             pytest.skip("CUDA is available here")
     out = tmp_path / "out"
     full = args + (["--out", str(out)] if args[0] == "run" and "--resume" not in args else [])
-    r = flashbench(*full, cwd=tmp_path)
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    assert needle in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert "Traceback" not in r.stderr
+    code, err = flashbench_in_process(*full, cwd=tmp_path)
+    assert code == 2, (code, err[-2000:])
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
     assert not out.exists() and not (tmp_path / "results").exists()
 
 
@@ -127,9 +147,9 @@ def test_bad_suite_files(tmp_path):
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-        r = flashbench("run", tmp_path / name, "--out", tmp_path / "o", cwd=tmp_path)
-        assert r.returncode == 2, (name, r.stderr[-1500:])
-        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, (name, r.stderr)
+        code, err = flashbench_in_process("run", tmp_path / name, "--out", tmp_path / "o", cwd=tmp_path)
+        assert code == 2, (name, err[-1500:])
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (name, err)
         assert not (tmp_path / "o").exists()
 
 

@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "torchrun"])
+@pytest.mark.parametrize("launcher", [pytest.param("accelerate", marks=pytest.mark.slow), "torchrun"])
 def test_two_processes_equal_one(setup, launcher):
     d = setup
     out = d / f"two-{launcher}"

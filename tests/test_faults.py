@@ -87,7 +87,8 @@ def clean(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("point", ["kill:train:5", "kill:sample:1", "kill:metrics:2"])
+@pytest.mark.parametrize("point", ["kill:train:5", pytest.param("kill:sample:1", marks=pytest.mark.slow),
+                                   pytest.param("kill:metrics:2", marks=pytest.mark.slow)])
 def test_killed_run_resumes_to_the_same_results(clean, point):
     d = clean
     out, cache = d / f"run-{point.replace(':', '-')}", d / f"cache-{point.replace(':', '-')}"
@@ -116,6 +117,7 @@ def test_corrupt_cached_student_is_detected_and_retrained(clean):
     assert comparable(d / "c2") == comparable(d / "clean")
 
 
+@pytest.mark.slow
 def test_corrupt_training_checkpoint_is_not_used(clean):
     d = clean
     out, cache = d / "ckpt-run", d / "cache-ckpt"

@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bench import suite as suite_mod
@@ -62,6 +62,8 @@ WORDS = ["run", "--dry-run", "--nfe", "--methods", "--samples", "--seeds", "--de
 
 @SETTINGS
 @given(st.lists(st.one_of(st.sampled_from(WORDS), st.text(max_size=6)), min_size=1, max_size=6))
+@example(["run", "run", "\r"])  # a control character in an argument argparse echoes back: still one line
+@example(["run", "no\nsuch"])
 def test_cli_never_tracebacks_and_never_writes(tmp_path, argv):
     if argv[0] == "run" and "--dry-run" not in argv:
         argv = argv + ["--dry-run"]  # a valid argv would start a real run; the property is about bad input

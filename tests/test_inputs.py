@@ -383,7 +383,7 @@ nfe = [2]
 """
 
 
-@pytest.mark.parametrize("n", [5, 3])
+@pytest.mark.parametrize("n", [5, pytest.param(3, marks=pytest.mark.slow)])
 def test_case_10_any_sample_count_on_four_processes_equals_one(tmp_path, n):
     s = suite(tmp_path, DIST5.format(n=n))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
@@ -428,6 +428,7 @@ def fixtures(tmp_path_factory):
     return tiny_sd.real_fixtures(tmp_path_factory.mktemp("fx"))
 
 
+@pytest.mark.slow
 def test_case_05_and_mixed_modes_references_are_read_by_the_protocol(fixtures, tmp_path):
     from PIL import Image
 

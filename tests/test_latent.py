@@ -18,7 +18,9 @@ TEXTS = ["a large red circle at the top left", "a small blue square in the cente
 KEYS = [("p0", 0), ("p1", 0)]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sd", "sdxl"])
+# SDXL runs every test here in `tox -e slow` (about 2 CPU-minutes); the default suite covers SDXL through
+# tests/test_scale.py and tests/test_parity.py
+@pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["sd", "sdxl"])
 def latent(request, tmp_path_factory):
     from methods.diffusers_backbone import DiffusersBackbone
 

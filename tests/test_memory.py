@@ -15,6 +15,8 @@ import pytest
 from tests import tiny_sd
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # about 2.5 CPU-minutes: `tox -e slow`
+
 SUITE = """
 name = "memory"
 prompts = "{caps}"

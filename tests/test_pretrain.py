@@ -30,6 +30,7 @@ def test_caption_parser_targets_come_from_the_caption_only():
     assert torch.isfinite(loss) and parser.slots.grad is not None
 
 
+@pytest.mark.slow
 def test_training_resumes_to_the_same_weights(tmp_path):
     """A teacher training killed after a checkpoint and resumed exports the same weights (sha256)."""
     import json

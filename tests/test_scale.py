@@ -83,6 +83,7 @@ def rows(run_dir):
     return [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_shards_merged_equal_one_run(fx, one):
     for i in (0, 1):
         run("run", suite(fx, "one"), "--shard", f"{i}/2", "--out", fx / f"shard{i}", "--cache", fx / "cache")
@@ -97,6 +98,7 @@ def test_merge_refuses_what_is_not_one_run(fx, one):
     assert r.returncode == 2 and "is not a shard" in r.stderr
 
 
+@pytest.mark.slow
 def test_saved_samples_rescored_equal_the_run(fx, one):
     assert (one / "samples" / "teacher_nfe2" / "00000" / "samples" / "0000.png").is_file()
     run("evaluate", one / "samples", suite(fx, "one"), "--out", fx / "scored", "--cache", fx / "cache")
@@ -108,6 +110,7 @@ def test_saved_samples_rescored_equal_the_run(fx, one):
             assert r[k] == o[k], k
 
 
+@pytest.mark.slow
 def test_a_bf16_run(fx):
     run("run", suite(fx, "bf16", 'dtype = "bf16"'), "--methods", "teacher", "--out", fx / "bf16", "--cache", fx / "cache")
     rs = rows(fx / "bf16")
