@@ -51,6 +51,10 @@ def compare(a: dict, b: dict, m: str) -> str:
     return "tied"
 
 
+def _against_full(verdict: str) -> str:
+    return "tied with full" if verdict == "tied" else f"{verdict} than full"
+
+
 def within(student: dict, teacher: dict, m: str, tol: float) -> str:
     v, lo, hi = _ci(student, m)
     if SPECS[m].lower_is_better:
@@ -124,7 +128,7 @@ def claim_c(df) -> dict:
     delta_disc = delta["no-discriminator"] if no_disc is not None else full["fid"] - with_disc["fid"]
     shown = {**rows, **({"with-discriminator": with_disc} if with_disc is not None else {})}
     ev = [f"FID full {fmt(full, 'fid')}; " + "; ".join(
-        f"{v} {fmt(r, 'fid')} (Δ {r['fid'] - full['fid']:+.2f}, {compare(r, full, 'fid')} than full)"
+        f"{v} {fmt(r, 'fid')} (Δ {r['fid'] - full['fid']:+.2f}, {_against_full(compare(r, full, 'fid'))})"
         for v, r in shown.items())]
     # c1: SRL and BD removals are significantly worse than full, and each hurts more than removing the discriminator
     big = [compare(rows[v], full, "fid") for v in ("no-srl", "no-backward-distillation")]
