@@ -45,6 +45,14 @@ def _int_csv(text: str, what: str) -> list[int]:
     return _csv(text, what, int)
 
 
+def _scoring_options(p: argparse.ArgumentParser) -> None:
+    """The options of the commands that only measure (`merge`, `evaluate`)."""
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--cache", type=Path)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="(no progress bars are shown here)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="flashbench", description="Few-step text-to-image distillation at fixed NFE budgets.")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
@@ -69,18 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mg = sub.add_parser("merge", help="one run's results from the shards of a split run (--shard)")
     mg.add_argument("runs", nargs="+", type=Path, help="the shard run directories")
-    mg.add_argument("--out", type=Path, required=True)
-    mg.add_argument("--cache", type=Path)
-    mg.add_argument("--device", default="cpu")
-    mg.add_argument("--no-progress", action="store_true", help="(no progress bars are shown here)")
+    _scoring_options(mg)
 
     ev = sub.add_parser("evaluate", help="score saved samples (GenEval layout) under a suite's protocol")
     ev.add_argument("folder", type=Path, help="a folder of samples, or a run's samples/ folder")
     ev.add_argument("suite", nargs="?", default=None, help="the suite whose evaluators and metrics to use (default: default)")
-    ev.add_argument("--out", type=Path, required=True)
-    ev.add_argument("--cache", type=Path)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--no-progress", action="store_true", help="(no progress bars are shown here)")
+    _scoring_options(ev)
 
     st = sub.add_parser("study", help="choose a default by the study's rule, on validation prompts (see `list`)")
     st.add_argument("study", help="a study name (bench/studies/NAME.toml) or a .toml path")

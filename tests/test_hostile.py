@@ -3,8 +3,6 @@
 Only clear one-line errors (exit status 2), never a traceback, never a partial write.
 """
 
-import contextlib
-import io
 import os
 import re
 from pathlib import Path
@@ -13,10 +11,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bench import suite as suite_mod
-from bench.cli import main
 from core.errors import UserError
 from prompts import PromptFileError, load_prompts
 from tests.conftest import ROOT
+from tests.test_cli import flashbench_in_process
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -70,21 +68,11 @@ def test_cli_never_tracebacks_and_never_writes(tmp_path, argv):
     if argv[0] in ("train-teacher", "train-evaluators", "sweep"):
         return
     before = set(tmp_path.rglob("*"))
-    err, out = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-            try:
-                code = main(argv)
-            except SystemExit as e:  # argparse's own errors
-                code = e.code
-    finally:
-        os.chdir(cwd)
+    code, err = flashbench_in_process(*argv, cwd=tmp_path)
     assert code in (0, 1, 2), (argv, code)
-    assert "Traceback" not in err.getvalue()
+    assert "Traceback" not in err
     if code == 2:
-        assert len(err.getvalue().strip().splitlines()) == 1, (argv, err.getvalue())
+        assert len(err.strip().splitlines()) == 1, (argv, err)
     assert set(tmp_path.rglob("*")) == before  # nothing written
 
 
