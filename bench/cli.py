@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="rebuild a run's tables, plots and grid overview from its results")
     t.add_argument("run", type=Path)
 
-    tt = sub.add_parser("train-teacher", help="train the embedded shapes teacher (reproduces the shipped weights)")
+    tt = sub.add_parser("train-teacher", help="train an embedded shapes teacher (reproduces the shipped weights)")
+    tt.add_argument("--kind", choices=("vp", "flow"), default="vp",
+                    help="vp: ε-prediction on SD's schedule (teacher.safetensors); flow: rectified flow (teacher-flow)")
     tt.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
     tt.add_argument("--steps", type=int)
     tt.add_argument("--device", default="cpu")
@@ -244,9 +246,11 @@ def cmd_train_teacher(args) -> int:
     from bench.components import check_device
     from bench.shapes.train_teacher import TeacherTrainConfig, train_teacher
 
+    from bench.shapes import TEACHER_FILES
+
     check_device(args.device)
-    _fresh_out(args.out, "teacher.safetensors")
-    cfg = TeacherTrainConfig()
+    _fresh_out(args.out, TEACHER_FILES[args.kind][0])
+    cfg = TeacherTrainConfig(kind=args.kind)
     if args.steps is not None:
         if args.steps < 1:
             raise UserError(f"--steps must be a positive integer, got {args.steps}")

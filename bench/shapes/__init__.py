@@ -12,5 +12,8 @@ from pathlib import Path
 ASSETS = Path(__file__).parent / "assets"
 TEACHER_WEIGHTS = ASSETS / "teacher.safetensors"
 TEACHER_CARD = ASSETS / "teacher.json"
+# the two shipped teachers of one world: "vp" (ε-prediction, SD's schedule) and "flow" (rectified flow)
+TEACHER_KINDS = ("vp", "flow")
+TEACHER_FILES = {"vp": ("teacher.safetensors", "teacher.json"), "flow": ("teacher-flow.safetensors", "teacher-flow.json")}
 ATTRIBUTE_NET_CARD = ASSETS / "attribute_net.json"
 CLIP_CARD = ASSETS / "clip.json"

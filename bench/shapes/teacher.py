@@ -1,9 +1,13 @@
-"""The embedded teacher: a small pixel-space ε-prediction model of the shapes world.
+"""The embedded teachers: small pixel-space models of the shapes world, one per family.
+
+``vp``: ε-prediction on SD's scaled-linear schedule; ``flow``: rectified-flow velocity prediction
+(u = ε − x0, as SD3/FLUX) with shift 1. Same world, same UNet and text encoder sizes, same training data.
 
 Its parts are a word-level tokenizer over the world's grammar, a small transformer text encoder
 of its own (not an evaluator), and diffusers' ``UNet2DConditionModel`` with cross-attention at the
 lowest resolution and the pooled text added to the time embedding. Trained weights ship with the
-package (``bench/shapes/assets/teacher.safetensors``, with config and sha256 beside them).
+package (``bench/shapes/assets/teacher.safetensors`` and ``teacher-flow.safetensors``, each with config and
+sha256 beside it).
 """
 
 from __future__ import annotations
@@ -13,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bench.shapes import TEACHER_CARD, TEACHER_WEIGHTS, world
+from bench.shapes import ASSETS, TEACHER_FILES, TEACHER_KINDS, world
 from bench.shapes.text import WordTokenizer
 from core.io import load_safetensors_checked
 from methods.backbone import Backbone, Cond
-from methods.diffusion import Schedule
+from methods.diffusion import FlowSchedule, Schedule
 
 MAX_TOKENS = 20
 TOKENIZER = WordTokenizer(max_tokens=MAX_TOKENS)
@@ -73,6 +77,18 @@ SCHEDULE_CONFIG = dict(
     steps_offset=0,
     timestep_spacing="trailing",
 )
+# FlowMatchEulerDiscreteScheduler's config for the flow teacher (shift 1: no resolution shift at 16 × 16)
+FLOW_SCHEDULE_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+SCHEDULE_CONFIGS = {"vp": SCHEDULE_CONFIG, "flow": FLOW_SCHEDULE_CONFIG}
+PREDICTION_TYPES = {"vp": "epsilon", "flow": "flow"}
+
+
+def schedule_of(kind: str, config: dict | None = None) -> Schedule | FlowSchedule:
+    """The noise schedule of a teacher kind ("vp" or "flow"), from its scheduler config (default: the shipped one)."""
+    config = config or SCHEDULE_CONFIGS[kind]
+    if kind == "flow":
+        return FlowSchedule(shift=float(config.get("shift", 1.0)), T=int(config.get("num_train_timesteps", 1000)))
+    return Schedule.scaled_linear(config["beta_start"], config["beta_end"])
 
 
 def build_unet(config: dict | None = None) -> nn.Module:
@@ -82,28 +98,38 @@ def build_unet(config: dict | None = None) -> nn.Module:
 
 
 class ShapesBackbone(Backbone):
-    """The shapes-world teacher behind the Backbone interface (pixel space, images in [-1, 1])."""
+    """A shapes-world teacher behind the Backbone interface (pixel space, images in [-1, 1]).
 
-    prediction_type = "epsilon"
+    ``kind`` "vp" (ε-prediction, ``Schedule``) or "flow" (velocity, ``FlowSchedule``); the card says which.
+    """
 
     def __init__(self, unet: nn.Module, text_encoder: TextEncoder, card: dict | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", kind: str = "vp"):
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {kind!r}")
         self.device = torch.device(device)
         self.unet = unet.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.card = card or {}
-        self.schedule = Schedule.scaled_linear(SCHEDULE_CONFIG["beta_start"], SCHEDULE_CONFIG["beta_end"])
-        self.scheduler_config = dict(SCHEDULE_CONFIG)
+        self.kind = kind
+        self.prediction_type = PREDICTION_TYPES[kind]
+        self.scheduler_config = dict(self.card.get("schedule") or SCHEDULE_CONFIGS[kind])
+        self.schedule = schedule_of(kind, self.scheduler_config)
 
     @classmethod
-    def load(cls, device: str | torch.device = "cpu", weights: Path = TEACHER_WEIGHTS,
-             card: Path = TEACHER_CARD) -> ShapesBackbone:
+    def load(cls, device: str | torch.device = "cpu", kind: str = "vp", weights: Path | None = None,
+             card: Path | None = None) -> ShapesBackbone:
+        """The shipped teacher of `kind` (or the given weights and card); raises UserError on a hash mismatch."""
+        if kind not in TEACHER_KINDS:
+            raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {kind!r}")
+        weights = weights or ASSETS / TEACHER_FILES[kind][0]
+        card = card or ASSETS / TEACHER_FILES[kind][1]
         state, card_d = load_safetensors_checked(weights, card)
         unet = build_unet(card_d.get("unet_config", UNET_CONFIG))
         text = TextEncoder(**card_d.get("text_config", {}))
         unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         text.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
-        return cls(unet, text, card_d, device)
+        return cls(unet, text, card_d, device, card_d.get("kind", "vp"))
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -128,4 +154,7 @@ class ShapesBackbone(Backbone):
         return world.render(scenes).to(self.device), [s.caption for s in scenes], None
 
     def identity(self) -> dict:
-        return {"backbone": "shapes", "teacher_sha256": self.card.get("sha256"), "resolution": world.RESOLUTION}
+        ident = {"backbone": "shapes", "teacher_sha256": self.card.get("sha256"), "resolution": world.RESOLUTION}
+        if self.kind != "vp":  # the vp identity stays as it was, so caches made before flow teachers stay valid
+            ident["kind"] = self.kind
+        return ident

@@ -1,8 +1,12 @@
-"""Training the embedded shapes teacher from scratch (`flashbench train-teacher`).
+"""Training the embedded shapes teachers from scratch (`flashbench train-teacher --kind vp|flow`).
 
-ε-prediction on renders of the world's train split, SD's scaled-linear schedule, caption dropout
-for classifier-free guidance, min-SNR-γ loss weighting, an EMA of the weights. The EMA weights are
-what ships.
+Both kinds: renders of the world's train split, the same UNet and text encoder, caption dropout for
+classifier-free guidance, an EMA of the weights (what ships).
+  vp:   ε-prediction on SD's scaled-linear schedule (discrete t), min-SNR-γ loss weighting (Hang et al.)
+  flow: rectified flow, x_t = (1 − σ) x0 + σ ε, velocity target u = ε − x0 (SD3, Esser et al. 2024, Eq. 1-3),
+        σ drawn logit-normal(0, 1) ("rf/lognorm(0.00, 1.00)", SD3's best in its Table 1; diffusers'
+        ``compute_density_for_timestep_sampling``), network timestep σ·1000, unweighted MSE; shift 1 (a
+        16 × 16 image needs no resolution shift)
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from bench.shapes import TEACHER_CARD, TEACHER_WEIGHTS, world
+from bench.shapes import TEACHER_FILES, TEACHER_KINDS, world
 from bench.shapes import teacher as shapes
 from bench.shapes.training import warmup_cosine
 from core import faults, io
@@ -26,6 +30,7 @@ from methods.training import EMA, check_finite, load_checkpoint, save_checkpoint
 
 @dataclasses.dataclass
 class TeacherTrainConfig:
+    kind: str = "vp"  # "vp": ε-prediction on SD's schedule; "flow": rectified-flow velocity
     steps: int = 4000
     batch_size: int = 64
     lr: float = 1e-3
@@ -39,6 +44,9 @@ class TeacherTrainConfig:
     loss_weighting: str = "min-snr"
     # the text encoder's caption-parsing objective (see CaptionParser), weight in the total loss
     text_parse_weight: float = 0.1
+    # flow only: σ ~ logit-normal(logit_mean, logit_std)
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 500
@@ -74,7 +82,7 @@ class CaptionParser(nn.Module):
 def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", progress: bool = True) -> Path:
     """Train (or resume) the teacher; writes teacher.safetensors + teacher.json into out_dir."""
     out_dir = Path(out_dir)
-    ckpt = out_dir / "teacher-train.ckpt.safetensors"
+    ckpt = out_dir / (TEACHER_FILES[cfg.kind][0].removesuffix(".safetensors") + "-train.ckpt.safetensors")
     torch.manual_seed(cfg.seed)
     model = nn.ModuleDict({"unet": shapes.build_unet(), "text": shapes.TextEncoder()}).to(device)
     ema = EMA(model, cfg.ema_decay)
@@ -82,7 +90,9 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
     params = list(model.parameters()) + list(parser.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     lr_at = warmup_cosine(cfg.warmup, cfg.steps)
-    schedule = D.Schedule.scaled_linear(shapes.SCHEDULE_CONFIG["beta_start"], shapes.SCHEDULE_CONFIG["beta_end"])
+    if cfg.kind not in TEACHER_KINDS:
+        raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {cfg.kind!r}")
+    schedule = shapes.schedule_of(cfg.kind)
     model.train()
     step = 0
     if ckpt.exists():
@@ -100,16 +110,19 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         captions = ["" if d else s.caption for s, d in zip(scenes, drop.tolist())]
         ids, _ = shapes.tokenize(captions)
-        # 2. noise to a uniform timestep, predict ε
-        t = torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
+        # 2. noise to a training time, predict ε (vp) or the velocity u = ε − x0 (flow)
+        t = _training_times(cfg, schedule, gen)
         eps = torch.randn(x0.shape, generator=gen).to(device)
         x_t = schedule.add_noise(x0, eps, t).float()
         states = model["text"](ids.to(device))
-        pred = model["unet"](x_t, t.to(device), states).sample
-        # 3. min-SNR-γ weighted ε loss
-        snr = schedule.snr(t).float().to(device)
-        weight = D.eps_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
-        loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+        pred = model["unet"](x_t, t.float().to(device) if cfg.kind == "flow" else t.to(device), states).sample
+        # 3. the loss: min-SNR-γ weighted ε loss (vp), plain MSE to the velocity (flow)
+        if cfg.kind == "flow":
+            loss = (pred - (eps - x0)).pow(2).mean()
+        else:
+            snr = schedule.snr(t).float().to(device)
+            weight = D.eps_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
+            loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
         if cfg.text_parse_weight > 0 and (~drop).any():
             loss = loss + cfg.text_parse_weight * parser.loss(states, scenes, ~drop)
         check_finite(loss, "teacher loss", step)
@@ -131,20 +144,34 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
     return export_teacher(ema.module, cfg, out_dir, train_seconds=time.time() - t_start)
 
 
+def _training_times(cfg: TeacherTrainConfig, schedule, gen: torch.Generator) -> torch.Tensor:
+    """Training timesteps [batch]: uniform integers in [0, T) (vp, long) or σ·T with σ logit-normal (flow, float64)."""
+    if cfg.kind == "vp":
+        return torch.randint(0, schedule.T, (cfg.batch_size,), generator=gen)
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    u = compute_density_for_timestep_sampling("logit_normal", cfg.batch_size, cfg.logit_mean, cfg.logit_std,
+                                              generator=gen)
+    return schedule.warp(u.double()) * schedule.T
+
+
 def export_teacher(model: nn.ModuleDict, cfg: TeacherTrainConfig, out_dir: Path, train_seconds: float) -> Path:
     tensors = {f"unet.{k}": v for k, v in model["unet"].state_dict().items()}
     tensors.update({f"text.{k}": v for k, v in model["text"].state_dict().items()})
-    path = out_dir / TEACHER_WEIGHTS.name
+    weights_name, card_name = TEACHER_FILES[cfg.kind]
+    path = out_dir / weights_name
     digest = io.save_tensors(path, tensors)
     card = {
         "sha256": digest,
         "unet_config": shapes.UNET_CONFIG,
         "text_config": model["text"].config,
-        "schedule": shapes.SCHEDULE_CONFIG,
+        "kind": cfg.kind,
+        "prediction_type": shapes.PREDICTION_TYPES[cfg.kind],
+        "schedule": shapes.SCHEDULE_CONFIGS[cfg.kind],
         "train_config": dataclasses.asdict(cfg),
         "params": sum(v.numel() for v in tensors.values()),
         "train_seconds_last_session": round(train_seconds, 1),
-        "command": f"flashbench train-teacher --steps {cfg.steps}",
+        "command": f"flashbench train-teacher --kind {cfg.kind} --steps {cfg.steps}",
     }
-    io.write_text(out_dir / TEACHER_CARD.name, json.dumps(card, indent=2, default=list) + "\n")
+    io.write_text(out_dir / card_name, json.dumps(card, indent=2, default=list) + "\n")
     return path
