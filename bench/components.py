@@ -77,7 +77,7 @@ def quiet_libraries() -> None:
 
 
 def load_backbone(spec: dict, device: str):
-    """The teacher a suite names: the embedded shapes teacher, or an SD/SDXL directory."""
+    """The teacher a suite names: an embedded shapes teacher ("vp" or "flow"), or a diffusers directory."""
     quiet_libraries()
     if spec["kind"] == "diffusers":
         from methods.diffusers_backbone import DiffusersBackbone
@@ -88,7 +88,7 @@ def load_backbone(spec: dict, device: str):
         settings = {k: spec[k] for k in ("dtype", "vae", "compile", "channels_last", "train_workers") if k in spec}
         return DiffusersBackbone.load(Path(spec["path"]), device, Path(data) if data else None, spec.get("variant"),
                                       **settings)
-    return ShapesBackbone.load(device)
+    return ShapesBackbone.load(device, kind=spec.get("teacher", "vp"))
 
 
 def load_evaluators(spec: dict, device: str):

@@ -53,7 +53,19 @@ def recipes_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-GENERATED = {"generated:recipes": recipes_table}
+def families_table() -> str:
+    """The paper suite on the VP teacher beside the paper-flow suite on the flow teacher (``bench.results.families``)."""
+    from bench.results import families
+
+    ref = ROOT / REFERENCE
+    vp, flow = ref / "paper", ref / "paper-flow"
+    if not (vp / "results.jsonl").exists() or not (flow / "results.jsonl").exists():
+        return "No reference runs of both `paper` and `paper-flow` yet.\n"
+    return (families.side_by_side(vp, flow) + "\nThe best distilled student at each step count, on each teacher:\n\n"
+            + families.winners(vp, flow))
+
+
+GENERATED = {"generated:recipes": recipes_table, "generated:families": families_table}
 
 
 def run_of(include: str, root: Path = ROOT) -> Path | None:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bench.rundir import load_rows
-from bench.shapes import ATTRIBUTE_NET_CARD, TEACHER_CARD, TEACHER_WEIGHTS
+from bench.shapes import ASSETS, ATTRIBUTE_NET_CARD, TEACHER_FILES
 from bench.specs import fmt
 from core import io
 
@@ -94,14 +94,20 @@ def teacher_checks(run: Path, label: str = "teacher-dpm++") -> list[str]:
 
 
 def weight_cards() -> list[str]:
-    t = json.loads(TEACHER_CARD.read_text())
     e = json.loads(ATTRIBUTE_NET_CARD.read_text())
     h = e["heldout"]
-    tc = t["train_config"]
-    return [
-        f"- Teacher (`{TEACHER_WEIGHTS.relative_to(ROOT)}`, sha256 `{t['sha256'][:12]}…`): {t['params'] / 1e6:.2f} M "
-        f"parameters (UNet + text encoder), {tc['steps']} steps at batch {tc['batch_size']}, "
-        f"{_minutes(t['train_seconds_last_session'])} on this machine; `{t['command']}` reproduces it.",
+    out = []
+    for kind, what in (("vp", "ε-prediction, SD's schedule"), ("flow", "rectified-flow velocity")):
+        weights, card = (ASSETS / f for f in TEACHER_FILES[kind])
+        if not card.exists():
+            continue
+        t = json.loads(card.read_text())
+        tc = t["train_config"]
+        out.append(f"- Teacher `{kind}` ({what}; `{weights.relative_to(ROOT)}`, sha256 `{t['sha256'][:12]}…`): "
+                   f"{t['params'] / 1e6:.2f} M parameters (UNet + text encoder), {tc['steps']} steps at batch "
+                   f"{tc['batch_size']}, {_minutes(t['train_seconds_last_session'])} on this machine (its last "
+                   f"session); `{t['command']}` reproduces it.")
+    return out + [
         f"- Attribute network (held-out real renders, n = {h['n']}): shape {h['shape']:.4f}, colour {h['color']:.4f}, "
         f"size {h['size']:.4f}, whole image {h['whole_image']:.4f}. Tiny CLIP: retrieval top-1 among 2000 captions "
         f"{h['clip_retrieval_top1']:.3f}; CLIP score of matched pairs {h['clip_score_matched']:.1f} vs shuffled "

@@ -11,16 +11,22 @@ ROOT = Path(__file__).resolve().parent.parent
 # The runner only routes prompts and seeds (each sample's noise is a function of its prompt id and seed);
 # suite files are recorded whole in each run's config.json.
 NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics")
+# files under NUMERIC_SOURCES that only real-scale runs import (diffusers directories, published checkpoints,
+# image-folder training data): no embedded reference executes them, so they move none of its numbers
+# (tests/test_readme.py checks that an embedded run's imports never reach them)
+REAL_SCALE_ONLY = ("methods/diffusers_backbone.py", "methods/flow_backbone.py", "methods/pretrained.py",
+                   "methods/training_data.py")
 
 
 def source_files(root: Path = ROOT) -> list[Path]:
-    """The files of NUMERIC_SOURCES (Python, weights and their cards), sorted; caches excluded."""
+    """The files of NUMERIC_SOURCES (Python, weights and their cards) less REAL_SCALE_ONLY, sorted; caches excluded."""
     out = []
     for d in NUMERIC_SOURCES:
         path = root / d
         files = [path] if path.is_file() else path.rglob("*")
         out += [p for p in files if p.is_file() and "__pycache__" not in p.parts
-                and p.suffix in (".py", ".safetensors", ".json")]
+                and p.suffix in (".py", ".safetensors", ".json")
+                and p.relative_to(root).as_posix() not in REAL_SCALE_ONLY]
     return sorted(out)
 
 

@@ -38,7 +38,7 @@ from core.errors import UserError, unknown
 
 STUDIES_DIR = Path(__file__).parent / "studies"
 STUDY_KEYS = {"name", "description", "method", "steps", "train_seeds", "samples", "rule", "baseline", "group_by",
-              "base", "candidates", "grid", "prompts"}
+              "base", "candidates", "grid", "prompts", "backbone"}
 CHOICE_FILE = "choice.json"
 
 
@@ -91,6 +91,8 @@ def build_suite(study: dict, samples: int | None = None, train_seeds: list[int] 
     raw = {"name": study["name"], "description": study.get("description", ""),
            "prompts": study.get("prompts", "shapes-val"), "samples": samples or study.get("samples", 500),
            "metrics": ["fid", "clip_score", "accuracy"], "methods": methods}
+    if "backbone" in study:  # e.g. { kind = "shapes", teacher = "flow" }: a default for that teacher
+        raw["backbone"] = study["backbone"]
     seeds = train_seeds if train_seeds is not None else study.get("train_seeds")
     if seeds is not None:
         raw["train_seeds"] = seeds

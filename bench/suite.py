@@ -6,8 +6,11 @@
     seeds = [0]
     batch_size = 250
     metrics = ["fid", "clip_score", "accuracy", "latency"]
-
     train_seeds = [0, 1, 2]      # optional: every trained method once per training seed (its `seed`)
+
+    [backbone]                   # optional: the embedded teacher (kind = "shapes"; teacher = "vp", the
+    kind = "shapes"              # default, or "flow") or a diffusers directory (kind = "diffusers", path = ...)
+    teacher = "flow"
 
     [[methods]]
     name = "teacher"             # a registered method
@@ -34,12 +37,13 @@ SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
-BACKBONE_KEYS = {"shapes": set(), "diffusers": {"path", "train_data", "variant", "dtype", "vae", "compile", "channels_last",
+BACKBONE_KEYS = {"shapes": {"teacher"}, "diffusers": {"path", "train_data", "variant", "dtype", "vae", "compile", "channels_last",
                                                  "train_workers"}}
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
 # component settings that are not strings
 COMPONENT_TYPES = {"channels_last": bool, "train_workers": int}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+SHAPES_TEACHERS = ("vp", "flow")  # [backbone] kind = "shapes": teacher = "vp" (default, ε on SD's schedule) or "flow"
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
@@ -206,6 +210,8 @@ def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
             raise UserError(f"{where}: [{what}] {k} must be a {want.__name__}, got {v!r}")
         if k == "dtype" and v not in DTYPE_NAMES:
             raise UserError(f"{where}: [{what}] dtype must be one of {DTYPE_NAMES}, got {v!r}")
+        if what == "backbone" and k == "teacher" and v not in SHAPES_TEACHERS:
+            raise unknown(f"shapes teacher in {where}", v, SHAPES_TEACHERS)
     return {"kind": kind, **{k: v for k, v in value.items() if k != "kind"}}
 
 

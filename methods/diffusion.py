@@ -129,12 +129,15 @@ class FlowSchedule:
             return torch.where(s > 0, m / (m + 1 / s.clamp(min=1e-12) - 1), s)
         return self.shift * s / (1 + (self.shift - 1) * s)
 
-    def grid(self, steps: int) -> list[float]:
-        """A `steps`-step grid from pure noise (σ = 1): σ_i = warp(1 − i/steps), as timesteps σ·T."""
+    def unshifted_sigmas(self, steps: int) -> list[float]:
+        """σ_i = 1 − i/steps, i < steps: the grid before the shift (what FluxPipeline passes its scheduler)."""
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
-        s = self.warp(1.0 - torch.arange(steps, dtype=torch.float64) / steps)
-        return [float(v) * self.T for v in s]
+        return (1.0 - torch.arange(steps, dtype=torch.float64) / steps).tolist()
+
+    def grid(self, steps: int) -> list[float]:
+        """A `steps`-step grid from pure noise (σ = 1): σ_i = warp(1 − i/steps), as timesteps σ·T."""
+        return [float(v) * self.T for v in self.warp(torch.tensor(self.unshifted_sigmas(steps)))]
 
     def sample_t(self, n: int, generator: torch.Generator, low: float = 0, high: float | None = None) -> torch.Tensor:
         """n training timesteps, σ uniform on (low, high]/T (default (0, 1]) then warped, float64 [n]."""
@@ -144,8 +147,8 @@ class FlowSchedule:
         return self.warp(s) * self.T
 
     def solver_grid(self, n: int) -> torch.Tensor:
-        """A consistency solver grid of n points, uniform in σ: [T/n, 2T/n, ..., T]."""
-        return torch.arange(1, n + 1, dtype=torch.float64) * (self.T / n)
+        """A consistency solver grid of n points, uniform in σ then shifted: warp([1/n, 2/n, ..., 1])·T, float64 [n]."""
+        return self.warp(torch.arange(1, n + 1, dtype=torch.float64) / n) * self.T
 
     def shift_t(self, t, rho: float):
         """γ(t) = ρ·t (continuous time)."""
@@ -212,7 +215,9 @@ def ddim_step(x0, eps, alpha_next, sigma_next):
 
 
 def noise_corrected_step(x0, x_T, alpha_next, sigma_next):
-    """Noise correction at the first step (Imagine Flash): f(x_T) = α_{T'} x̂_0 + σ_{T'} x_T."""
+    """Noise correction at the first step (Imagine Flash): f(x_T) = α_{T'} x̂_0 + σ_{T'} x_T.
+
+    Equal to ``ddim_step`` wherever ε̂ = x_T, as at σ = 1 of a rectified flow (zero terminal SNR)."""
     return _bcast(alpha_next, x0) * x0 + _bcast(sigma_next, x0) * x_T
 
 

@@ -8,6 +8,11 @@ Each component is a switch, so the paper's ablation is one field per row:
   rollout_noise_correction  the backward-distillation rollouts do the same (training: part of the cache key)
   adversarial               a GAN term on frozen teacher-encoder features, weight lambda_adv, applied to
                             the student's returned samples (its x̂_0 at the last grid time, ``adv_times``)
+On a rectified-flow teacher every piece is unchanged in (x̂_0, ε̂) terms, and noise correction is the
+identity: its grids start at σ = 1, where x_t is the noise itself and ε̂ = x_T + (1 − σ)û = x_T exactly,
+so replacing ε̂ by x_T changes nothing (tests/test_sampling.py). It corrects a VP schedule's non-zero
+terminal SNR (ᾱ_999 ≈ 0.0047: the sampler starts from noise the model never saw at t = 999); a
+zero-terminal-SNR schedule has nothing to correct.
 Each training sample draws its own grid time (per sample, so no batch is all t = T). The paper
 prints neither γ nor k, nor the adversarial design: all are settings recorded in every result,
 with defaults chosen by the studies in ``bench/studies/`` on validation prompts (see the README).

@@ -6,6 +6,13 @@ probability-flow ODE, discretised by a skipping-step DDIM solver over a 50-step 
 1000). The target is f_θ⁻ at the previous grid point after one CFG-guided teacher DDIM step, with
 θ⁻ an EMA of θ. Sampling uses diffusers' ``LCMScheduler`` (re-noising with fresh per-sample noise
 at each grid time; 1 NFE per step).
+
+On a rectified flow (as diffusers' ``FlowMatchLCMScheduler``): the solver grid is N points uniform in σ
+(then shifted, as the schedule's sampling grid), the teacher step is the flow's Euler (= DDIM) step, and
+the boundary condition sits at σ = 0 with the same c_skip/c_out in the timestep t = 1000 σ (c_skip ≤ 6e-6
+at every grid time t ≥ 1000/N, so the consistency output is x̂_0 = x_t − σ û there). Sampling is
+``FlowMatchLCMScheduler`` on every (1000/N·⌊N/steps⌋)-th grid point from σ = 1: x̂_0, re-noised with fresh
+per-sample noise to the next σ.
 """
 
 from __future__ import annotations
@@ -18,8 +25,7 @@ import torch.nn.functional as F
 from methods import diffusion as D
 from methods.base import TrainInfo
 from methods.registry import register
-from methods.sampling import (Denoiser, lcm_scheduler_config, per_sample_generators, per_sample_noise,
-                              renoise_trajectory, solver_sample)
+from methods.sampling import Denoiser, lcm_scheduler_config, per_sample_generators, solver_sample
 from methods.student import DistillConfig, DistilledMethod
 from methods.training import EMA, run_updates
 
@@ -88,6 +94,8 @@ class LCM(DistilledMethod):
     def _scheduler(self):
         import diffusers
 
+        if self.backbone.schedule.kind == "flow":  # the grid comes already shifted (FlowSchedule.solver_grid)
+            return diffusers.FlowMatchLCMScheduler(num_train_timesteps=self.backbone.schedule.T, shift=1.0)
         return diffusers.LCMScheduler.from_config(lcm_scheduler_config(self.backbone.scheduler_config),
                                                   original_inference_steps=self.config.num_ddim_timesteps)
 
@@ -100,16 +108,16 @@ class LCM(DistilledMethod):
         teacher = self.teacher()
         opt = self.optimizer(unet.parameters())
         solver_grid = bb.schedule.solver_grid(cfg.num_ddim_timesteps)
-        skip = solver_grid[0] + 1 if bb.schedule.kind == "vp" else solver_grid[0]  # the grid's spacing
+        # each grid point's predecessor (the first one's is t = 0, where f = x)
+        previous = torch.cat([torch.zeros(1, dtype=solver_grid.dtype), solver_grid[:-1]])
 
         def update(step: int) -> dict:
             g, real, cond, uncond = self.conditioned_batch(step)
             n = len(cond)
             x0 = bb.from_images(real)
-            # 1. a grid time t_{n+k} and its neighbour t_n = t_{n+k} - skip; x at t_{n+k} from real data
+            # 1. a grid time t_{n+k} and its neighbour t_n on the grid below it; x at t_{n+k} from real data
             idx = torch.randint(0, cfg.num_ddim_timesteps, (n,), generator=g)
-            t_start = solver_grid[idx]
-            t_prev = (t_start - skip).clamp(min=0)
+            t_start, t_prev = solver_grid[idx], previous[idx]
             eps = torch.randn(x0.shape, generator=g).to(x0)
             x_start = bb.schedule.add_noise(x0, eps, t_start).float()
             w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(n, generator=g)
@@ -138,14 +146,7 @@ class LCM(DistilledMethod):
         bb = self.backbone
         student, cond, x_T = self.sampling_inputs(texts, noise_keys, steps)
         w = self.config.guidance_scale  # the guidance the student emulates at inference
-        if bb.schedule.kind != "vp":
-            # rectified flow (FlowMatchLCMScheduler's rule): the consistency output, re-noised to the next σ
-            def predict(x, t):
-                x0, _ = student.predict(x, t, cond, w)
-                return consistency(x, x0, t), None
-
-            fresh = lambda k: per_sample_noise(noise_keys, bb.sample_shape, stream=k, device=bb.device)  # noqa: E731
-            return bb.to_images(renoise_trajectory(predict, bb.schedule, x_T, self.sampling_timesteps(steps), fresh))
+        timesteps = None if bb.schedule.kind == "vp" else self.sampling_timesteps(steps)
         x0 = solver_sample(lambda x, t: student.raw(x, t, cond, w), self._scheduler(), bb.schedule, x_T, steps,
-                           bb.prediction_type, generators=per_sample_generators(noise_keys, 1))
+                           bb.prediction_type, generators=per_sample_generators(noise_keys, 1), timesteps=timesteps)
         return bb.to_images(x0)

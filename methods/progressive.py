@@ -6,9 +6,13 @@ budget). Each following round halves the step count N -> N/2: the
 student (initialised from the previous round's) learns to match, in one DDIM step from z_t, two
 DDIM steps of the previous student, through the target x̃ that makes a single step land on z''.
 Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (4, 2, 1 steps). The student's
-output parameterisation is a setting (``student_prediction``): ε like the teacher it starts from, or
-v as Salimans & Ho recommend for few steps (the CFG stage then also teaches the new output). Each
-training sample draws its own grid index.
+output parameterisation is a setting (``student_prediction``): the teacher's own ("teacher": ε on SD,
+velocity on a rectified flow), or v as Salimans & Ho recommend for few steps (the CFG stage then
+also teaches the new output). Each training sample draws its own grid index.
+
+On a rectified flow nothing else changes: DDIM is the flow's Euler step, x̃ is the same closed form
+with α = 1 − σ (at σ = 1, α_t = 0 and x̃ = (z'' − σ'' z_t) / α''), and SNR = ((1 − σ)/σ)². An ε-output
+student is refused there: x̂_0 = (x_t − σ ε̂) / α is undefined at σ = 1, where every sampler starts.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import dataclasses
 
 import torch
 
+from core.errors import UserError
 from methods import diffusion as D
 from methods.base import TrainInfo
 from methods.registry import register
@@ -25,13 +30,16 @@ from methods.student import DistillConfig, DistilledMethod
 from methods.training import run_updates
 
 
+STUDENT_PREDICTIONS = ("teacher", "epsilon", "v_prediction", "flow")
+
+
 @dataclasses.dataclass
 class ProgressiveConfig(DistillConfig):
     max_steps: int = 4  # the CFG-distilled student's DDIM steps (a power of two); rounds halve it down to 1
     cfg_fraction: float = 0.2  # share of student_updates spent on the CFG-distillation stage
     w_min: float = 1.5
     w_max: float = 4.5
-    student_prediction: str = "epsilon"  # the student's output: "epsilon" or "v_prediction"
+    student_prediction: str = "teacher"  # the student's output: the teacher's parameterisation, or "v_prediction"
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,8 +47,8 @@ class ProgressiveConfig(DistillConfig):
             raise ValueError(f"max_steps must be a power of two, got {self.max_steps}")
         if not 0 < self.cfg_fraction < 1:
             raise ValueError(f"cfg_fraction must be in (0, 1), got {self.cfg_fraction}")
-        if self.student_prediction not in ("epsilon", "v_prediction"):
-            raise ValueError(f"student_prediction must be 'epsilon' or 'v_prediction', got {self.student_prediction!r}")
+        if self.student_prediction not in STUDENT_PREDICTIONS:
+            raise ValueError(f"student_prediction must be one of {STUDENT_PREDICTIONS}, got {self.student_prediction!r}")
 
 
 def snr_weighted_x_loss(x0_pred, x0_target, t, schedule: D.Schedule) -> torch.Tensor:
@@ -65,6 +73,14 @@ class Progressive(DistilledMethod):
     # training draws w ~ U[w_min, w_max]; guidance_scale is only the w the sampler asks for
     INFERENCE_FIELDS = frozenset({"guidance_scale"})
     w_dim = 64
+
+    def __init__(self, backbone, config: ProgressiveConfig, ctx):
+        super().__init__(backbone, config, ctx)
+        out, family = self.student_prediction_type(), backbone.schedule.kind
+        fits = {"vp": ("epsilon", "v_prediction"), "flow": ("flow", "v_prediction")}[family]
+        if out not in fits:
+            raise UserError(f"progressive: student_prediction {out!r} does not fit a {family} teacher; use 'teacher' "
+                            f"or 'v_prediction'" + (" (x̂_0 from ε is undefined at σ = 1)" if out == "epsilon" else ""))
 
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:
@@ -178,7 +194,8 @@ class Progressive(DistilledMethod):
         return self.trained(log, updates, before=prev)
 
     def student_prediction_type(self) -> str:
-        return self.config.student_prediction
+        kind = self.config.student_prediction
+        return self.backbone.prediction_type if kind == "teacher" else kind
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):

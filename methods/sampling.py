@@ -219,8 +219,9 @@ def make_scheduler(solver: str, scheduler_config: dict):
 def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
                   prediction_type: str = "epsilon", noise_correction: bool = False,
                   generators: list[torch.Generator] | None = None,
-                  timesteps: list[int] | None = None, step_kwargs: dict | None = None) -> torch.Tensor:
-    """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps`); model_output(x_in, t)
+                  timesteps: list[int] | None = None, step_kwargs: dict | None = None,
+                  sigmas: list[float] | None = None) -> torch.Tensor:
+    """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps` or flow `sigmas`); model_output(x_in, t)
     returns the (guided) raw output; `step_kwargs` go to every ``scheduler.step`` (e.g. TCD's eta).
 
     Stochastic schedulers (LCM, Euler ancestral, TCD) draw each step's noise from ``generators``, one
@@ -230,13 +231,17 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     """
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
+    elif sigmas is not None:  # flow-matching schedulers: unshifted σ's, which the scheduler shifts (as FluxPipeline)
+        scheduler.set_timesteps(sigmas=sigmas)
     else:
         scheduler.set_timesteps(steps)
-    x = x_T * scheduler.init_noise_sigma
+    # flow-matching schedulers have neither (their x_T is the noise itself, their input unscaled)
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda x_in, t: x_in)
     discrete = getattr(schedule, "kind", "vp") == "vp"
     ts = [int(t) if discrete else float(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
-        out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
+        out = model_output(scale(x, scheduler.timesteps[i]), t)
         kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators}
         x_next = scheduler.step(out, scheduler.timesteps[i], x, **kwargs).prev_sample
         if noise_correction and i == 0:

@@ -61,5 +61,9 @@ class Teacher(Method):
                 return self.denoiser.raw(x, t, cond)
 
         scheduler = make_scheduler(cfg.solver, bb.scheduler_config)
-        x0 = solver_sample(model_output, scheduler, bb.schedule, x_T, steps, bb.prediction_type, cfg.noise_correction)
+        # a flow's Euler runs on the schedule's own grid σ = 1 − i/N (shifted), from σ = 1 (as FluxPipeline);
+        # diffusers' flow DPM-Solver++ / UniPC choose their own (from σ = 1 − 1/T)
+        sigmas = bb.schedule.unshifted_sigmas(steps) if bb.schedule.kind == "flow" and cfg.solver in ("ddim", "euler") else None
+        x0 = solver_sample(model_output, scheduler, bb.schedule, x_T, steps, bb.prediction_type, cfg.noise_correction,
+                           sigmas=sigmas)
         return bb.to_images(x0)

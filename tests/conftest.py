@@ -12,8 +12,9 @@ DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tiny_backbone(seed: int = 0):
-    """A randomly initialised shapes backbone, small enough for contract tests (same interface as the teacher)."""
+def tiny_backbone(seed: int = 0, kind: str = "vp"):
+    """A randomly initialised shapes backbone, small enough for contract tests (same interface as the teacher);
+    `kind` "vp" (ε-prediction, SD's schedule) or "flow" (rectified-flow velocity)."""
     from bench.shapes import teacher as shapes
 
     torch.manual_seed(seed)
@@ -21,12 +22,23 @@ def tiny_backbone(seed: int = 0):
                cross_attention_dim=16, addition_embed_type_num_heads=2)
     unet = shapes.build_unet(cfg)
     text = shapes.TextEncoder(dim=16, layers=1, heads=2)
-    return shapes.ShapesBackbone(unet, text, {"sha256": "tiny-random"})
+    return shapes.ShapesBackbone(unet, text, {"sha256": f"tiny-random-{kind}"}, kind=kind)
 
 
 @pytest.fixture(scope="session")
 def tiny():
     return tiny_backbone()
+
+
+@pytest.fixture(scope="session")
+def tiny_flow():
+    return tiny_backbone(kind="flow")
+
+
+@pytest.fixture(scope="session", params=["vp", "flow"])
+def tiny_any(request, tiny, tiny_flow):
+    """Each family's tiny backbone in turn: method code is written once and must run on both."""
+    return tiny if request.param == "vp" else tiny_flow
 
 
 @pytest.fixture

@@ -168,6 +168,19 @@ def test_ablation_rows_change_exactly_one_setting_from_the_defaults():
     assert {("teacher-dpm++", 3), ("teacher-dpm++", 25), ("teacher-dpm++-nc", 3)} <= teacher
 
 
+def test_paper_flow_ablation_rows_change_exactly_one_setting_from_its_full_row():
+    s = suite_mod.load("paper-flow")
+    assert s.backbone == {"kind": "shapes", "teacher": "flow"}
+    flash = {e.variant: dataclasses.asdict(e.config) for e in s.entries if e.name == "imagine-flash"}
+    assert set(flash) == {"full", "no-noise-correction", "with-discriminator", "no-backward-distillation", "no-srl"}
+    for variant, cfg in flash.items():
+        diff = {k for k in cfg if cfg[k] != flash["full"][k]}
+        assert len(diff) == (variant != "full"), (variant, diff)
+    # the paper suite's rows, on the other teacher
+    paper = {(e.label, b.steps) for e in suite_mod.load("paper").entries for b in e.budgets}
+    assert paper - {("teacher-unipc", k) for k in range(1, 5)} <= {(e.label, b.steps) for e in s.entries for b in e.budgets}
+
+
 @pytest.mark.parametrize("bad", [{"rho": 0.0}, {"rho": 1.5}, {"teacher_steps": 0}, {"max_steps": 0}])
 def test_bad_settings_are_rejected(bad):
     from core.errors import UserError

@@ -81,3 +81,32 @@ def test_source_hash_follows_the_numeric_source_only(tmp_path):
     assert source.source_hash(tmp_path) == h
     (tmp_path / "methods" / "lcm.py").write_text("# a method's code does\n")
     assert source.source_hash(tmp_path) != h
+
+
+def test_real_scale_only_sources_are_never_imported_by_an_embedded_run():
+    """The files the source hash leaves out are out of reach of every embedded run: load both shipped
+    teachers and every method the shipped embedded suites name (as the runner does), then look."""
+    import subprocess
+    import sys
+
+    from bench import source
+
+    code = (
+        "import sys, tomllib; from pathlib import Path\n"
+        "import bench.runner, bench.components, bench.study\n"
+        "from methods import registry\n"
+        "from bench.shapes.teacher import ShapesBackbone\n"
+        "names = {m['name'] for p in Path('bench/suites').glob('*.toml') for m in tomllib.loads(p.read_text())['methods']}\n"
+        "names |= {n for n in registry.names() if n != 'pretrained'}\n"
+        "[registry.get(n) for n in sorted(names)]\n"
+        "[ShapesBackbone.load(kind=k) for k in ('vp', 'flow')]\n"
+        "print('\\n'.join(m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None)))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=readme.ROOT, capture_output=True, text=True, check=True)
+    loaded = {readme.Path(f).resolve() for f in out.stdout.split()}
+    for rel in source.REAL_SCALE_ONLY:
+        assert (readme.ROOT / rel).resolve() not in loaded, rel
+    # and every shipped embedded suite names no real-scale method
+    import tomllib
+
+    for p in (readme.ROOT / "bench" / "suites").glob("*.toml"):
+        assert "pretrained" not in {m["name"] for m in tomllib.loads(p.read_text())["methods"]}, p.name

@@ -19,12 +19,15 @@ def settings_for(name, backbone, tmp):
     return cls.smoke_settings()
 
 
-@pytest.fixture(scope="module", params=base.names())
-def method(request, tiny, tmp_path_factory):
-    cls = base.get(request.param)
+@pytest.fixture(scope="module", params=[(n, k) for k in ("vp", "flow") for n in base.names()],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def method(request, tiny, tiny_flow, tmp_path_factory):
+    name, kind = request.param
+    backbone = tiny if kind == "vp" else tiny_flow
+    cls = base.get(name)
     tmp = tmp_path_factory.mktemp("cache")
     ctx = base.Context(cache_dir=tmp, progress=False)
-    return cls(tiny, cls.make_config(settings_for(request.param, tiny, tmp)), ctx)
+    return cls(backbone, cls.make_config(settings_for(name, backbone, tmp)), ctx)
 
 
 def test_registry_lists_and_rejects():

@@ -84,3 +84,41 @@ def test_guided_prediction_is_one_batched_call(setup):
     with torch.no_grad():
         d.predict_guided(x_T, 999, cond, bb.encode_text(["", ""]), 3.0)
     assert counter.count == 4 and len(calls) == 1
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_own_euler_equals_diffusers_flow_euler(tiny_flow, steps):
+    """On a rectified flow DDIM is the flow's Euler step: our trajectory equals FlowMatchEulerDiscreteScheduler's."""
+    d = Denoiser(tiny_flow.unet, tiny_flow.schedule, "flow")
+    cond = tiny_flow.encode_text(["a large red circle at the top left"] * 2)
+    x_T = per_sample_noise([("a", 0), ("b", 0)], tiny_flow.sample_shape)
+    with torch.no_grad():
+        ours = ddim_trajectory(lambda x, t: d.predict(x, t, cond), tiny_flow.schedule, x_T, tiny_flow.schedule.grid(steps))
+        theirs = solver_sample(lambda x, t: d.raw(x, t, cond), make_scheduler("euler", tiny_flow.scheduler_config),
+                               tiny_flow.schedule, x_T, steps, "flow", sigmas=tiny_flow.schedule.unshifted_sigmas(steps))
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_noise_correction_is_the_identity_on_a_zero_terminal_snr_flow(tiny_flow, shift):
+    """At σ = 1 the flow's state is the noise itself, so ε̂ = x_T + (1 − σ)û = x_T exactly: noise correction
+    (which replaces ε̂ by x_T in the first step) changes nothing, bit for bit, whatever the shift; on the VP
+    schedule (ᾱ_999 ≈ 0.0047 > 0) it does (test_noise_correction_changes_only_the_first_step)."""
+    schedule = D.FlowSchedule(shift=shift)
+    d = Denoiser(tiny_flow.unet, schedule, "flow")
+    cond = tiny_flow.encode_text(["a small blue square in the center"] * 2)
+    x_T = per_sample_noise([("a", 0), ("b", 0)], tiny_flow.sample_shape)
+    pred = lambda x, t: d.predict(x, t, cond)  # noqa: E731
+    grid = schedule.grid(3)
+    assert grid[0] == schedule.T  # every flow grid starts at σ = 1
+    with torch.no_grad():
+        _, eps_hat = pred(x_T, grid[0])
+        assert torch.equal(eps_hat, x_T)
+        for stop in (1, None):
+            assert torch.equal(ddim_trajectory(pred, schedule, x_T, grid, noise_correction=True, stop_at=stop),
+                               ddim_trajectory(pred, schedule, x_T, grid, stop_at=stop))
+        # the teacher's flow Euler (diffusers' FlowMatchEulerDiscreteScheduler) on the same grid: its own step
+        # x + (σ' − σ)û and our α'x̂_0 + σ'x_T are one number by two roundings
+        run = lambda nc: solver_sample(lambda x, t: d.raw(x, t, cond), make_scheduler("euler", {"shift": shift}),  # noqa: E731
+                                       schedule, x_T, 3, "flow", noise_correction=nc, sigmas=schedule.unshifted_sigmas(3))
+        assert torch.allclose(run(True), run(False), atol=1e-6)

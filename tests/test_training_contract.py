@@ -64,13 +64,13 @@ def test_every_training_setting_is_in_the_cache_key(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("name", TRAINED)
-def test_sampling_grids_are_subsets_of_training_grids(tiny, tmp_path, name):
+def test_sampling_grids_are_subsets_of_training_grids(tiny_any, tmp_path, name):
     cls = base.get(name)
     configs = [cls.make_config({}), cls.make_config(cls.smoke_settings())]
     if "shared_student" in {f.name for f in dataclasses.fields(cls.Config)}:
         configs += [cls.make_config({"shared_student": not configs[0].shared_student})]
     for cfg in configs:
-        m = cls(tiny, cfg, base.Context(tmp_path, progress=False))
+        m = cls(tiny_any, cfg, base.Context(tmp_path, progress=False))
         for steps in cls.allowed_steps(cfg):
             trained = m.training_timesteps(m.student_steps(steps))
             sampled = m.sampling_timesteps(steps)
