@@ -279,11 +279,13 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     keeping the solver's own history of x̂_0 unchanged.
     """
     set_grid(scheduler, schedule, steps, timesteps)
-    x = x_T * scheduler.init_noise_sigma
+    # FlowMatchEulerDiscreteScheduler has neither (its inputs are x_t itself, as the flow pipelines pass them)
+    x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     discrete = getattr(schedule, "kind", "vp") == "vp"
     ts = [int(t) if discrete else float(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):
-        out = model_output(scheduler.scale_model_input(x, scheduler.timesteps[i]), t)
+        out = model_output(scale(x, scheduler.timesteps[i]), t)
         kwargs = dict(step_kwargs or {}) if generators is None else {**(step_kwargs or {}), "generator": generators}
         x_next = scheduler.step(out, scheduler.timesteps[i], x, **kwargs).prev_sample
         if noise_correction and i == 0:
