@@ -65,7 +65,7 @@ def build_sd3(root: Path, seed: int = 0, shift: float = 3.0) -> Path:
 
     torch.manual_seed(seed)
     root = Path(root)
-    for i, (enc, tok) in enumerate([("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]):
+    for enc, tok in [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")]:
         v = clip_tokenizer(root / tok)
         CLIPTextModelWithProjection(CLIPTextConfig(**_clip_config(v, projection_dim=16))).save_pretrained(
             root / enc, safe_serialization=True)
