@@ -161,6 +161,9 @@ class FlowNet(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         self.transformer.enable_gradient_checkpointing()
 
+    def fuse_lora(self, lora_scale: float = 1.0) -> None:
+        self.transformer.fuse_lora(lora_scale=lora_scale)
+
 
 class FlowDiffusersBackbone(Backbone):
     """An SD3/SD3.5 or FLUX.1 diffusers directory behind the Backbone interface (latent space, flow prediction)."""
@@ -230,21 +233,21 @@ class FlowDiffusersBackbone(Backbone):
                                    else SD3_MAX_SEQUENCE_LENGTH)
         self.max_sequence_length = int(max_sequence_length)
         self.embedded_guidance = float(embedded_guidance)
-        self.schedule = self._schedule()
+        self.schedule = self.schedule_for(self.scheduler_config)
         self.scaling = float(self.vae.config.scaling_factor)
         self.shift_factor = float(self.vae.config.shift_factor or 0.0)
         self.latent_channels = int(self.vae.config.latent_channels)
-        self.unet = self._wrap(self.transformer)
+        self.unet = self.wrap(self.transformer)
         self.train_data = None
         self._pipe = self._pipeline()
         self._identity = self._hash_components(components)
         self._identity.update(dtype=dtype, max_sequence_length=self.max_sequence_length,
                               embedded_guidance=self.embedded_guidance if self.guidance_embeds else None)
 
-    def _schedule(self) -> FlowSchedule:
-        """FlowSchedule(shift) from the scheduler config; with dynamic shifting mu for this resolution's token count
-        (diffusers' calculate_shift, as both pipelines compute it); FLUX samples on FluxPipeline's linear σ grid."""
-        cfg = self.scheduler_config
+    def schedule_for(self, cfg: dict) -> FlowSchedule:
+        """FlowSchedule(shift) from a scheduler config (this directory's, or a checkpoint's); with dynamic shifting mu
+        for this resolution's token count (diffusers' calculate_shift, as both pipelines compute it); FLUX samples on
+        FluxPipeline's linear σ grid."""
         mu = None
         if cfg.get("use_dynamic_shifting"):
             patch = 2 if self.layout == "flux" else int(self.transformer.config.patch_size)
@@ -254,7 +257,8 @@ class FlowDiffusersBackbone(Backbone):
         return FlowSchedule(shift=float(cfg.get("shift", 1.0)), mu=mu, T=int(cfg.get("num_train_timesteps", T_TRAIN)),
                             linear_sigmas=self.layout == "flux")
 
-    def _wrap(self, transformer, time_cond_proj_dim: int | None = None) -> FlowNet:
+    def wrap(self, transformer, time_cond_proj_dim: int | None = None) -> FlowNet:
+        """`transformer` (this layout's class) behind the UNet call the methods use."""
         return FlowNet(transformer, self.layout, self.latent_size, self.latent_channels, time_cond_proj_dim,
                        self.embedded_guidance)
 
@@ -317,7 +321,7 @@ class FlowDiffusersBackbone(Backbone):
         """A trainable FlowNet over a copy of the transformer (optionally with a zero-initialised w-embedding)."""
         tf = type(self.transformer).from_config(self.transformer.config)
         tf.load_state_dict(self.transformer.state_dict())
-        return self._wrap(tf.to(self.device, self.dtype), time_cond_proj_dim).to(self.device)
+        return self.wrap(tf.to(self.device, self.dtype), time_cond_proj_dim).to(self.device)
 
     def truncated(self, texts: list[str]) -> dict[str, list[int]]:
         out = {}
@@ -328,17 +332,20 @@ class FlowDiffusersBackbone(Backbone):
         return out
 
     @torch.no_grad()
-    def encode_text(self, texts: list[str], micro: torch.Tensor | None = None) -> Cond:
+    def encode_text(self, texts: list[str], micro: torch.Tensor | None = None,
+                    max_sequence_length: int | None = None) -> Cond:
         """The pipeline's encode_prompt: states [B, L, D] (SD3: CLIP-L/G penultimate states padded to T5's width,
-        then T5; FLUX: T5) and added {"pooled": [B, P]} (SD3: both CLIP pooled projections; FLUX: CLIP-L pooled).
-        The empty prompt is encoded as a prompt, as both pipelines encode their negative prompt."""
+        then T5; FLUX: T5; L counts T5's `max_sequence_length` tokens, default the backbone's) and added
+        {"pooled": [B, P]} (SD3: both CLIP pooled projections; FLUX: CLIP-L pooled). The empty prompt is encoded
+        as a prompt, as both pipelines encode their negative prompt. `micro` is unused (no micro-conditioning)."""
+        seq = int(max_sequence_length or self.max_sequence_length)
         if self.layout == "flux":
             states, pooled, _ = self._pipe.encode_prompt(prompt=list(texts), prompt_2=None, device=self.device,
-                                                         max_sequence_length=self.max_sequence_length)
+                                                         max_sequence_length=seq)
         else:
             states, _, pooled, _ = self._pipe.encode_prompt(prompt=list(texts), prompt_2=None, prompt_3=None,
                                                             device=self.device, do_classifier_free_guidance=False,
-                                                            max_sequence_length=self.max_sequence_length)
+                                                            max_sequence_length=seq)
         return Cond(states, {"pooled": pooled})
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
