@@ -38,10 +38,12 @@ METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
 BACKBONE_KEYS = {"shapes": {"teacher"}, "diffusers": {"path", "train_data", "variant", "dtype", "vae", "compile", "channels_last",
-                                                 "train_workers"}}
+                                                 "train_workers", "resolution", "max_sequence_length",
+                                                 "embedded_guidance"}}
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
 # component settings that are not strings
-COMPONENT_TYPES = {"channels_last": bool, "train_workers": int}
+COMPONENT_TYPES = {"channels_last": bool, "train_workers": int, "resolution": int, "max_sequence_length": int,
+                   "embedded_guidance": float}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 SHAPES_TEACHERS = ("vp", "flow")  # [backbone] kind = "shapes": teacher = "vp" (default, ε on SD's schedule) or "flow"
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}

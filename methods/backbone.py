@@ -94,6 +94,7 @@ class Backbone(abc.ABC):
     schedule: Schedule
     prediction_type: str = "epsilon"
     scheduler_config: dict
+    guidance_embeds: bool = False  # the network takes ``guidance=`` (a distilled guidance scale, FLUX.1-dev)
 
     @property
     @abc.abstractmethod

@@ -28,7 +28,7 @@ from methods.training_data import TrainingData
 
 # the file stem of each component's weights (diffusers models / transformers text encoders)
 WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                "text_encoder_2": "model"}
+                "text_encoder_2": "model", "transformer": "diffusion_pytorch_model", "text_encoder_3": "model"}
 
 
 def weight_files(folder: Path, stem: str, variant: str | None) -> list[Path]:

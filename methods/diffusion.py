@@ -99,6 +99,9 @@ class FlowSchedule:
     shift: float = 1.0
     mu: float | None = None
     T: int = T_TRAIN
+    # the pipeline's solver grid: σ = linspace(1, 1/steps, steps) then shifted (FluxPipeline), instead of the
+    # scheduler's own spacing from set_timesteps(steps) (StableDiffusion3Pipeline)
+    linear_sigmas: bool = False
     kind = "flow"
 
     def _sigma(self, t) -> torch.Tensor:

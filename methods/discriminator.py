@@ -20,7 +20,10 @@ LOSSES = ("hinge", "non-saturating")
 
 
 def encoder_features(unet, x_t, t, cond: Cond, timestep_cond=None) -> list[torch.Tensor]:
-    """The outputs of a diffusers UNet2DConditionModel's down blocks and mid block."""
+    """The outputs of a diffusers UNet2DConditionModel's down blocks and mid block (a network that defines its own
+    ``encoder_features``, as the flow transformers' wrapper, gives those)."""
+    if hasattr(unet, "encoder_features"):
+        return unet.encoder_features(x_t, t, cond, timestep_cond)
     t = torch.as_tensor(t, device=x_t.device)
     t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
     emb = unet.time_embedding(unet.get_time_embed(sample=x_t, timestep=t), timestep_cond)

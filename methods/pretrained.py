@@ -7,6 +7,12 @@ cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guid
 w = guidance_scale − 1, 1 NFE). ``recipe`` fills these from RECIPES (the model cards' settings);
 anything given explicitly wins. Text encoder, VAE and noise schedule are the backbone's.
 
+On a rectified-flow backbone (SD3, FLUX.1: ``methods.flow_backbone``) a checkpoint is a diffusers transformer
+directory (kind ``transformer``) or a LoRA file for the transformer, sampled with FlowMatchEulerDiscreteScheduler
+(``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` / ``dynamic_shifting`` (FLUX.1-schnell
+ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing scale (``lora_scale``);
+"embedded" guidance there is FLUX's guidance embedding at ``guidance_scale`` (FluxPipeline's guidance_scale).
+
 LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through
 diffusers' own converters; after loading, every UNet key must have been injected into an adapter,
 else the checkpoint is refused (a silent no-op LoRA would measure the base model). LoRAs that
@@ -16,6 +22,7 @@ also adapt the text encoders are refused (the backbone's encoders are shared by 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 
 import torch
@@ -27,14 +34,15 @@ from methods.registry import register
 from methods.sampling import (PREDICTION_TYPES, Denoiser, lcm_scheduler_config, per_sample_generators,
                               per_sample_noise, solver_sample)
 
-KINDS = ("lcm", "lcm-lora", "turbo", "lightning", "unet", "lora")
-SCHEDULERS = ("lcm", "euler", "euler-ancestral", "ddim", "tcd")
+KINDS = ("lcm", "lcm-lora", "turbo", "lightning", "unet", "lora", "transformer")
+SCHEDULERS = ("lcm", "euler", "euler-ancestral", "ddim", "tcd", "flow-euler")
 GUIDANCE = ("none", "cfg", "embedded")
 STOCHASTIC = ("lcm", "euler-ancestral", "tcd")  # schedulers that draw fresh noise per step
 
 # kind -> (scheduler, guidance) when neither a recipe nor the settings say
 KIND_DEFAULTS = {"lcm": ("lcm", "embedded"), "lcm-lora": ("lcm", "none"), "turbo": ("euler-ancestral", "none"),
-                 "lightning": ("euler", "none"), "unet": ("euler", "none"), "lora": ("euler", "none")}
+                 "lightning": ("euler", "none"), "unet": ("euler", "none"), "lora": ("euler", "none"),
+                 "transformer": ("flow-euler", "none")}
 
 # Published few-step checkpoints, as their model cards sample them (`path` is yours: a local copy).
 RECIPES: dict[str, dict] = {
@@ -59,6 +67,17 @@ RECIPES: dict[str, dict] = {
     "dmd2-sdxl-4step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (999, 749, 499, 249),
                         "steps": (4,)},
     "dmd2-sdxl-1step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (399,), "steps": (1,)},
+    # rectified-flow transformers (SD3 / FLUX.1 backbones): FlowMatchEulerDiscreteScheduler with the checkpoint's shift
+    "flux1-schnell": {"kind": "transformer", "scheduler": "flow-euler", "guidance": "none", "shift": 1.0,
+                      "dynamic_shifting": False, "max_sequence_length": 256, "steps": (1, 2, 4)},
+    "sd35-large-turbo": {"kind": "transformer", "scheduler": "flow-euler", "guidance": "none", "shift": 3.0,
+                         "dynamic_shifting": False, "steps": (4,)},
+    "hyper-flux1-dev-8step-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded",
+                                   "guidance_scale": 3.5, "lora_scale": 0.125, "steps": (8,)},
+    "hyper-flux1-dev-16step-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded",
+                                    "guidance_scale": 3.5, "lora_scale": 0.125, "steps": (16,)},
+    "flux1-turbo-alpha-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded", "guidance_scale": 3.5,
+                               "lora_scale": 1.0, "steps": (8,)},
 }
 
 
@@ -76,6 +95,12 @@ class PretrainedConfig:
     eta: float | None = None  # TCD's gamma
     max_steps: int = 8
     steps: tuple[int, ...] | None = None  # step counts the checkpoint was distilled for (empty: 1..max_steps)
+    # flow backbones (flow-euler): the checkpoint's scheduler shift and dynamic shifting (None: the backbone's),
+    # T5 tokens (None: the backbone's) and the scale its LoRA is fused at
+    shift: float | None = None
+    dynamic_shifting: bool | None = None
+    max_sequence_length: int | None = None
+    lora_scale: float | None = None
 
     def __post_init__(self):
         if self.recipe:
@@ -92,6 +117,8 @@ class PretrainedConfig:
         self.guidance = self.guidance or guidance
         if self.guidance_scale is None:
             self.guidance_scale = 8.0 if self.guidance == "embedded" else 0.0
+        if self.lora_scale is None:
+            self.lora_scale = 1.0
         self.steps = tuple(self.steps or ())
         self.timesteps = tuple(self.timesteps) if self.timesteps else None
         if self.scheduler not in SCHEDULERS:
@@ -109,18 +136,25 @@ class PretrainedConfig:
                             "or LoRA file)")
 
 
-def load_lora_strict(unet, path: Path, adapter: str = "distilled") -> int:
+def load_lora_strict(unet, path: Path, adapter: str = "distilled", prefix: str = "unet", loader=None) -> int:
     """Inject a LoRA file (any layout diffusers converts) into `unet`; returns the number of keys used.
 
+    `prefix` / `loader`: the network's key prefix and the pipeline class whose ``lora_state_dict`` converts the file
+    ("unet", StableDiffusionXLPipeline; a flow transformer: "transformer", FluxPipeline or StableDiffusion3Pipeline).
     Raises UserError when the file adapts the text encoders, when nothing was injected, or when some
-    UNet keys were not used (a silent partial LoRA).
+    network keys were not used (a silent partial LoRA).
     """
     from diffusers import StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import get_peft_model_state_dict
 
+    loader = loader or StableDiffusionXLPipeline
     try:
-        state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(path))
+        if "return_alphas" in inspect.signature(loader.lora_state_dict).parameters:  # FLUX's returns alphas on request
+            state, alphas = loader.lora_state_dict(str(path), return_alphas=True)
+        else:
+            out = loader.lora_state_dict(str(path))
+            state, alphas = out if isinstance(out, tuple) else (out, None)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UserError(f"LoRA {path.name}: cannot be read as a LoRA ({str(e).splitlines()[0][:160]})") from None
     te = [k for k in state if k.startswith(("text_encoder.", "text_encoder_2."))]
@@ -128,31 +162,45 @@ def load_lora_strict(unet, path: Path, adapter: str = "distilled") -> int:
         raise UserError(f"LoRA {path.name} also adapts the text encoders ({len(te)} keys, e.g. {te[0]}); flashbench "
                         "applies UNet LoRAs only (the encoders are shared by every row)")
     # the names the UNet's adapters will carry (diffusers' own conversion, as load_lora_adapter applies it)
-    unet_keys = set(convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items()
-                                                     if k.startswith("unet.")}))
-    other = [k for k in state if not k.startswith("unet.")]
+    p = prefix + "."
+    unet_keys = set(convert_unet_state_dict_to_peft({k[len(p):]: v for k, v in state.items() if k.startswith(p)}))
+    other = [k for k in state if not k.startswith(p)]
     if not unet_keys or other:
-        raise UserError(f"LoRA {path.name}: {len(other)} keys were not recognised as UNet LoRA weights "
+        raise UserError(f"LoRA {path.name}: {len(other)} keys were not recognised as {prefix} LoRA weights "
                         f"(e.g. {other[0] if other else 'none'}), {len(unet_keys)} were")
-    unet.load_lora_adapter(state, network_alphas=alphas, prefix="unet", adapter_name=adapter)
+    unet.load_lora_adapter(state, network_alphas=alphas, prefix=prefix, adapter_name=adapter)
     loaded = set(get_peft_model_state_dict(unet, adapter_name=adapter))
     unused = sorted(unet_keys - loaded)
     if not loaded or unused:
-        raise UserError(f"LoRA {path.name}: {len(unused)} of {len(unet_keys)} UNet keys were not injected "
-                        f"(e.g. {unused[0] if unused else '-'}); the file does not fit this backbone's UNet")
+        raise UserError(f"LoRA {path.name}: {len(unused)} of {len(unet_keys)} {prefix} keys were not injected "
+                        f"(e.g. {unused[0] if unused else '-'}); the file does not fit this backbone's {prefix}")
     return len(unet_keys)
 
 
 @register("pretrained")
 class Pretrained(Method):
-    """Published distilled checkpoints from local paths (LCM, LCM-LoRA, Turbo, Lightning, Hyper-SD, TCD, DMD2)."""
+    """Published distilled checkpoints from local paths (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2; SD3.5 Turbo, FLUX)."""
 
     Config = PretrainedConfig
 
     def __init__(self, backbone, config: PretrainedConfig, ctx):
+        """Raises UserError when the checkpoint's sampler does not fit the backbone (a flow scheduler or flow settings
+        on an SD/SDXL backbone, a VP scheduler on a flow transformer)."""
         super().__init__(backbone, config, ctx)
         self.denoiser = None
         self.info = None
+        self.flow = _is_flow_transformer(backbone)
+        name = config.recipe or config.kind
+        flow_only = [k for k in ("shift", "dynamic_shifting", "max_sequence_length") if getattr(config, k) is not None]
+        if not self.flow and (config.scheduler == "flow-euler" or config.kind == "transformer" or flow_only):
+            raise UserError(f"pretrained {name}: a rectified-flow transformer checkpoint "
+                            f"({', '.join(flow_only) or config.scheduler}); the backbone is not an SD3/FLUX pipeline")
+        if self.flow and config.scheduler != "flow-euler":
+            raise UserError(f"pretrained {name}: scheduler {config.scheduler!r} is for UNet (VP) backbones; a flow "
+                            "transformer samples with scheduler = 'flow-euler'")
+        if self.flow and config.kind not in ("transformer", "lora"):
+            raise UserError(f"pretrained {name}: kind {config.kind!r} is a UNet checkpoint; on a flow backbone use "
+                            "kind = 'transformer' (a diffusers transformer directory) or 'lora'")
 
     @classmethod
     def nfe_per_step(cls, config) -> int:
@@ -171,6 +219,8 @@ class Pretrained(Method):
         path = Path(cfg.path)
         if not path.exists():
             raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} does not exist")
+        if self.flow:
+            return self._prepare_flow(path)
         if path.is_dir():
             weights = sorted(path.glob("*.safetensors"))
             if not weights:
@@ -184,7 +234,7 @@ class Pretrained(Method):
         elif path.suffix == ".safetensors":  # LoRA on the base model's UNet
             unet = bb.new_unet()
             load_lora_strict(unet, path)
-            unet.fuse_lora()
+            unet.fuse_lora(lora_scale=cfg.lora_scale)
             digest = sha256_file(path)
         else:
             raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} must be a UNet directory or a .safetensors LoRA")
@@ -197,11 +247,60 @@ class Pretrained(Method):
         self.info = TrainInfo(cached=True, checkpoint=path.name, checkpoint_sha256=digest)
         return self.info
 
+    def _prepare_flow(self, path: Path) -> TrainInfo:
+        """A transformer directory (or a pipeline directory holding transformer/), or a LoRA fused into a copy of the
+        backbone's transformer at ``lora_scale`` (as the model cards' ``pipe.fuse_lora(lora_scale=...)``)."""
+        cfg, bb = self.config, self.backbone
+        name = cfg.recipe or cfg.kind
+        if path.is_dir():
+            folder = path / "transformer" if (path / "transformer").is_dir() else path
+            weights = sorted(folder.glob("*.safetensors"))
+            if not weights:
+                raise UserError(f"pretrained {name}: {folder} holds no .safetensors transformer weights")
+            try:
+                tf = type(bb.transformer).from_pretrained(folder, local_files_only=True, use_safetensors=True,
+                                                          torch_dtype=bb.dtype)
+            except (OSError, ValueError) as e:
+                raise UserError(f"pretrained {name}: cannot load the transformer in {folder} "
+                                f"({str(e).splitlines()[0][:160]})") from None
+            net = bb.wrap(tf)
+            digest = sha256_file(weights[0]) if len(weights) == 1 else None
+        elif path.suffix == ".safetensors":
+            net = bb.new_unet()
+            load_lora_strict(net.transformer, path, prefix="transformer", loader=type(bb.pipeline()))
+            net.transformer.fuse_lora(lora_scale=cfg.lora_scale)
+            digest = sha256_file(path)
+        else:
+            raise UserError(f"pretrained {name}: {path} must be a transformer directory or a .safetensors LoRA")
+        net = net.to(bb.device).eval().requires_grad_(False)
+        if cfg.guidance == "embedded" and not net.guidance_embeds:
+            raise UserError(f"pretrained {name}: {path} has no guidance embedding (FLUX.1-dev's); use guidance = "
+                            "'none' or 'cfg'")
+        self.denoiser = Denoiser(self.counted(net), self.schedule(), bb.prediction_type)
+        self.info = TrainInfo(cached=True, checkpoint=path.name, checkpoint_sha256=digest)
+        return self.info
+
+    def flow_scheduler_config(self) -> dict:
+        """The backbone's flow scheduler config with the checkpoint's shift and dynamic shifting."""
+        cfg = self.config
+        sc = dict(self.backbone.scheduler_config)
+        if cfg.shift is not None:
+            sc["shift"] = cfg.shift
+        if cfg.dynamic_shifting is not None:
+            sc["use_dynamic_shifting"] = cfg.dynamic_shifting
+        return sc
+
+    def schedule(self):
+        """The noise schedule the checkpoint samples on: the backbone's, with a flow checkpoint's own shift."""
+        return self.backbone.schedule_for(self.flow_scheduler_config()) if self.flow else self.backbone.schedule
+
     def scheduler(self):
         """The diffusers scheduler the checkpoint's authors sample with, on the backbone's noise schedule."""
         import diffusers
 
         cfg = self.config
+        if cfg.scheduler == "flow-euler":
+            return diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.flow_scheduler_config())
         base = dict(self.backbone.scheduler_config, timestep_spacing=cfg.timestep_spacing)
         if cfg.prediction_type:
             base["prediction_type"] = cfg.prediction_type
@@ -219,17 +318,31 @@ class Pretrained(Method):
     def sample(self, texts, noise_keys, steps):
         self.prepare(steps)
         cfg, bb = self.config, self.backbone
-        cond = bb.encode_text(texts)
+        encode = bb.encode_text
+        if self.flow and cfg.max_sequence_length:
+            encode = lambda t: bb.encode_text(t, max_sequence_length=cfg.max_sequence_length)  # noqa: E731
+        cond = encode(texts)
         x_T = per_sample_noise(noise_keys, bb.sample_shape, device=bb.device)
         if cfg.guidance == "cfg":
-            uncond = bb.encode_text([""] * len(texts))
+            uncond = encode([""] * len(texts))
             model_output = lambda x, t: self.denoiser.raw_guided(x, t, cond, uncond, cfg.guidance_scale)  # noqa: E731
+        elif self.flow:  # FLUX's guidance embedding (embedded) or none
+            model_output = self.denoiser.guided(cfg.guidance, cond, None, cfg.guidance_scale)
         else:
             w = cfg.guidance_scale - 1.0 if cfg.guidance == "embedded" else None
             model_output = lambda x, t: self.denoiser.raw(x, t, cond, w)  # noqa: E731
         stochastic = cfg.scheduler in STOCHASTIC
-        x0 = solver_sample(model_output, self.scheduler(), bb.schedule, x_T, steps, self.denoiser.prediction_type,
+        x0 = solver_sample(model_output, self.scheduler(), self.schedule(), x_T, steps, self.denoiser.prediction_type,
                            generators=per_sample_generators(noise_keys, 1) if stochastic else None,
                            timesteps=list(cfg.timesteps) if cfg.timesteps else None,
                            step_kwargs={"eta": cfg.eta} if cfg.scheduler == "tcd" and cfg.eta is not None else None)
         return bb.to_images(x0)
+
+
+def _is_flow_transformer(backbone) -> bool:
+    """Whether the backbone is an SD3/FLUX transformer (imported here: only real-scale runs load that module)."""
+    if getattr(backbone, "prediction_type", None) != "flow" or not hasattr(backbone, "transformer"):
+        return False
+    from methods.flow_backbone import FlowDiffusersBackbone
+
+    return isinstance(backbone, FlowDiffusersBackbone)

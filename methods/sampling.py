@@ -21,6 +21,10 @@ SOLVERS = ("ddim", "dpmsolver++", "euler", "unipc")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")  # ε, v, x̂_0 (diffusers' names); flow: u = ε − x0
 # solvers whose state is x_t in the VP parameterisation, where noise correction is defined
 NOISE_CORRECTABLE = ("ddim", "dpmsolver++")
+# guidance form -> network evaluations per sample per step: classifier-free guidance in one batched call on
+# [uncond; cond] (cfg) or two sequential calls (true-cfg, FLUX/Qwen's true_cfg_scale); the scale fed to the
+# network's guidance embedding (embedded, FLUX.1-dev); no guidance (none)
+GUIDANCE_NFE = {"cfg": 2, "true-cfg": 2, "embedded": 1, "none": 1}
 
 
 def noise_seed(prompt_id: str, seed: int, stream: int = 0) -> int:
@@ -62,10 +66,16 @@ class Denoiser:
         p = next(self.net.parameters(), None) if hasattr(self.net, "parameters") else None
         return p.dtype if p is not None and p.is_floating_point() else torch.float32
 
-    def raw(self, x, t, cond: Cond, w=None) -> torch.Tensor:
-        """The network's output for x_t [B, C, H, W] at timesteps t (float32, whatever dtype the network runs in)."""
+    def raw(self, x, t, cond: Cond, w=None, guidance=None) -> torch.Tensor:
+        """The network's output for x_t [B, C, H, W] at timesteps t (float32, whatever dtype the network runs in).
+
+        ``w``: the LCM-style guidance embedding's w (needs ``w_dim``); ``guidance``: a scale (float or float32 [B])
+        passed to the network as ``guidance=`` float32 [B], for networks with a guidance embedding (FLUX.1-dev).
+        """
         dt = self.dtype
         kwargs = {}
+        if guidance is not None:
+            kwargs["guidance"] = torch.as_tensor(guidance, dtype=torch.float32, device=x.device).expand(x.shape[0])
         if self.w_dim:
             w = torch.full((x.shape[0],), float(w)) if not torch.is_tensor(w) else w.float().expand(x.shape[0])
             kwargs["timestep_cond"] = guidance_embedding(w, self.w_dim).to(x.device, dt)
@@ -80,6 +90,23 @@ class Denoiser:
         out = self.raw(torch.cat([x, x]), torch.cat([self._t(t, n, x.device)] * 2), uncond.cat(cond),
                        None if w_embed is None else torch.cat([w_embed, w_embed]))
         return D.cfg(out[:n], out[n:], w)
+
+    def raw_true_cfg(self, x, t, cond: Cond, uncond: Cond, w: float) -> torch.Tensor:
+        """CFG from two sequential calls, cond then uncond, as FluxPipeline's ``true_cfg_scale`` (2 NFE)."""
+        out_c = self.raw(x, t, cond)
+        return D.cfg(self.raw(x, t, uncond), out_c, w)
+
+    def guided(self, form: str, cond: Cond, uncond: Cond | None, w: float) -> Callable:
+        """model_output(x, t) for a guidance form of GUIDANCE_NFE at scale w (``uncond`` only for the CFG forms)."""
+        if form == "cfg":
+            return lambda x, t: self.raw_guided(x, t, cond, uncond, w)
+        if form == "true-cfg":
+            return lambda x, t: self.raw_true_cfg(x, t, cond, uncond, w)
+        if form == "embedded":
+            return lambda x, t: self.raw(x, t, cond, guidance=w)
+        if form == "none":
+            return lambda x, t: self.raw(x, t, cond)
+        raise ValueError(f"guidance must be one of {tuple(GUIDANCE_NFE)}, got {form!r}")
 
     def split(self, x_t, t, out) -> tuple[torch.Tensor, torch.Tensor]:
         """Model output -> (x̂_0, ε̂) through the schedule (VP or rectified flow)."""
@@ -195,7 +222,8 @@ def make_scheduler(solver: str, scheduler_config: dict):
         if solver in ("ddim", "euler"):
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(flow)
         common = dict(num_train_timesteps=flow.get("num_train_timesteps", 1000), use_flow_sigmas=True,
-                      prediction_type="flow_prediction", flow_shift=shift, final_sigmas_type="zero")
+                      prediction_type="flow_prediction", flow_shift=shift, final_sigmas_type="zero",
+                      use_dynamic_shifting=bool(flow.get("use_dynamic_shifting", False)))
         if solver == "dpmsolver++":
             return diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2,
                                                          lower_order_final=True, **common)
@@ -216,12 +244,32 @@ def make_scheduler(solver: str, scheduler_config: dict):
     raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
 
 
+def set_grid(scheduler, schedule: D.Schedule, steps: int, timesteps: list | None = None) -> None:
+    """``scheduler.set_timesteps`` as the teacher's pipeline calls it: explicit `timesteps`, else `steps` steps.
+
+    A flow schedule passes its ``mu`` to a scheduler with dynamic shifting (FLUX); with ``linear_sigmas`` a scheduler that takes
+    sigmas gets FluxPipeline's σ = linspace(1, 1/steps, steps) (it shifts them itself), one on flow sigmas
+    (DPM-Solver++, UniPC) its own spacing, as FluxPipeline gives them.
+    """
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps)
+        return
+    if getattr(schedule, "kind", "vp") != "flow":
+        scheduler.set_timesteps(steps)
+        return
+    dynamic = schedule.mu is not None and getattr(scheduler.config, "use_dynamic_shifting", False)
+    mu = {"mu": schedule.mu} if dynamic else {}
+    if schedule.linear_sigmas and not getattr(scheduler.config, "use_flow_sigmas", False):
+        scheduler.set_timesteps(sigmas=schedule.unshifted_sigmas(steps), **mu)
+    else:
+        scheduler.set_timesteps(steps, **mu)
+
+
 def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: torch.Tensor, steps: int,
                   prediction_type: str = "epsilon", noise_correction: bool = False,
                   generators: list[torch.Generator] | None = None,
-                  timesteps: list[int] | None = None, step_kwargs: dict | None = None,
-                  sigmas: list[float] | None = None) -> torch.Tensor:
-    """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps` or flow `sigmas`); model_output(x_in, t)
+                  timesteps: list[int] | None = None, step_kwargs: dict | None = None) -> torch.Tensor:
+    """Run a diffusers scheduler for `steps` steps (or on explicit `timesteps`); model_output(x_in, t)
     returns the (guided) raw output; `step_kwargs` go to every ``scheduler.step`` (e.g. TCD's eta).
 
     Stochastic schedulers (LCM, Euler ancestral, TCD) draw each step's noise from ``generators``, one
@@ -229,15 +277,10 @@ def solver_sample(model_output: Callable, scheduler, schedule: D.Schedule, x_T: 
     Noise correction (ddim, dpmsolver++ only) replaces the first step's result by α_{t'} x̂_0 + σ_{t'} x_T,
     keeping the solver's own history of x̂_0 unchanged.
     """
-    if timesteps is not None:
-        scheduler.set_timesteps(timesteps=timesteps)
-    elif sigmas is not None:  # flow-matching schedulers: unshifted σ's, which the scheduler shifts (as FluxPipeline)
-        scheduler.set_timesteps(sigmas=sigmas)
-    else:
-        scheduler.set_timesteps(steps)
-    # flow-matching schedulers have neither (their x_T is the noise itself, their input unscaled)
+    set_grid(scheduler, schedule, steps, timesteps)
+    # FlowMatchEulerDiscreteScheduler has neither (its inputs are x_t itself, as the flow pipelines pass them)
     x = x_T * getattr(scheduler, "init_noise_sigma", 1.0)
-    scale = getattr(scheduler, "scale_model_input", lambda x_in, t: x_in)
+    scale = getattr(scheduler, "scale_model_input", lambda x, t: x)
     discrete = getattr(schedule, "kind", "vp") == "vp"
     ts = [int(t) if discrete else float(t) for t in scheduler.timesteps]
     for i, t in enumerate(ts):

@@ -36,7 +36,7 @@ reference = "{ref}"
 [[methods]]
 name = "teacher"
 steps = [1]
-settings = {{ solver = "ddim", guided = false }}
+settings = {{ solver = "ddim", guidance = "none" }}
 """
 
 CODE = """

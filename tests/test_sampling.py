@@ -95,7 +95,7 @@ def test_own_euler_equals_diffusers_flow_euler(tiny_flow, steps):
     with torch.no_grad():
         ours = ddim_trajectory(lambda x, t: d.predict(x, t, cond), tiny_flow.schedule, x_T, tiny_flow.schedule.grid(steps))
         theirs = solver_sample(lambda x, t: d.raw(x, t, cond), make_scheduler("euler", tiny_flow.scheduler_config),
-                               tiny_flow.schedule, x_T, steps, "flow", sigmas=tiny_flow.schedule.unshifted_sigmas(steps))
+                               tiny_flow.schedule, x_T, steps, "flow")
     assert torch.allclose(ours, theirs, atol=1e-5)
 
 
@@ -104,7 +104,7 @@ def test_noise_correction_is_the_identity_on_a_zero_terminal_snr_flow(tiny_flow,
     """At σ = 1 the flow's state is the noise itself, so ε̂ = x_T + (1 − σ)û = x_T exactly: noise correction
     (which replaces ε̂ by x_T in the first step) changes nothing, bit for bit, whatever the shift; on the VP
     schedule (ᾱ_999 ≈ 0.0047 > 0) it does (test_noise_correction_changes_only_the_first_step)."""
-    schedule = D.FlowSchedule(shift=shift)
+    schedule = D.FlowSchedule(shift=shift, linear_sigmas=True)
     d = Denoiser(tiny_flow.unet, schedule, "flow")
     cond = tiny_flow.encode_text(["a small blue square in the center"] * 2)
     x_T = per_sample_noise([("a", 0), ("b", 0)], tiny_flow.sample_shape)
@@ -120,5 +120,5 @@ def test_noise_correction_is_the_identity_on_a_zero_terminal_snr_flow(tiny_flow,
         # the teacher's flow Euler (diffusers' FlowMatchEulerDiscreteScheduler) on the same grid: its own step
         # x + (σ' − σ)û and our α'x̂_0 + σ'x_T are one number by two roundings
         run = lambda nc: solver_sample(lambda x, t: d.raw(x, t, cond), make_scheduler("euler", {"shift": shift}),  # noqa: E731
-                                       schedule, x_T, 3, "flow", noise_correction=nc, sigmas=schedule.unshifted_sigmas(3))
+                                       schedule, x_T, 3, "flow", noise_correction=nc)
         assert torch.allclose(run(True), run(False), atol=1e-6)

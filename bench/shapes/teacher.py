@@ -87,7 +87,9 @@ def schedule_of(kind: str, config: dict | None = None) -> Schedule | FlowSchedul
     """The noise schedule of a teacher kind ("vp" or "flow"), from its scheduler config (default: the shipped one)."""
     config = config or SCHEDULE_CONFIGS[kind]
     if kind == "flow":
-        return FlowSchedule(shift=float(config.get("shift", 1.0)), T=int(config.get("num_train_timesteps", 1000)))
+        # the teacher's Euler on the students' own grid σ = 1 − i/N (FluxPipeline's spacing), from σ = 1
+        return FlowSchedule(shift=float(config.get("shift", 1.0)), T=int(config.get("num_train_timesteps", 1000)),
+                            linear_sigmas=True)
     return Schedule.scaled_linear(config["beta_start"], config["beta_end"])
 
 
