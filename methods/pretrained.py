@@ -190,14 +190,18 @@ class Pretrained(Method):
         self.denoiser = None
         self.info = None
         self.flow = _is_flow_transformer(backbone)
+        flow_schedule = backbone.schedule.kind == "flow"  # an SD3/FLUX transformer, or the embedded flow UNet
         name = config.recipe or config.kind
         flow_only = [k for k in ("shift", "dynamic_shifting", "max_sequence_length") if getattr(config, k) is not None]
-        if not self.flow and (config.scheduler == "flow-euler" or config.kind == "transformer" or flow_only):
+        if not self.flow and (config.kind == "transformer" or (flow_only and flow_schedule)):
             raise UserError(f"pretrained {name}: a rectified-flow transformer checkpoint "
-                            f"({', '.join(flow_only) or config.scheduler}); the backbone is not an SD3/FLUX pipeline")
-        if self.flow and config.scheduler != "flow-euler":
-            raise UserError(f"pretrained {name}: scheduler {config.scheduler!r} is for UNet (VP) backbones; a flow "
-                            "transformer samples with scheduler = 'flow-euler'")
+                            f"({', '.join(flow_only) or config.kind}); the backbone is not an SD3/FLUX pipeline")
+        if not flow_schedule and (config.scheduler == "flow-euler" or flow_only):
+            raise UserError(f"pretrained {name}: a rectified-flow checkpoint ({', '.join(flow_only) or config.scheduler}); "
+                            "the backbone's schedule is VP (SD/SDXL)")
+        if flow_schedule and config.scheduler != "flow-euler":
+            raise UserError(f"pretrained {name}: scheduler {config.scheduler!r} is for VP (SD/SDXL) schedules; on a "
+                            "rectified-flow backbone use scheduler = 'flow-euler'")
         if self.flow and config.kind not in ("transformer", "lora"):
             raise UserError(f"pretrained {name}: kind {config.kind!r} is a UNet checkpoint; on a flow backbone use "
                             "kind = 'transformer' (a diffusers transformer directory) or 'lora'")
