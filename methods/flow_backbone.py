@@ -16,6 +16,7 @@ timestep σ·1000, as the methods use it. Text is encoded by the pipelines' own 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -318,10 +319,11 @@ class FlowDiffusersBackbone(Backbone):
         return (self.latent_channels, self.latent_size, self.latent_size)
 
     def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
-        """A trainable FlowNet over a copy of the transformer (optionally with a zero-initialised w-embedding)."""
-        tf = type(self.transformer).from_config(self.transformer.config)
-        tf.load_state_dict(self.transformer.state_dict())
-        return self.wrap(tf.to(self.device, self.dtype), time_cond_proj_dim).to(self.device)
+        """A trainable FlowNet over a copy of the transformer (optionally with a zero-initialised w-embedding).
+
+        A deep copy (same dtype and device, no random initialisation of billions of weights first)."""
+        tf = copy.deepcopy(self.transformer).requires_grad_(True)
+        return self.wrap(tf, time_cond_proj_dim).to(self.device)
 
     def truncated(self, texts: list[str]) -> dict[str, list[int]]:
         out = {}

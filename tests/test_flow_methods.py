@@ -45,6 +45,8 @@ def test_backbone_interface(flux):
         kw = {"timestep_cond": torch.randn(2, 8)} if w_dim else {}
         out = net(x, t, encoder_hidden_states=cond.states[:2], added_cond_kwargs=cond.index(slice(0, 2)).added, **kw)
         assert torch.equal(out.sample, ref)
+        assert all(p.requires_grad for p in net.parameters())  # trainable (full fine-tuning)...
+    assert not any(p.requires_grad for p in bb.unet.parameters())  # ...and the teacher stays frozen
 
 
 # progressive's default ε-student is singular where the flow grid starts (σ = 1, α = 0: x̂_0 = (x − ε̂)/α), so on a
