@@ -110,3 +110,22 @@ def test_real_scale_only_sources_are_never_imported_by_an_embedded_run():
 
     for p in (readme.ROOT / "bench" / "suites").glob("*.toml"):
         assert "pretrained" not in {m["name"] for m in tomllib.loads(p.read_text())["methods"]}, p.name
+
+
+def test_families_table_pairs_rows_by_label_and_steps_and_judges_by_ci_overlap(tmp_path):
+    from bench.results import families
+
+    def student(label, steps, fid, ci=0.5):
+        return {**_row(steps, fid, 0.9, ci=ci), "label": label, "method": label, "nfe": steps, "seed": 0}
+
+    vp, flow = tmp_path / "vp", tmp_path / "flow"
+    for run, rows in ((vp, [student("a", 1, 10.0), student("b", 1, 12.0), student("only-vp", 1, 1.0)]),
+                      (flow, [student("a", 1, 5.0), student("b", 1, 12.2)])):
+        run.mkdir()
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = families.side_by_side(vp, flow)
+    assert "| a | 1 | 1 | 10.00 [9.50, 10.50] | 5.00 [4.50, 5.50] | flow better |" in table
+    assert "| b | 1 | 1 | 12.00" in table and "| tied |" in table and "only-vp" not in table
+    best = families.winners(vp, flow)
+    # VP: only-vp (1.0) is best there; flow: a beats b outside the intervals
+    assert "| 1 | only-vp |" in best and "| a | 5.00 [4.50, 5.50] | better than b |" in best
