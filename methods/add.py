@@ -8,6 +8,10 @@ features with trainable text-conditioned heads, the bench's shared adversarial d
 λ·distillation: the student output is re-noised to a random t, the guided teacher denoises it, and
 the student output regresses onto that estimate with weight c(t) = ᾱ_t. Inference: 1-4 steps
 without CFG (x̂_0, then re-noise).
+
+On a rectified-flow teacher (as LADD, Sauer et al. 2024, distils SD3): the same losses in x̂_0 terms,
+c(t) = α_t² = (1 − σ)², training times σ·1000 on the schedule's grids (σ = 1 included), and the
+discriminator already reads the teacher's own features, which is LADD's choice over ADD's DINOv2.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ images; a shared generator draws its step count k ∈ 1..max_steps per update an
 own grid index, so every sampling grid is one it trained on. The GAN term reuses the
 frozen-teacher-feature discriminator on the returned samples (DMD2 puts its classifier on the
 fake-score network; a documented deviation that keeps one discriminator design in the bench).
+
+On a rectified-flow teacher nothing in the loss changes: both scores enter as x̂_0, which the flow's
+velocity gives as x_t − σ û, and the fake-score network trains with the teacher's own objective (the
+velocity, through the same Denoiser). The noise times t' are σ·1000 with σ uniform, then shifted, and the
+few-step generator re-noises to the next σ as on a VP schedule (DMD2 itself distils SDXL; its
+flow use, e.g. for SD3/FLUX distillations, keeps this form).
 """
 
 from __future__ import annotations
