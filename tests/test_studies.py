@@ -78,9 +78,30 @@ COMMITTED = sorted(REF.glob("study-*/" + study.CHOICE_FILE))
 def test_defaults_are_the_committed_studies_choices(path):
     """A default in the code is what its study chose (update both together: rerun the study)."""
     choice = json.loads(path.read_text())
+    backbone = study.load(choice["study"]).get("backbone")
+    if backbone is not None:  # a choice for another teacher: every shipped suite on that teacher uses it
+        _suites_on_the_teacher_use(backbone, choice)
+        return
     for c in choice["chosen"].values():
         defaults = base.get(c["method"]).make_config({})
         for key, value in c["settings"].items():
             if key in ("shared_student", "max_steps"):  # the budget the study compared at, not a choice
                 continue
             assert getattr(defaults, key) == value, (path.parent.name, c["method"], key, getattr(defaults, key), value)
+
+
+def _suites_on_the_teacher_use(backbone: dict, choice: dict) -> None:
+    from bench import suite as suite_mod
+
+    suites = [suite_mod.load(p.stem) for p in suite_mod.SUITES_DIR.glob("*.toml")]
+    on = [s for s in suites if s.backbone == {"kind": "shapes", **backbone} or s.backbone == backbone]
+    assert on, f"no shipped suite runs on {backbone}"
+    for s in on:
+        for c in choice["chosen"].values():
+            for key, value in c["settings"].items():
+                for e in s.entries:
+                    if not hasattr(e.config, key):
+                        continue
+                    if e.name == "teacher" and getattr(e.config, "guidance", "cfg") == "none" and value == 1.0:
+                        continue  # CFG at w = 1 is the conditional prediction, which guidance = "none" runs (1 NFE)
+                    assert getattr(e.config, key) == value, (s.name, e.label, key, getattr(e.config, key), value)
