@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from core.errors import UserError
+from core.io import sha256_file
 from methods.backbone import Backbone, Cond
 from methods.diffusion import Schedule
 from methods.training_data import TrainingData
@@ -86,12 +87,21 @@ def resolve_variant(root: Path, components: list[str], requested: str | None) ->
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def pipeline_files(root: Path, components: list[str], encoder_names: list[str], variant: str | None) -> dict[str, str]:
+    """sha256 of every file of a diffusers directory that moves a number, by path relative to `root`: each
+    component's config and the weight files loaded (the variant's, all shards), the tokenizers' files, the
+    scheduler config."""
+    files = {}
+    for comp in components:
+        folder = root / comp
+        for f in [folder / "config.json", *weight_files(folder, WEIGHT_STEMS[comp], variant)]:
+            files[f.relative_to(root).as_posix()] = sha256_file(f)
+    for tok in [n.replace("text_encoder", "tokenizer") for n in encoder_names]:
+        for f in sorted((root / tok).iterdir()):
+            if f.is_file():
+                files[f.relative_to(root).as_posix()] = sha256_file(f)
+    files["scheduler/scheduler_config.json"] = sha256_file(root / "scheduler" / "scheduler_config.json")
+    return files
 
 
 class DiffusersBackbone(Backbone):
@@ -158,24 +168,14 @@ class DiffusersBackbone(Backbone):
         self.train_data = train_data
         self._identity = self._hash_components(components)
         if self.vae_path is not None:
-            self._identity["files"].update({f"vae[{self.vae_path.name}]/{p.name}": _sha(p)
+            self._identity["files"].update({f"vae[{self.vae_path.name}]/{p.name}": sha256_file(p)
                                             for p in sorted(self.vae_path.glob("*")) if p.suffix in (".json", ".safetensors")})
         self._identity.update(dtype=dtype, vae_dtype=str(self.vae_dtype).replace("torch.", ""), compile=compile or None,
                               channels_last=channels_last)
 
     def _hash_components(self, components: list[str]) -> dict:
-        """sha256 of every file that moves a number: each component's config and the weight files loaded
-        (the variant's, all shards), the tokenizers' files, the scheduler config."""
-        files = {}
-        for comp in components:
-            folder = self.path / comp
-            for f in [folder / "config.json", *weight_files(folder, WEIGHT_STEMS[comp], self.variant)]:
-                files[f.relative_to(self.path).as_posix()] = _sha(f)
-        for tok in [n.replace("text_encoder", "tokenizer") for n in self.encoder_names]:
-            for f in sorted((self.path / tok).iterdir()):
-                if f.is_file():
-                    files[f.relative_to(self.path).as_posix()] = _sha(f)
-        files["scheduler/scheduler_config.json"] = _sha(self.path / "scheduler" / "scheduler_config.json")
+        """The identity: ``pipeline_files`` of the components loaded, and their combined sha256."""
+        files = pipeline_files(self.path, components, self.encoder_names, self.variant)
         combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         return {"backbone": "diffusers", "name": self.path.name, "sdxl": self.sdxl, "variant": self.variant,
                 "resolution": self.resolution, "prediction_type": self.prediction_type, "sha256": combined,

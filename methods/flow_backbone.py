@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from core.io import sha256_file
 from methods.backbone import Backbone, Cond
-from methods.diffusers_backbone import DTYPES, WEIGHT_STEMS, resolve_variant, weight_files
+from methods.diffusers_backbone import DTYPES, pipeline_files, resolve_variant
 from methods.diffusion import T_TRAIN, FlowSchedule, flow_shift_mu
 from methods.training_data import TrainingData
 
@@ -289,17 +288,8 @@ class FlowDiffusersBackbone(Backbone):
         return pipe
 
     def _hash_components(self, components: list[str]) -> dict:
-        """sha256 of each component's config and loaded weight files, the tokenizers' files, the scheduler config."""
-        files = {}
-        for comp in components:
-            folder = self.path / comp
-            for f in [folder / "config.json", *weight_files(folder, WEIGHT_STEMS[comp], self.variant)]:
-                files[f.relative_to(self.path).as_posix()] = sha256_file(f)
-        for tok in [n.replace("text_encoder", "tokenizer") for n in self.encoder_names]:
-            for f in sorted((self.path / tok).iterdir()):
-                if f.is_file():
-                    files[f.relative_to(self.path).as_posix()] = sha256_file(f)
-        files["scheduler/scheduler_config.json"] = sha256_file(self.path / "scheduler" / "scheduler_config.json")
+        """The identity: ``pipeline_files`` of the components loaded, and their combined sha256."""
+        files = pipeline_files(self.path, components, self.encoder_names, self.variant)
         combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         return {"backbone": "diffusers", "layout": self.layout, "name": self.path.name, "variant": self.variant,
                 "resolution": self.resolution, "prediction_type": self.prediction_type, "sha256": combined,
