@@ -203,6 +203,21 @@ def v_from_x0_eps(x0, eps, alpha, sigma):
     return _bcast(alpha, x0) * eps - _bcast(sigma, x0) * x0
 
 
+def prediction_target(prediction_type: str, x0, eps, alpha, sigma):
+    """What a network of ``prediction_type`` is trained to output at x_t = α x0 + σ ε: ε ("epsilon"),
+    v = α ε − σ x0 ("v_prediction"), x0 ("sample") or the flow velocity u = ε − x0 ("flow", SD3 Eq. 1-3).
+    x0, eps [B, ...]; alpha, sigma [B] or scalars (unused by "epsilon", "sample" and "flow")."""
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "v_prediction":
+        return v_from_x0_eps(x0, eps, alpha, sigma)
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "flow":
+        return eps - x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
 def cfg(eps_uncond, eps_cond, w: float | torch.Tensor):
     """Classifier-free guidance ε̂^w = ε̂_∅ + w (ε̂_c − ε̂_∅)."""
     w = _bcast(w, eps_cond) if torch.is_tensor(w) else w

@@ -15,8 +15,8 @@ frozen-teacher-feature discriminator on the returned samples (DMD2 puts its clas
 fake-score network; a documented deviation that keeps one discriminator design in the bench).
 
 On a rectified-flow teacher nothing in the loss changes: both scores enter as x̂_0, which the flow's
-velocity gives as x_t − σ û, and the fake-score network trains with the teacher's own objective (the
-velocity, through the same Denoiser). The noise times t' are σ·1000 with σ uniform, then shifted, and the
+velocity gives as x_t − σ û, and the fake-score network trains with the teacher's own objective (its
+raw output regressed onto ``prediction_target``: the velocity ε − x0 on a flow). The noise times t' are σ·1000 with σ uniform, then shifted, and the
 few-step generator re-noises to the next σ as on a VP schedule (DMD2 itself distils SDXL; its
 flow use, e.g. for SD3/FLUX distillations, keeps this form).
 """
@@ -62,6 +62,17 @@ def dm_loss(x0, x0_real, x0_fake) -> torch.Tensor:
     norm = (x0 - x0_real).abs().flatten(1).mean(1).clamp(min=1e-5)
     grad = (x0_fake - x0_real) / D._bcast(norm, x0)
     return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+
+def fake_score_loss(score: Denoiser, x0, eps, t, cond) -> torch.Tensor:
+    """The fake score's denoising loss on generator samples x0 [B, C, H, W] noised to t [B] with eps: MSE of the
+    network's raw output to its own parameterisation's target (ε on an ε teacher, u = ε − x0 on a flow), as the
+    teacher was trained (DMD2: the fake score is trained like the diffusion model it starts from)."""
+    schedule = score.schedule
+    alpha, sigma = (c.to(x0.device, x0.dtype) for c in (schedule.alpha(t), schedule.sigma(t)))
+    x_t = schedule.add_noise(x0, eps, t).float()
+    target = D.prediction_target(score.prediction_type, x0, eps, alpha, sigma)
+    return F.mse_loss(score.raw(x_t, t, cond), target)
 
 
 @register("dmd2")
@@ -123,8 +134,7 @@ class DMD2(DistilledMethod):
                 x0_fake_data, _ = generate(g, cond, real, n, with_grad=False)
                 t = bb.schedule.sample_t(n, g)
                 eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
-                x_t = bb.schedule.add_noise(x0_fake_data, eps, t).float()
-                loss_f = F.mse_loss(fake.raw(x_t, t, cond), eps)
+                loss_f = fake_score_loss(fake, x0_fake_data, eps, t, cond)
                 optimizer_step(opt_fake, loss_f, fake_unet.parameters(), cfg.grad_clip)
                 l_fake += loss_f.item() / cfg.fake_updates
             # 2. generator: distribution matching at a random t' + GAN term on the returned samples

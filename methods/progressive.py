@@ -8,11 +8,12 @@ DDIM steps of the previous student, through the target x̃ that makes a single s
 Loss on x̂_0 weighted by max(SNR, 1). Every round's student is kept (4, 2, 1 steps). The student's
 output parameterisation is a setting (``student_prediction``): the teacher's own ("teacher": ε on SD,
 velocity on a rectified flow), or v as Salimans & Ho recommend for few steps (the CFG stage then
-also teaches the new output). Each training sample draws its own grid index.
+also teaches the new output; VP teachers only: v's conversions assume α² + σ² = 1). Each training sample
+draws its own grid index.
 
 On a rectified flow nothing else changes: DDIM is the flow's Euler step, x̃ is the same closed form
-with α = 1 − σ (at σ = 1, α_t = 0 and x̃ = (z'' − σ'' z_t) / α''), and SNR = ((1 − σ)/σ)². An ε-output
-student is refused there: x̂_0 = (x_t − σ ε̂) / α is undefined at σ = 1, where every sampler starts.
+with α = 1 − σ (at σ = 1, α_t = 0 and x̃ = (z'' − σ'' z_t) / α''), and SNR = ((1 − σ)/σ)². The student keeps
+the velocity output: x̂_0 from ε is undefined at σ = 1, where every sampler starts, and v assumes VP.
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ class Progressive(DistilledMethod):
     def __init__(self, backbone, config: ProgressiveConfig, ctx):
         super().__init__(backbone, config, ctx)
         out, family = self.student_prediction_type(), backbone.schedule.kind
-        fits = {"vp": ("epsilon", "v_prediction"), "flow": ("flow", "v_prediction")}[family]
+        fits = {"vp": ("epsilon", "v_prediction"), "flow": ("flow",)}[family]
         if out not in fits:
-            raise UserError(f"progressive: student_prediction {out!r} does not fit a {family} teacher; use 'teacher' "
-                            f"or 'v_prediction'" + (" (x̂_0 from ε is undefined at σ = 1)" if out == "epsilon" else ""))
+            why = {"epsilon": " (x̂_0 from ε is undefined at σ = 1)",
+                   "v_prediction": " (v's conversions assume α² + σ² = 1, a VP schedule)"}.get(out, "")
+            raise UserError(f"progressive: student_prediction {out!r} does not fit a {family} teacher; use "
+                            f"{' or '.join(repr(f) for f in ('teacher', *fits))}{why}")
 
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:

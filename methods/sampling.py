@@ -54,6 +54,8 @@ class Denoiser:
     def __init__(self, net, schedule: D.Schedule, prediction_type: str = "epsilon", w_dim: int | None = None):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type == "v_prediction" and getattr(schedule, "kind", "vp") == "flow":
+            raise ValueError("v_prediction's conversions assume α² + σ² = 1 (VP); a rectified flow predicts 'flow'")
         self.net, self.schedule, self.prediction_type, self.w_dim = net, schedule, prediction_type, w_dim
 
     def _t(self, t, n: int, device) -> torch.Tensor:

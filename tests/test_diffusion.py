@@ -89,3 +89,63 @@ def test_cfg_is_linear():
     u, c = torch.zeros(2), torch.ones(2)
     assert D.cfg(u, c, 1.0).tolist() == [1.0, 1.0]
     assert D.cfg(u, c, 3.0).tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize(("family", "prediction_type"), [("vp", "epsilon"), ("vp", "v_prediction"), ("vp", "sample"),
+                                                         ("flow", "flow")])
+def test_prediction_target_is_what_split_inverts(family, prediction_type):
+    """A network that outputs its parameterisation's training target exactly is read back as the true (x0, ε)."""
+    from methods.sampling import Denoiser
+
+    schedule = D.Schedule.scaled_linear() if family == "vp" else D.FlowSchedule()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 8, 8, generator=g), torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([10, 250, 600, 999]) if family == "vp" else torch.tensor([10.0, 250.0, 600.0, 999.0])
+    alpha, sigma = schedule.alpha(t).float(), schedule.sigma(t).float()
+    x_t = schedule.add_noise(x0, eps, t).float()
+    out = D.prediction_target(prediction_type, x0, eps, alpha, sigma)
+    x0_hat, eps_hat = Denoiser(None, schedule, prediction_type).split(x_t, t, out)
+    assert torch.allclose(x0_hat, x0, atol=2e-3) and torch.allclose(eps_hat, eps, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_dmd2_fake_score_trains_the_teachers_parameterisation(kind):
+    """An oracle fake score (it outputs the exact target) has zero denoising loss on either family; one that
+    outputs ε on a flow teacher does not (the defect this guards against: ε regressed from a velocity network)."""
+    from methods.dmd2 import fake_score_loss
+    from methods.sampling import Denoiser
+    from tests.conftest import tiny_backbone
+
+    bb = tiny_backbone(kind=kind)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(4, *bb.sample_shape, generator=g), torch.randn(4, *bb.sample_shape, generator=g)
+    t = bb.schedule.sample_t(4, g)
+    cond = bb.encode_text(["a red circle at the top left"] * 4)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, target):
+            super().__init__()
+            self.target = target
+
+        def forward(self, x, t, encoder_hidden_states=None, **kw):
+            return type("Out", (), {"sample": self.target})()
+
+    alpha, sigma = bb.schedule.alpha(t).float(), bb.schedule.sigma(t).float()
+    exact = D.prediction_target(bb.prediction_type, x0, eps, alpha, sigma)
+    assert fake_score_loss(Denoiser(Oracle(exact), bb.schedule, bb.prediction_type), x0, eps, t, cond) < 1e-10
+    if kind == "flow":
+        assert fake_score_loss(Denoiser(Oracle(eps), bb.schedule, bb.prediction_type), x0, eps, t, cond) > 0.5
+
+
+def test_v_prediction_is_refused_on_a_flow_and_progressive_says_what_fits(tiny_flow, tmp_path):
+    """v's conversions (x̂_0 = αx − σv) hold only where α² + σ² = 1."""
+    from core.errors import UserError
+    from methods import base
+    from methods.sampling import Denoiser
+
+    with pytest.raises(ValueError, match="VP"):
+        Denoiser(None, D.FlowSchedule(), "v_prediction")
+    cls = base.get("progressive")
+    for bad in ("v_prediction", "epsilon"):
+        with pytest.raises(UserError, match="use 'teacher' or 'flow'"):
+            cls(tiny_flow, cls.make_config({"student_prediction": bad}), base.Context(tmp_path, progress=False))

@@ -116,13 +116,15 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: Path, device: str = "cpu", p
         x_t = schedule.add_noise(x0, eps, t).float()
         states = model["text"](ids.to(device))
         pred = model["unet"](x_t, t.float().to(device) if cfg.kind == "flow" else t.to(device), states).sample
-        # 3. the loss: min-SNR-γ weighted ε loss (vp), plain MSE to the velocity (flow)
+        # 3. the loss to the parameterisation's target: min-SNR-γ weighted (vp, ε), plain MSE (flow, u = ε − x0)
+        alpha, sigma = schedule.alpha(t).float().to(device), schedule.sigma(t).float().to(device)
+        target = D.prediction_target(shapes.PREDICTION_TYPES[cfg.kind], x0, eps, alpha, sigma)
         if cfg.kind == "flow":
-            loss = (pred - (eps - x0)).pow(2).mean()
+            loss = (pred - target).pow(2).mean()
         else:
             snr = schedule.snr(t).float().to(device)
             weight = D.eps_loss_weight(snr, cfg.loss_weighting, cfg.min_snr_gamma)
-            loss = (weight * (pred - eps).pow(2).mean(dim=(1, 2, 3))).mean()
+            loss = (weight * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
         if cfg.text_parse_weight > 0 and (~drop).any():
             loss = loss + cfg.text_parse_weight * parser.loss(states, scenes, ~drop)
         check_finite(loss, "teacher loss", step)
