@@ -16,9 +16,9 @@ fake-score network; a documented deviation that keeps one discriminator design i
 
 On a rectified-flow teacher nothing in the loss changes: both scores enter as x̂_0, which the flow's
 velocity gives as x_t − σ û, and the fake-score network trains with the teacher's own objective (its
-raw output regressed onto ``prediction_target``: the velocity ε − x0 on a flow). The noise times t' are σ·1000 with σ uniform, then shifted, and the
-few-step generator re-noises to the next σ as on a VP schedule (DMD2 itself distils SDXL; its
-flow use, e.g. for SD3/FLUX distillations, keeps this form).
+raw output regressed onto ``prediction_target``: the velocity ε − x0 on a flow). The noise times t'
+are σ·1000 with σ uniform, then shifted, and the few-step generator re-noises to the next σ as on a
+VP schedule (DMD2 itself distils SDXL; its flow use, e.g. for SD3/FLUX distillations, keeps this form).
 """
 
 from __future__ import annotations
