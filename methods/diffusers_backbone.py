@@ -87,6 +87,21 @@ def resolve_variant(root: Path, components: list[str], requested: str | None) ->
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def decode_latents(vae, x0: torch.Tensor, scaling: float, shift: float = 0.0, dtype=None) -> torch.Tensor:
+    """Latents [B, C, h, w] -> images float32 [B, 3, H, W] in [0, 1]: ``vae.decode(x0 / scaling + shift)``, as the
+    SD/SDXL (shift 0) and SD3/FLUX pipelines decode; `dtype` the VAE's compute dtype (default its weights')."""
+    with torch.no_grad():
+        img = vae.decode((x0 / scaling + shift).to(dtype or vae.dtype)).sample
+    return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def encode_images(vae, images: torch.Tensor, scaling: float, shift: float = 0.0, dtype=None) -> torch.Tensor:
+    """Images [B, 3, H, W] in [0, 1] (on the VAE's device) -> latents float32 (the posterior mean, (z − shift)·scaling)."""
+    with torch.no_grad():
+        x = (images * 2.0 - 1.0).to(dtype or vae.dtype)
+        return ((vae.encode(x).latent_dist.mean - shift) * scaling).float()
+
+
 def pipeline_files(root: Path, components: list[str], encoder_names: list[str], variant: str | None) -> dict[str, str]:
     """sha256 of every file of a diffusers directory that moves a number, by path relative to `root`: each
     component's config and the weight files loaded (the variant's, all shards), the tokenizers' files, the
@@ -231,14 +246,10 @@ class DiffusersBackbone(Backbone):
         return Cond(h, {"text_embeds": pooled, "time_ids": time_ids})
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            img = self.vae.decode((x0 / self.scaling).to(self.vae_dtype)).sample
-        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return decode_latents(self.vae, x0, self.scaling, dtype=self.vae_dtype)
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = (images.to(self.device) * 2.0 - 1.0).to(self.vae_dtype)
-            return (self.vae.encode(x).latent_dist.mean * self.scaling).float()
+        return encode_images(self.vae, images.to(self.device), self.scaling, dtype=self.vae_dtype)
 
     def training_batch(self, n: int, key: int):
         if self.train_data is None:

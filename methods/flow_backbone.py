@@ -27,7 +27,7 @@ from torch import nn
 
 from core.errors import UserError
 from methods.backbone import Backbone, Cond
-from methods.diffusers_backbone import DTYPES, pipeline_files, resolve_variant
+from methods.diffusers_backbone import DTYPES, decode_latents, encode_images, pipeline_files, resolve_variant
 from methods.diffusion import T_TRAIN, FlowSchedule, flow_shift_mu
 from methods.training_data import TrainingData
 
@@ -342,14 +342,10 @@ class FlowDiffusersBackbone(Backbone):
 
     def to_images(self, x0: torch.Tensor) -> torch.Tensor:
         """Latents [B, C, H, W] -> images [B, 3, R, R] in [0, 1]: decode(x0 / scaling + shift), as both pipelines."""
-        with torch.no_grad():
-            img = self.vae.decode((x0 / self.scaling + self.shift_factor).to(self.vae.dtype)).sample
-        return ((img.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        return decode_latents(self.vae, x0, self.scaling, self.shift_factor)
 
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = (images.to(self.device) * 2.0 - 1.0).to(self.vae.dtype)
-            return ((self.vae.encode(x).latent_dist.mean - self.shift_factor) * self.scaling).float()
+        return encode_images(self.vae, images.to(self.device), self.scaling, self.shift_factor)
 
     def training_batch(self, n: int, key: int):
         if self.train_data is None:
