@@ -15,7 +15,7 @@ import pytest
 from tests import tiny_sd
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow  # about 2.5 CPU-minutes: `tox -e slow`
+pytestmark = pytest.mark.slow  # about 4 CPU-minutes: `tox -e slow`
 
 SUITE = """
 name = "memory"
@@ -77,7 +77,10 @@ def peak_mb(d, clip, n, out) -> float:
 
 def test_peak_memory_does_not_grow_with_the_number_of_prompts(setup):
     d, clip = setup
-    small, large = peak_mb(d, clip, N, "small"), peak_mb(d, clip, 4 * N, "large")
+    # the least of two runs each: a single run's peak now and then spikes by ~30 MB (measured: 1780-1813 MB over
+    # three runs of the same 96-prompt suite), while a leak shows in every run
+    small = min(peak_mb(d, clip, N, f"small{i}") for i in range(2))
+    large = min(peak_mb(d, clip, 4 * N, f"large{i}") for i in range(2))
     # holding the 3N extra samples as float32 images alone would add this much
     per_image_mb = 3 * RESOLUTION * RESOLUTION * 4 / 2**20
     extra_if_held = 3 * N * per_image_mb
