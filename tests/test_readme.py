@@ -126,6 +126,8 @@ def test_families_table_pairs_rows_by_label_and_steps_and_judges_by_ci_overlap(t
     table = families.side_by_side(vp, flow)
     assert "| a | 1 | 1 | 10.00 [9.50, 10.50] | 5.00 [4.50, 5.50] | flow better |" in table
     assert "| b | 1 | 1 | 12.00" in table and "| tied |" in table and "only-vp" not in table
+    assert families.side_by_side(vp, tmp_path / "none").count("\n") == 2  # a run without results: no rows
+    assert families.winners(tmp_path / "none", flow).count("\n") == 2
     best = families.winners(vp, flow)
     # VP: only-vp (1.0) is best there; flow: a beats b outside the intervals
     assert "| 1 | only-vp |" in best and "| a | 5.00 [4.50, 5.50] | better than b |" in best

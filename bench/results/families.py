@@ -30,11 +30,13 @@ def side_by_side(vp: Path, flow: Path) -> str:
     """Markdown: one line per (label, steps) present in both runs, each metric on both teachers and the verdict
     (the NFE of both when they differ: an unguided flow teacher spends 1 per step where a guided one spends 2).
 
-    Raises FileNotFoundError when either run has no results."""
+    A run without results gives a table without rows; a corrupt results row is a UserError (``load_rows``)."""
     a, b = _runs(vp, flow)
     rows = ["| row | steps | NFE (VP / flow) | " + " | ".join(f"{SPECS[m].header} VP | {SPECS[m].header} flow | flow vs VP"
                                                   for m in METRICS) + " |",
             "|---|---|---|" + "---|---|---|" * len(METRICS)]
+    if a.empty or b.empty:
+        return "\n".join(rows) + "\n"
     for r in b.to_dict("records"):
         match = a[(a["label"] == r["label"]) & (a["steps"] == r["steps"])]
         if match.empty:
@@ -52,6 +54,8 @@ def winners(vp: Path, flow: Path) -> str:
     lines = ["| steps | VP: best student | FID | over runner-up | flow: best student | FID | over runner-up |",
              "|---|---|---|---|---|---|---|"]
     tables = _runs(vp, flow)
+    if any(t.empty for t in tables):
+        return "\n".join(lines) + "\n"
     for steps in sorted(set(tables[0]["steps"]) & set(tables[1]["steps"])):
         cells = []
         for t in tables:
