@@ -169,6 +169,11 @@ def check(suite: Suite, opts: Options) -> Checked:
         RunDir(opts.out).check_new(opts.resume)
     cells = plan(suite)
     backbone = components.load_backbone(suite.backbone, opts.device)
+    # each entry against this teacher (a setting that does not fit it is a UserError); construction trains,
+    # loads and writes nothing
+    probe = base.Context(cache_dir=Path(opts.cache or default_cache()) / "students", progress=False)
+    for entry in suite.entries:
+        registry.get(entry.name)(backbone, entry.config, probe)
     evaluators = components.load_evaluators(suite.evaluators, opts.device)
     texts = [p.text for p in prompts]
     truncated = {"teacher": {k: [prompts[i].id for i in v] for k, v in backbone.truncated(texts).items()},

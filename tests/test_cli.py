@@ -144,6 +144,10 @@ def test_bad_suite_files(tmp_path):
         "steps.toml": '[[methods]]\nname = "teacher"\nsteps = [0]\n',
         "both.toml": '[[methods]]\nname = "teacher"\nsteps = [1]\nnfe = [2]\n',
         "prompts.toml": 'prompts = "nope.txt"\n[[methods]]\nname = "teacher"\nsteps = [1]\n',
+        "teacher.toml": '[backbone]\nkind = "shapes"\nteacher = "flw"\n[[methods]]\nname = "teacher"\nsteps = [1]\n',
+        "guidance.toml": '[[methods]]\nname = "teacher"\nsteps = [1]\nsettings = { guidance = "cfgg" }\n',
+        "v-on-flow.toml": ('[backbone]\nkind = "shapes"\nteacher = "flow"\n[[methods]]\nname = "progressive"\n'
+                           'steps = [1]\nsettings = { student_prediction = "v_prediction" }\n'),
     }
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
