@@ -102,6 +102,16 @@ def encode_images(vae, images: torch.Tensor, scaling: float, shift: float = 0.0,
         return ((vae.encode(x).latent_dist.mean - shift) * scaling).float()
 
 
+def real_training_batch(train_data: TrainingData | None, n: int, key: int, device, what: str, micro: bool = True):
+    """``Backbone.training_batch`` from a diffusers teacher's `train_data` (images on `device`, captions, and the
+    micro-conditioning unless `micro` is False); UserError naming the missing setting when there is none."""
+    if train_data is None:
+        raise UserError(f"this method trains on real images: give the {what} teacher training data "
+                        "(train_data = an image folder with metadata.jsonl, or webdataset .tar shards)")
+    images, captions, conditioning = train_data(n, key)
+    return images.to(device), captions, conditioning if micro else None
+
+
 def pipeline_files(root: Path, components: list[str], encoder_names: list[str], variant: str | None) -> dict[str, str]:
     """sha256 of every file of a diffusers directory that moves a number, by path relative to `root`: each
     component's config and the weight files loaded (the variant's, all shards), the tokenizers' files, the
@@ -252,11 +262,7 @@ class DiffusersBackbone(Backbone):
         return encode_images(self.vae, images.to(self.device), self.scaling, dtype=self.vae_dtype)
 
     def training_batch(self, n: int, key: int):
-        if self.train_data is None:
-            raise UserError("this method trains on real images: give the latent teacher training data "
-                            "(train_data = an image folder with metadata.jsonl, or webdataset .tar shards)")
-        images, captions, micro = self.train_data(n, key)
-        return images.to(self.device), captions, micro
+        return real_training_batch(self.train_data, n, key, self.device, "latent")
 
     def identity(self) -> dict:
         return dict(self._identity)

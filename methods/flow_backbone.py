@@ -27,7 +27,8 @@ from torch import nn
 
 from core.errors import UserError
 from methods.backbone import Backbone, Cond
-from methods.diffusers_backbone import DTYPES, decode_latents, encode_images, pipeline_files, resolve_variant
+from methods.diffusers_backbone import (DTYPES, decode_latents, encode_images, pipeline_files, real_training_batch,
+                                        resolve_variant)
 from methods.diffusion import T_TRAIN, FlowSchedule, flow_shift_mu
 from methods.training_data import TrainingData
 
@@ -348,11 +349,7 @@ class FlowDiffusersBackbone(Backbone):
         return encode_images(self.vae, images.to(self.device), self.scaling, self.shift_factor)
 
     def training_batch(self, n: int, key: int):
-        if self.train_data is None:
-            raise UserError("this method trains on real images: give the flow teacher training data "
-                            "(train_data = an image folder with metadata.jsonl, or webdataset .tar shards)")
-        images, captions, micro = self.train_data(n, key)
-        return images.to(self.device), captions, None
+        return real_training_batch(self.train_data, n, key, self.device, "flow", micro=False)
 
     def identity(self) -> dict:
         return dict(self._identity)
