@@ -129,7 +129,29 @@ def pipeline_files(root: Path, components: list[str], encoder_names: list[str], 
     return files
 
 
-class DiffusersBackbone(Backbone):
+class DirectoryBackbone(Backbone):
+    """What the diffusers-directory backbones share (SD/SDXL here, SD3/FLUX.1 in ``methods.flow_backbone``):
+    loading with optional real training data, and the identity hashed at load time (``_identity``)."""
+
+    _identity: dict
+    resolution: int
+    train_data: TrainingData | None = None
+
+    @classmethod
+    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None,
+             train_workers: int = 2, **settings):
+        """A backbone from a folder; `settings` go to the class's __init__ (dtype, vae, ... / resolution, ...);
+        training data read by `train_workers` DataLoader workers."""
+        bb = cls(path, device, variant=variant, **settings)
+        if train_data is not None:
+            bb.train_data = TrainingData(train_data, bb.resolution, train_workers)
+        return bb
+
+    def identity(self) -> dict:
+        return dict(self._identity)
+
+
+class DiffusersBackbone(DirectoryBackbone):
     """An SD 1.x/2.x or SDXL layout behind the Backbone interface (latent space)."""
 
     def __init__(self, path: Path, device: str | torch.device = "cpu", train_data=None, dtype: str = "fp32",
@@ -206,16 +228,6 @@ class DiffusersBackbone(Backbone):
                 "resolution": self.resolution, "prediction_type": self.prediction_type, "sha256": combined,
                 "files": files}
 
-    @classmethod
-    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None,
-             train_workers: int = 2, **settings) -> DiffusersBackbone:
-        """A backbone from a folder; `settings`: dtype, vae, compile, channels_last (see __init__); training data
-        read by `train_workers` DataLoader workers."""
-        bb = cls(path, device, variant=variant, **settings)
-        if train_data is not None:
-            bb.train_data = TrainingData(train_data, bb.resolution, train_workers)
-        return bb
-
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         s = int(self.unet.config.sample_size)
@@ -264,5 +276,3 @@ class DiffusersBackbone(Backbone):
     def training_batch(self, n: int, key: int):
         return real_training_batch(self.train_data, n, key, self.device, "latent")
 
-    def identity(self) -> dict:
-        return dict(self._identity)

@@ -26,11 +26,10 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from methods.backbone import Backbone, Cond
-from methods.diffusers_backbone import (DTYPES, decode_latents, encode_images, pipeline_files, real_training_batch,
-                                        resolve_variant)
+from methods.backbone import Cond
+from methods.diffusers_backbone import (DTYPES, DirectoryBackbone, decode_latents, encode_images, pipeline_files,
+                                        real_training_batch, resolve_variant)
 from methods.diffusion import T_TRAIN, FlowSchedule, flow_shift_mu
-from methods.training_data import TrainingData
 
 LAYOUTS = ("sd3", "flux")
 # the pipeline class names of model_index.json this module loads, and the ones it names as not supported yet
@@ -166,7 +165,7 @@ class FlowNet(nn.Module):
         self.transformer.fuse_lora(lora_scale=lora_scale)
 
 
-class FlowDiffusersBackbone(Backbone):
+class FlowDiffusersBackbone(DirectoryBackbone):
     """An SD3/SD3.5 or FLUX.1 diffusers directory behind the Backbone interface (latent space, flow prediction)."""
 
     prediction_type = "flow"
@@ -296,15 +295,6 @@ class FlowDiffusersBackbone(Backbone):
                 "resolution": self.resolution, "prediction_type": self.prediction_type, "sha256": combined,
                 "files": files}
 
-    @classmethod
-    def load(cls, path, device="cpu", train_data: Path | None = None, variant: str | None = None,
-             train_workers: int = 2, **settings) -> FlowDiffusersBackbone:
-        """A backbone from a folder; `settings`: dtype, resolution, max_sequence_length, embedded_guidance."""
-        bb = cls(path, device, variant=variant, **settings)
-        if train_data is not None:
-            bb.train_data = TrainingData(train_data, bb.resolution, train_workers)
-        return bb
-
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.latent_size, self.latent_size)
@@ -351,8 +341,6 @@ class FlowDiffusersBackbone(Backbone):
     def training_batch(self, n: int, key: int):
         return real_training_batch(self.train_data, n, key, self.device, "flow", micro=False)
 
-    def identity(self) -> dict:
-        return dict(self._identity)
 
 
 
