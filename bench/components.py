@@ -76,30 +76,14 @@ def quiet_libraries() -> None:
         lib.utils.logging.set_verbosity_error()
 
 
-UNET_SETTINGS = ("dtype", "vae", "compile", "channels_last", "train_workers")
-FLOW_SETTINGS = ("dtype", "resolution", "max_sequence_length", "embedded_guidance", "train_workers")
-
-
 def load_backbone(spec: dict, device: str):
-    """The teacher a suite names: an embedded shapes teacher ("vp" or "flow"), or a diffusers directory: SD/SDXL
-    (a UNet) or SD3/FLUX.1 (a flow transformer, told apart by model_index.json / transformer/)."""
+    """The teacher a suite names: an embedded shapes teacher ("vp" or "flow"), or a diffusers directory of one of the
+    families in ``methods.backbones`` (chosen by its model_index.json; settings checked against that family's)."""
     quiet_libraries()
     if spec["kind"] == "diffusers":
-        from methods.diffusers_backbone import DiffusersBackbone
-        from methods.flow_backbone import FlowDiffusersBackbone, layout_of
+        from methods import backbones
 
-        if "path" not in spec:
-            raise UserError("[backbone] kind = 'diffusers' needs path = a local SD/SDXL/SD3/FLUX diffusers directory")
-        path = Path(spec["path"])
-        layout = layout_of(path)
-        cls, allowed = (FlowDiffusersBackbone, FLOW_SETTINGS) if layout else (DiffusersBackbone, UNET_SETTINGS)
-        wrong = sorted(k for k in spec if k not in (*allowed, "kind", "path", "train_data", "variant"))
-        if wrong:
-            raise UserError(f"[backbone] {', '.join(wrong)} do not apply to the {(layout or 'SD/SDXL').upper()} "
-                            f"pipeline in {path}; its settings: {', '.join(allowed)}")
-        data = spec.get("train_data")
-        settings = {k: spec[k] for k in allowed if k in spec}
-        return cls.load(path, device, Path(data) if data else None, spec.get("variant"), **settings)
+        return backbones.load(spec, device)
     return ShapesBackbone.load(device, kind=spec.get("teacher", "vp"))
 
 

@@ -53,7 +53,7 @@ class SyntheticBackbone(Backbone):
 
         torch.manual_seed(0)
         self.device, self.dtype = torch.device(device), dtype
-        self.unet = UNet2DConditionModel(**config).to(self.device, dtype).eval().requires_grad_(False)
+        self.net = UNet2DConditionModel(**config).to(self.device, dtype).eval().requires_grad_(False)
         self.scheduler_config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                      beta_schedule="scaled_linear", prediction_type="epsilon", clip_sample=False,
                                      timestep_spacing="trailing")
@@ -87,7 +87,7 @@ class SyntheticBackbone(Backbone):
         raise NotImplementedError
 
     def identity(self):
-        return {"backbone": "synthetic", "params": sum(p.numel() for p in self.unet.parameters())}
+        return {"backbone": "synthetic", "params": sum(p.numel() for p in self.net.parameters())}
 
 
 def check(name: str, config: dict, device: str, dtype: torch.dtype, steps=(1, 4, 25), repeats: int = 5) -> dict:
@@ -101,7 +101,7 @@ def check(name: str, config: dict, device: str, dtype: torch.dtype, steps=(1, 4,
     t = torch.tensor([999, 999], device=bb.device)
     kw = {"added_cond_kwargs": cond.added} if cond.added else {}
     with torch.no_grad():
-        fwd = time_call(lambda: bb.unet(x, t, encoder_hidden_states=cond.states, **kw), device, 2, repeats)
+        fwd = time_call(lambda: bb.net(x, t, encoder_hidden_states=cond.states, **kw), device, 2, repeats)
     out = {"params": bb.identity()["params"], "dtype": str(dtype).replace("torch.", ""), "device": device,
            "forward_b2_ms": 1000 * fwd["median_s"], "sampler": {}}
     if cuda:

@@ -14,8 +14,12 @@ NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics")
 # files under NUMERIC_SOURCES that only real-scale runs import (diffusers directories, published checkpoints,
 # image-folder training data): no embedded reference executes them, so they move none of its numbers
 # (tests/test_readme.py checks that an embedded run's imports never reach them)
-REAL_SCALE_ONLY = ("methods/diffusers_backbone.py", "methods/flow_backbone.py", "methods/pretrained.py",
-                   "methods/training_data.py")
+REAL_SCALE_ONLY = ("methods/backbones", "methods/pretrained.py", "methods/training_data.py")
+
+
+def real_scale_only(rel: str) -> bool:
+    """Whether a file (path relative to the project root) is in REAL_SCALE_ONLY (a file, or under a folder of it)."""
+    return any(rel == x or rel.startswith(x + "/") for x in REAL_SCALE_ONLY)
 
 
 def source_files(root: Path = ROOT) -> list[Path]:
@@ -26,7 +30,7 @@ def source_files(root: Path = ROOT) -> list[Path]:
         files = [path] if path.is_file() else path.rglob("*")
         out += [p for p in files if p.is_file() and "__pycache__" not in p.parts
                 and p.suffix in (".py", ".safetensors", ".json")
-                and p.relative_to(root).as_posix() not in REAL_SCALE_ONLY]
+                and not real_scale_only(p.relative_to(root).as_posix())]
     return sorted(out)
 
 

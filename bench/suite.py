@@ -9,8 +9,8 @@
     train_seeds = [0, 1, 2]      # optional: every trained method once per training seed (its `seed`)
 
     [backbone]                   # optional: the embedded teacher (kind = "shapes"; teacher = "vp", the
-    kind = "shapes"              # default, or "flow") or a diffusers directory (kind = "diffusers", path = ...)
-    teacher = "flow"
+    kind = "shapes"              # default, or "flow") or a diffusers directory (kind = "diffusers", path = ...,
+    teacher = "flow"             # and the settings of its family: methods.backbones)
 
     [[methods]]
     name = "teacher"             # a registered method
@@ -20,7 +20,9 @@
 
 Everything is validated before anything is loaded or written; errors are one-line UserErrors. Each
 entry's settings become the method's Config once, here, and its budgets are resolved once (steps and
-NFE, ``methods.base.Budget``); the runner uses both as they are.
+NFE, ``methods.base.Budget``); the runner uses both as they are. A setting an entry leaves unset takes the
+backbone's convention (a diffusers family's pipeline defaults, e.g. SDXL's guidance_scale = 5; the flow shapes
+teacher's studied guidance), else the method's own default.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
+from bench.shapes import TEACHER_CONVENTIONS, TEACHER_KINDS
 from core.errors import UserError, unknown
 from methods import registry
 from methods.base import Budget
@@ -37,15 +40,9 @@ SUITES_DIR = Path(__file__).parent / "suites"
 METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
-BACKBONE_KEYS = {"shapes": {"teacher"}, "diffusers": {"path", "train_data", "variant", "dtype", "vae", "compile", "channels_last",
-                                                 "train_workers", "resolution", "max_sequence_length",
-                                                 "embedded_guidance"}}
+BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backbones, with its own settings
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
-# component settings that are not strings
-COMPONENT_TYPES = {"channels_last": bool, "train_workers": int, "resolution": int, "max_sequence_length": int,
-                   "embedded_guidance": float}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-SHAPES_TEACHERS = ("vp", "flow")  # [backbone] kind = "shapes": teacher = "vp" (default, ε on SD's schedule) or "flow"
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
@@ -168,14 +165,15 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     scale = raw.get("scale", 1.0)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
         raise UserError(f"{where}: scale must be a positive number, got {scale!r}")
-    backbone = _component(raw.get("backbone", {"kind": "shapes"}), "backbone", BACKBONE_KEYS, where)
+    backbone, conventions = backbone_spec(raw.get("backbone", {"kind": "shapes"}), where)
     entries_raw = raw.get("methods")
     if not isinstance(entries_raw, list) or not entries_raw:
         raise UserError(f"{where}: needs at least one [[methods]] entry")
-    entries = [_entry(e, i, where, train) for i, e in enumerate(entries_raw)]
+    entries = [_entry(e, i, where, train, conventions) for i, e in enumerate(entries_raw)]
     labels = [e.label for e in entries]
     if "train_seeds" in raw:
-        entries = _per_training_seed(entries, _int_list(raw["train_seeds"], "train_seeds", where, allow_zero=True), where)
+        entries = _per_training_seed(entries, _int_list(raw["train_seeds"], "train_seeds", where, allow_zero=True), where,
+                                     conventions)
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise UserError(f"{where}: method labels must be unique; {sorted(dup)[0]!r} appears twice (set label = ...)")
@@ -207,17 +205,47 @@ def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
     for k, v in value.items():
         if k != "kind" and k not in kinds[kind]:
             raise unknown(f"key in [{what}] ({kind}) of {where}", k, kinds[kind] or {"kind"})
-        want = COMPONENT_TYPES.get(k, str)
-        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
-            raise UserError(f"{where}: [{what}] {k} must be a {want.__name__}, got {v!r}")
+        if not isinstance(v, str):
+            raise UserError(f"{where}: [{what}] {k} must be a str, got {v!r}")
         if k == "dtype" and v not in DTYPE_NAMES:
             raise UserError(f"{where}: [{what}] dtype must be one of {DTYPE_NAMES}, got {v!r}")
-        if what == "backbone" and k == "teacher" and v not in SHAPES_TEACHERS:
-            raise unknown(f"shapes teacher in {where}", v, SHAPES_TEACHERS)
     return {"kind": kind, **{k: v for k, v in value.items() if k != "kind"}}
 
 
-def _entry(e, i: int, where: str, train: dict) -> Entry:
+def backbone_spec(value, where: str) -> tuple[dict, dict[str, dict]]:
+    """A suite's [backbone] table checked, and the conventions ({method or "*": {setting: value}}) its teacher gives
+    the entries' unset settings. kind = "shapes": teacher = "vp" (default) or "flow"; kind = "diffusers": the family
+    detected from the directory's model_index.json, every key checked against that family's settings (its module is
+    imported only then)."""
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: [backbone] must be a table with kind = one of {list(BACKBONE_KINDS)}")
+    kind = value.get("kind", "shapes")
+    if kind not in BACKBONE_KINDS:
+        raise unknown(f"backbone kind in {where}", kind, BACKBONE_KINDS)
+    if kind == "shapes":
+        for k in value:
+            if k not in ("kind", "teacher"):
+                raise unknown(f"key in [backbone] (shapes) of {where}", k, {"kind", "teacher"})
+        teacher = value.get("teacher", "vp")
+        if teacher not in TEACHER_KINDS:
+            raise unknown(f"shapes teacher in {where}", teacher, TEACHER_KINDS)
+        return {"kind": "shapes", **({"teacher": teacher} if "teacher" in value else {})}, TEACHER_CONVENTIONS[teacher]
+    from methods import backbones
+
+    cls, settings = backbones.settings(value, f"{where}: [backbone]")
+    spec = {"kind": "diffusers", "family": cls.family, **{k: v for k, v in value.items() if k not in ("kind", "family")}}
+    return spec, cls.conventions(settings)
+
+
+def conventional(name: str, settings: dict, conventions: dict[str, dict]) -> dict:
+    """An entry's settings with the backbone's conventions for method `name` filling the keys it leaves unset
+    (conventions for the method itself win over those for every method, "*"); only keys its Config has."""
+    fields = {f.name for f in dataclasses.fields(registry.get(name).Config)}
+    filled = {**conventions.get("*", {}), **conventions.get(name, {})}
+    return {**{k: v for k, v in filled.items() if k in fields}, **settings}
+
+
+def _entry(e, i: int, where: str, train: dict, conventions: dict[str, dict]) -> Entry:
     at = f"{where} [[methods]] #{i + 1}"
     if not isinstance(e, dict):
         raise UserError(f"{at}: must be a table")
@@ -238,7 +266,7 @@ def _entry(e, i: int, where: str, train: dict) -> Entry:
     label = e.get("label", name)
     if not isinstance(label, str) or not label:
         raise UserError(f"{at}: label must be a non-empty string")
-    config = cls.make_config(merged, f"{at} ({name})")
+    config = cls.make_config(conventional(name, merged, conventions), f"{at} ({name})")
     if ("steps" in e) == ("nfe" in e):
         raise UserError(f"{at}: give exactly one of steps = [...] or nfe = [...]")
     variant = e.get("variant")
@@ -251,7 +279,7 @@ def _entry(e, i: int, where: str, train: dict) -> Entry:
     return Entry(name, label, merged, budgets, variant, config)
 
 
-def _per_training_seed(entries: list[Entry], seeds: list[int], where: str) -> list[Entry]:
+def _per_training_seed(entries: list[Entry], seeds: list[int], where: str, conventions: dict[str, dict]) -> list[Entry]:
     """Each entry of a trained method once per training seed (its `seed` setting); others once."""
     if len(set(seeds)) != len(seeds):
         raise UserError(f"{where}: train_seeds must not repeat a seed, got {seeds}")
@@ -265,7 +293,8 @@ def _per_training_seed(entries: list[Entry], seeds: list[int], where: str) -> li
             raise UserError(f"{where}: {e.label!r} sets seed and the suite sets train_seeds; give training seeds in one place")
         for s in seeds:
             settings = {**e.settings, "seed": s}
-            out.append(dataclasses.replace(e, settings=settings, config=cls.make_config(settings, e.label),
+            config = cls.make_config(conventional(e.name, settings, conventions), e.label)
+            out.append(dataclasses.replace(e, settings=settings, config=config,
                                            train_seed=s))
     return out
 
@@ -296,9 +325,10 @@ def override(suite: Suite, methods: list[str] | None = None, nfe: list[int] | No
 def from_dict(d: dict) -> Suite:
     """Rebuild a Suite from the resolved form stored in a run's config.json (for --resume)."""
     entries = []
+    _, conventions = backbone_spec(d["backbone"], "the run's config.json")
     for e in d["entries"]:
         cls = registry.get(e["name"])
-        config = cls.make_config(e["settings"], e["label"])
+        config = cls.make_config(conventional(e["name"], e["settings"], conventions), e["label"])
         budgets = [cls.budget(config, steps=s) for s in e["steps"]]
         if [b.nfe for b in budgets] != e["nfe"]:
             raise UserError(f"{e['label']}: the stored budgets {e['nfe']} NFE do not match this version's cost of "

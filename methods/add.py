@@ -65,11 +65,11 @@ class ADD(DistilledMethod):
     def sampling_timesteps(self, steps: int) -> list:
         return self.backbone.schedule.grid(steps)
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
+        student = Denoiser(self.counting(net, "student"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
-        opt = self.optimizer(unet.parameters())
+        opt = self.optimizer(net.parameters())
         adv = self.adversarial()
         taus = torch.tensor(sorted(self.training_timesteps(grid), reverse=True))
 
@@ -92,7 +92,7 @@ class ADD(DistilledMethod):
             # 3. adversarial (generator side), gradients through the frozen teacher features
             l_adv = adv.generator_loss(x0_s, cond, g, step)
             loss = cfg.lambda_distill * l_distill + (0 if l_adv is None else l_adv)
-            self.step(opt, loss, unet)
+            self.step(opt, loss, net)
             # 4. discriminator on real images vs student outputs
             d = adv.step(x0_real, cond, x0_s, g)
             losses = {"distill": l_distill.item(), "d": d}
@@ -100,7 +100,7 @@ class ADD(DistilledMethod):
                 losses["g_adv"] = l_adv.item()
             return losses
 
-        log = run_updates(update, self.updates(), ckpt, {"student": unet, "disc": adv.disc.heads},
+        log = run_updates(update, self.updates(), ckpt, {"student": net, "disc": adv.disc.heads},
                           {"student": opt, "disc": adv.opt}, desc="add", progress=self.ctx.progress,
                           compute=self.compute)
         return self.trained(log)

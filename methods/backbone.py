@@ -1,10 +1,10 @@
 """The denoiser interface every method trains and samples through, and the NFE counter.
 
-A backbone bundles what a text-to-image diffusion teacher is made of: a text encoder, an
-ε-prediction UNet (diffusers' ``UNet2DConditionModel``), its noise schedule, and the map between
-model space (pixels or latents) and images in [0, 1]. Methods never touch those parts directly
-except through this interface, so the same method code runs on the embedded shapes teacher and
-on a diffusers SD/SDXL teacher.
+A backbone bundles what a text-to-image diffusion teacher is made of: text encoder(s), the denoising
+network ``net`` (diffusers' ``UNet2DConditionModel``, or a flow transformer behind the same call), its
+noise schedule, and the map between model space (pixels or latents) and images in [0, 1]. Methods never
+touch those parts directly except through this interface, so the same method code runs on the embedded
+shapes teachers and on every diffusers family (``methods.backbones``).
 """
 
 from __future__ import annotations
@@ -114,14 +114,14 @@ class Backbone(abc.ABC):
     def from_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> model space (VAE encode for latent teachers)."""
 
-    def new_unet(self, time_cond_proj_dim: int | None = None) -> nn.Module:
-        """A trainable copy of the teacher UNet (optionally with a w-embedding, zero-initialised)."""
-        cls = type(self.unet)
+    def new_net(self, time_cond_proj_dim: int | None = None) -> nn.Module:
+        """A trainable copy of the teacher's network (optionally with a w-embedding, zero-initialised)."""
+        cls = type(self.net)
         if time_cond_proj_dim:
-            return add_w_embedding(cls, self.unet, time_cond_proj_dim)
-        student = cls.from_config(self.unet.config)
-        student.load_state_dict(self.unet.state_dict())
-        return student.to(self.device, self.unet.dtype)
+            return add_w_embedding(cls, self.net, time_cond_proj_dim)
+        student = cls.from_config(self.net.config)
+        student.load_state_dict(self.net.state_dict())
+        return student.to(self.device, self.net.dtype)
 
     @abc.abstractmethod
     def training_batch(self, n: int, key: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
@@ -136,21 +136,25 @@ class Backbone(abc.ABC):
     def identity(self) -> dict:
         """What identifies the teacher (name, config, weight hashes) for caches and results."""
 
-    unet: nn.Module
+    def prepare_net(self, net: nn.Module) -> nn.Module:
+        """A network that will sample, as the suite asks it to run (compiled, memory format); the identity here."""
+        return net
+
+    net: nn.Module  # the denoiser: x_t [B, C, H, W], t [B], encoder_hidden_states=... -> .sample [B, C, H, W]
     device: torch.device
     dtype: torch.dtype = torch.float32  # the teacher's weights (students train in fp32 under autocast to it)
 
 
-def add_w_embedding(unet_cls, teacher_unet: nn.Module, time_cond_proj_dim: int) -> nn.Module:
+def add_w_embedding(net_cls, teacher_net: nn.Module, time_cond_proj_dim: int) -> nn.Module:
     """A copy of a diffusers UNet with a guidance-scale embedding (time_cond_proj_dim), zero-initialised.
 
     With the new projection at zero the student starts exactly as the teacher.
     """
-    student = unet_cls.from_config(teacher_unet.config, time_cond_proj_dim=time_cond_proj_dim)
-    missing, unexpected = student.load_state_dict(teacher_unet.state_dict(), strict=False)
+    student = net_cls.from_config(teacher_net.config, time_cond_proj_dim=time_cond_proj_dim)
+    missing, unexpected = student.load_state_dict(teacher_net.state_dict(), strict=False)
     assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
     nn.init.zeros_(student.time_embedding.cond_proj.weight)
-    return student.to(next(teacher_unet.parameters()).device)
+    return student.to(next(teacher_net.parameters()).device)
 
 
 def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:

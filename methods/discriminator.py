@@ -76,18 +76,18 @@ class TeacherFeatureDiscriminator(nn.Module):
     encoder + heads) and ``backward_passes`` (samples whose logits a gradient flowed back through).
     """
 
-    def __init__(self, teacher_unet, schedule, null_cond: Cond, t_max: int = 500, width: int = 32,
+    def __init__(self, teacher_net, schedule, null_cond: Cond, t_max: int = 500, width: int = 32,
                  patch: bool = True, loss: str = "hinge"):
         """`null_cond`: the teacher's encoding of one prompt (any), to probe feature shapes and text width."""
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-        self.teacher = [teacher_unet]  # a list: not a submodule, never trained, never saved with the heads
+        self.teacher = [teacher_net]  # a list: not a submodule, never trained, never saved with the heads
         self.schedule, self.t_max, self.loss = schedule, t_max, loss
         with torch.no_grad():
-            probe = torch.zeros(1, teacher_unet.config.in_channels, teacher_unet.config.sample_size,
-                                teacher_unet.config.sample_size, device=next(teacher_unet.parameters()).device)
-            chans = [f.shape[1] for f in encoder_features(teacher_unet, probe, 0, null_cond.index(slice(0, 1)))]
+            probe = torch.zeros(1, teacher_net.config.in_channels, teacher_net.config.sample_size,
+                                teacher_net.config.sample_size, device=next(teacher_net.parameters()).device)
+            chans = [f.shape[1] for f in encoder_features(teacher_net, probe, 0, null_cond.index(slice(0, 1)))]
         self.heads = nn.ModuleList(_Head(c, null_cond.states.shape[-1], width, patch) for c in chans)
         self.forward_passes = 0
         self.backward_passes = 0

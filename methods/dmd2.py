@@ -95,14 +95,14 @@ class DMD2(DistilledMethod):
     def sampling_timesteps(self, steps: int) -> list:
         return self.backbone.schedule.grid(steps)
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        gen = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
-        fake_unet = bb.new_unet()
-        fake = Denoiser(self.counting(fake_unet, "fake_score"), bb.schedule, bb.prediction_type)
+        gen = Denoiser(self.counting(net, "student"), bb.schedule, bb.prediction_type)
+        fake_net = bb.new_net()
+        fake = Denoiser(self.counting(fake_net, "fake_score"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
-        opt = self.optimizer(unet.parameters())
-        opt_fake = torch.optim.AdamW(fake_unet.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
+        opt = self.optimizer(net.parameters())
+        opt_fake = torch.optim.AdamW(fake_net.parameters(), lr=cfg.lr_fake, weight_decay=0.0)
         adv = self.adversarial()
 
         def generate(g, cond, real, n, with_grad: bool):
@@ -135,7 +135,7 @@ class DMD2(DistilledMethod):
                 t = bb.schedule.sample_t(n, g)
                 eps = torch.randn(x0_fake_data.shape, generator=g).to(x0_fake_data)
                 loss_f = fake_score_loss(fake, x0_fake_data, eps, t, cond)
-                optimizer_step(opt_fake, loss_f, fake_unet.parameters(), cfg.grad_clip)
+                optimizer_step(opt_fake, loss_f, fake_net.parameters(), cfg.grad_clip)
                 l_fake += loss_f.item() / cfg.fake_updates
             # 2. generator: distribution matching at a random t' + GAN term on the returned samples
             x0, last = generate(g, cond, real, n, with_grad=True)
@@ -148,7 +148,7 @@ class DMD2(DistilledMethod):
             l_dm = dm_loss(x0, x0_real, x0_fake)
             l_gan = adv.generator_loss(x0[last], cond.index(last), g, step)
             loss = l_dm if l_gan is None else l_dm + cfg.lambda_gan * l_gan
-            self.step(opt, loss, unet)
+            self.step(opt, loss, net)
             # 3. discriminator heads on real renders vs the generator's returned samples
             d = adv.step(bb.from_images(real)[last], cond.index(last), x0[last], g)
             losses = {"dm": l_dm.item(), "fake": l_fake}
@@ -158,7 +158,7 @@ class DMD2(DistilledMethod):
                 losses["d"] = d
             return losses
 
-        log = run_updates(update, self.updates(), ckpt, {"student": unet, "fake": fake_unet, "disc": adv.disc.heads},
+        log = run_updates(update, self.updates(), ckpt, {"student": net, "fake": fake_net, "disc": adv.disc.heads},
                           {"student": opt, "fake": opt_fake, "disc": adv.opt}, desc=f"dmd2 {grid}-step",
                           progress=self.ctx.progress, compute=self.compute)
         return self.trained(log)

@@ -117,12 +117,12 @@ class ImagineFlash(DistilledMethod):
     def sampling_timesteps(self, steps: int) -> list:
         return self.backbone.schedule.grid(steps)
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type)
+        student = Denoiser(self.counting(net, "student"), bb.schedule, bb.prediction_type)
         teacher = self.teacher()
-        opt = self.optimizer(unet.parameters())
-        modules, opts = {"student": unet}, {"student": opt}
+        opt = self.optimizer(net.parameters())
+        modules, opts = {"student": net}, {"student": opt}
         adv = None
         if cfg.adversarial:
             adv = self.adversarial()
@@ -164,7 +164,7 @@ class ImagineFlash(DistilledMethod):
                 if g_adv is not None:
                     loss = loss + cfg.lambda_adv * g_adv
                     losses["g_adv"] = g_adv.item()
-            self.step(opt, loss, unet)
+            self.step(opt, loss, net)
             if adv is not None:
                 d = adv.step(bb.from_images(real)[on], cond.index(on), x0_s[on], g)
                 if d is not None:

@@ -99,14 +99,14 @@ class LCM(DistilledMethod):
         return diffusers.LCMScheduler.from_config(lcm_scheduler_config(self.backbone.scheduler_config),
                                                   original_inference_steps=self.config.num_ddim_timesteps)
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
         cfg, bb = self.config, self.backbone
-        student = Denoiser(self.counting(unet, "student"), bb.schedule, bb.prediction_type, self.w_dim)
-        target_ema = EMA(unet, cfg.ema_decay)
+        student = Denoiser(self.counting(net, "student"), bb.schedule, bb.prediction_type, self.w_dim)
+        target_ema = EMA(net, cfg.ema_decay)
         target = Denoiser(self.counting(target_ema.module, "ema_target"), bb.schedule, bb.prediction_type,
                           self.w_dim)
         teacher = self.teacher()
-        opt = self.optimizer(unet.parameters())
+        opt = self.optimizer(net.parameters())
         solver_grid = bb.schedule.solver_grid(cfg.num_ddim_timesteps)
         # each grid point's predecessor (the first one's is t = 0, where f = x)
         previous = torch.cat([torch.zeros(1, dtype=solver_grid.dtype), solver_grid[:-1]])
@@ -133,11 +133,11 @@ class LCM(DistilledMethod):
                 tgt_x0, _ = target.predict(x_prev, t_prev, cond, w)
                 f_target = consistency(x_prev, tgt_x0, t_prev)
             loss = consistency_loss(f_online, f_target, cfg.loss, cfg.huber_c)
-            self.step(opt, loss, unet)
-            target_ema.update(unet)
+            self.step(opt, loss, net)
+            target_ema.update(net)
             return {"consistency": loss.item()}
 
-        log = run_updates(update, self.updates(), ckpt, {"student": unet, "target": target_ema.module}, {"student": opt},
+        log = run_updates(update, self.updates(), ckpt, {"student": net, "target": target_ema.module}, {"student": opt},
                           desc="lcm", progress=self.ctx.progress, compute=self.compute)
         return self.trained(log)
 

@@ -7,7 +7,7 @@ cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guid
 w = guidance_scale − 1, 1 NFE). ``recipe`` fills these from RECIPES (the model cards' settings);
 anything given explicitly wins. Text encoder, VAE and noise schedule are the backbone's.
 
-On a rectified-flow backbone (SD3, FLUX.1: ``methods.flow_backbone``) a checkpoint is a diffusers transformer
+On a rectified-flow backbone (SD3, FLUX.1: ``methods.backbones.flow``) a checkpoint is a diffusers transformer
 directory (kind ``transformer``) or a LoRA file for the transformer, sampled with FlowMatchEulerDiscreteScheduler
 (``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` / ``dynamic_shifting`` (FLUX.1-schnell
 ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing scale (``lora_scale``);
@@ -236,7 +236,7 @@ class Pretrained(Method):
                                 f"({str(e).splitlines()[0][:160]})") from None
             digest = sha256_file(weights[0]) if len(weights) == 1 else None
         elif path.suffix == ".safetensors":  # LoRA on the base model's UNet
-            unet = bb.new_unet()
+            unet = bb.new_net()
             load_lora_strict(unet, path)
             unet.fuse_lora(lora_scale=cfg.lora_scale)
             digest = sha256_file(path)
@@ -270,7 +270,7 @@ class Pretrained(Method):
             net = bb.wrap(tf)
             digest = sha256_file(weights[0]) if len(weights) == 1 else None
         elif path.suffix == ".safetensors":
-            net = bb.new_unet()
+            net = bb.new_net()
             load_lora_strict(net.transformer, path, prefix="transformer", loader=type(bb.pipeline()))
             net.transformer.fuse_lora(lora_scale=cfg.lora_scale)
             digest = sha256_file(path)
@@ -347,6 +347,6 @@ def _is_flow_transformer(backbone) -> bool:
     """Whether the backbone is an SD3/FLUX transformer (imported here: only real-scale runs load that module)."""
     if getattr(backbone, "prediction_type", None) != "flow" or not hasattr(backbone, "transformer"):
         return False
-    from methods.flow_backbone import FlowDiffusersBackbone
+    from methods.backbones.flow import FlowBackbone
 
-    return isinstance(backbone, FlowDiffusersBackbone)
+    return isinstance(backbone, FlowBackbone)

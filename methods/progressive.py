@@ -116,25 +116,25 @@ class Progressive(DistilledMethod):
         first = max(1, round(total * self.config.cfg_fraction))
         return first, max(1, (total - first) // rounds)
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
         cfg = self.config
         if grid == cfg.max_steps:
-            return self._train_cfg_stage(unet, ckpt)
+            return self._train_cfg_stage(net, ckpt)
         # the previous round's student is this round's teacher, and this round's initialisation
         prev = self.prepare(2 * grid)
-        teacher_net = self.unets[2 * grid]
-        unet.load_state_dict(teacher_net.state_dict())
-        return self._train_round(unet, teacher_net, grid, ckpt, prev)
+        teacher_net = self.nets[2 * grid]
+        net.load_state_dict(teacher_net.state_dict())
+        return self._train_round(net, teacher_net, grid, ckpt, prev)
 
     def _w(self, g, n):
         return self.config.w_min + (self.config.w_max - self.config.w_min) * torch.rand(n, generator=g)
 
-    def _train_cfg_stage(self, unet, ckpt) -> TrainInfo:
+    def _train_cfg_stage(self, net, ckpt) -> TrainInfo:
         """Stage 0: x̂_0 of the w-conditioned student matches the guided teacher's, at random t."""
         bb = self.backbone
-        student = self._denoiser(unet, "student")
+        student = self._denoiser(net, "student")
         teacher = self.teacher()
-        opt = self.optimizer(unet.parameters())
+        opt = self.optimizer(net.parameters())
         updates, _ = self._stage_updates()
 
         def update(step: int) -> dict:
@@ -148,20 +148,20 @@ class Progressive(DistilledMethod):
                 target, _ = teacher.split(x_t, t, teacher.raw_guided(x_t, t, cond, uncond, w.to(x_t)))
             pred, _ = student.predict(x_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, target, t, bb.schedule)
-            self.step(opt, loss, unet)
+            self.step(opt, loss, net)
             return {"cfg_distill": loss.item()}
 
-        log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
+        log = run_updates(update, updates, ckpt, {"student": net}, {"student": opt},
                           desc=f"progressive cfg ({self.config.max_steps} steps)", progress=self.ctx.progress,
                           compute=self.compute)
         return self.trained(log, updates)
 
-    def _train_round(self, unet, teacher_net, grid: int, ckpt, prev: TrainInfo) -> TrainInfo:
+    def _train_round(self, net, teacher_net, grid: int, ckpt, prev: TrainInfo) -> TrainInfo:
         """One halving round: 2 teacher DDIM steps -> 1 student step, through the x̃ target."""
         bb = self.backbone
-        student = self._denoiser(unet, "student")
+        student = self._denoiser(net, "student")
         teacher = self._denoiser(teacher_net, "round_teacher")  # the previous round's student
-        opt = self.optimizer(unet.parameters())
+        opt = self.optimizer(net.parameters())
         # the teacher's grid; every other point is the student's; -1 marks the end (the clean image)
         fine = torch.tensor(bb.schedule.grid(2 * grid) + [-1])
         _, updates = self._stage_updates()
@@ -188,10 +188,10 @@ class Progressive(DistilledMethod):
                 x_tilde = D.progressive_target(z_t.double(), z_tpp.double(), a_t, s_t, a2, s2).float()
             pred, _ = student.predict(z_t, t, cond, w)
             loss = snr_weighted_x_loss(pred, x_tilde, t, bb.schedule)
-            self.step(opt, loss, unet)
+            self.step(opt, loss, net)
             return {"pd": loss.item()}
 
-        log = run_updates(update, updates, ckpt, {"student": unet}, {"student": opt},
+        log = run_updates(update, updates, ckpt, {"student": net}, {"student": opt},
                           desc=f"progressive {2 * grid}->{grid} steps", progress=self.ctx.progress,
                           compute=self.compute)
         return self.trained(log, updates, before=prev)

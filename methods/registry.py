@@ -18,21 +18,30 @@ from core.errors import unknown
 _REGISTRY: dict[str, type] = {}
 
 
-@functools.cache
-def declared() -> dict[str, tuple[str, str]]:
-    """name -> (module, summary) for every class decorated with ``@register("name")`` under methods/."""
+def decorated_classes(folder: Path, decorator: str, package: str) -> dict[str, dict]:
+    """name -> {"module", "summary", and the decorator's literal keyword arguments} for every class of
+    ``folder/*.py`` decorated with ``@decorator("name", ...)``, read with ``ast`` (nothing is imported)."""
     out = {}
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sorted(Path(folder).glob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:
             if not isinstance(node, ast.ClassDef):
                 continue
             for d in node.decorator_list:
-                if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == "register"
+                if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator
                         and d.args and isinstance(d.args[0], ast.Constant)):
                     doc = (ast.get_docstring(node) or "").strip().splitlines()
-                    out[d.args[0].value] = (f"methods.{path.stem}", doc[0].rstrip(".") if doc else "")
+                    out[d.args[0].value] = {"module": f"{package}.{path.stem}",
+                                            "summary": doc[0].rstrip(".") if doc else "",
+                                            **{k.arg: ast.literal_eval(k.value) for k in d.keywords}}
     return out
+
+
+@functools.cache
+def declared() -> dict[str, tuple[str, str]]:
+    """name -> (module, summary) for every class decorated with ``@register("name")`` under methods/."""
+    return {name: (d["module"], d["summary"])
+            for name, d in decorated_classes(Path(__file__).parent, "register", "methods").items()}
 
 
 def register(name: str):

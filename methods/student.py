@@ -79,14 +79,14 @@ LORA_THRESHOLD = 300_000_000  # teacher UNet parameters above which students tra
 LORA_RANK = 64
 
 
-def add_lora(unet, rank: int) -> None:
+def add_lora(net, rank: int) -> None:
     """LCM-LoRA style: rank-r adapters on the attention projections; only they (and a w-embedding) train."""
     from peft import LoraConfig
 
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    for name, p in unet.named_parameters():
+    for name, p in net.named_parameters():
         if "lora_" in name or "cond_proj" in name:
             p.requires_grad_(True)
 
@@ -141,7 +141,7 @@ class DistilledMethod(Method):
     def __init__(self, backbone, config, ctx):
         super().__init__(backbone, config, ctx)
         self.students: dict[int, Denoiser] = {}  # grid -> the NFE-counted student
-        self.unets: dict[int, torch.nn.Module] = {}  # grid -> the trained student network itself
+        self.nets: dict[int, torch.nn.Module] = {}  # grid -> the trained student network itself
         self.train_info: dict[int, TrainInfo] = {}
         self.compute = TrainCompute()  # the pass counters of the training in progress
         self._null_cond = None
@@ -178,7 +178,7 @@ class DistilledMethod(Method):
         """The LoRA rank students train at (0: the full UNet): the setting, or the default for the teacher's size."""
         if self.config.lora_rank is not None:
             return self.config.lora_rank
-        params = sum(p.numel() for p in self.backbone.unet.parameters())
+        params = sum(p.numel() for p in self.backbone.net.parameters())
         return LORA_RANK if params > LORA_THRESHOLD else 0
 
     def prepare(self, steps: int) -> TrainInfo:
@@ -188,15 +188,15 @@ class DistilledMethod(Method):
         bb = self.backbone
         half = bb.dtype != torch.float32
         # a student trains in fp32 master weights, under autocast to the teacher's dtype when that is lower
-        unet = bb.new_unet(self.w_dim).float()
+        net = bb.new_net(self.w_dim).float()
         if self.lora_rank():
-            add_lora(unet, self.lora_rank())
+            add_lora(net, self.lora_rank())
         if self.config.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
+            net.enable_gradient_checkpointing()
 
         def train(ckpt):
             t0 = time.time()
-            unet.train()
+            net.train()
             outer, self.compute = self.compute, TrainCompute()  # a nested prepare (progressive) counts apart
             autocast = torch.autocast(bb.device.type, dtype=bb.dtype) if half else contextlib.nullcontext()
             # prepare may be reached lazily from a no-grad sample(); any fresh weights (discriminator heads,
@@ -204,28 +204,28 @@ class DistilledMethod(Method):
             try:
                 with torch.enable_grad(), torch.random.fork_rng(devices=[]), autocast:
                     torch.manual_seed(self.config.seed * 1_000_003 + grid)
-                    info = self.train_student(unet, grid, ckpt)
+                    info = self.train_student(net, grid, ckpt)
             finally:
                 self.compute = outer
             info.wall_seconds = round(time.time() - t0, 1)
             info.lora_rank = self.lora_rank()
-            return unet.state_dict(), dataclasses.asdict(info)
+            return net.state_dict(), dataclasses.asdict(info)
 
         def load(state):
-            unet.load_state_dict(state)
+            net.load_state_dict(state)
 
         info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
-        unet.eval().requires_grad_(False).to(bb.dtype)  # samples in the teacher's dtype
-        self.unets[grid] = unet
-        self.students[grid] = Denoiser(self.counted(unet), self.backbone.schedule, self.student_prediction_type(),
+        net.eval().requires_grad_(False).to(bb.dtype)  # samples in the teacher's dtype
+        self.nets[grid] = net
+        self.students[grid] = Denoiser(self.counted(net), self.backbone.schedule, self.student_prediction_type(),
                                        self.w_dim)
         self.train_info[grid] = TrainInfo(**{k: v for k, v in info.items() if k in TrainInfo.__dataclass_fields__})
         return self.train_info[grid]
 
-    def student_unet(self, steps: int) -> torch.nn.Module:
+    def student_net(self, steps: int) -> torch.nn.Module:
         """The trained student network itself (not NFE-counted) that samples at `steps` steps."""
         self.student(steps)
-        return self.unets[self.student_steps(steps)]
+        return self.nets[self.student_steps(steps)]
 
     def student(self, steps: int) -> Denoiser:
         """The NFE-counted student that samples at `steps` steps (trained or loaded on first use)."""
@@ -234,8 +234,8 @@ class DistilledMethod(Method):
             self.prepare(steps)
         return self.students[grid]
 
-    def train_student(self, unet, grid: int, ckpt) -> TrainInfo:
-        """Train `unet` in place for a `grid`-step sampler; return what it cost (``self.trained``)."""
+    def train_student(self, net, grid: int, ckpt) -> TrainInfo:
+        """Train `net` in place for a `grid`-step sampler; return what it cost (``self.trained``)."""
         raise NotImplementedError
 
     def student_prediction_type(self) -> str:
@@ -258,7 +258,7 @@ class DistilledMethod(Method):
 
     def teacher(self) -> Denoiser:
         """The frozen teacher behind the Denoiser interface, its passes counted as training compute."""
-        return Denoiser(self.counting(self.backbone.unet, "teacher"), self.backbone.schedule,
+        return Denoiser(self.counting(self.backbone.net, "teacher"), self.backbone.schedule,
                         self.backbone.prediction_type)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
@@ -305,7 +305,7 @@ class DistilledMethod(Method):
     def adversarial(self) -> AdversarialTerm:
         """The adversarial term (AdversarialConfig settings): a discriminator on frozen teacher features."""
         cfg, bb = self.config, self.backbone
-        disc = TeacherFeatureDiscriminator(bb.unet, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max,
+        disc = TeacherFeatureDiscriminator(bb.net, bb.schedule, self.null_cond(), t_max=cfg.disc_t_max,
                                            patch=cfg.disc_patch, loss=cfg.disc_loss).to(bb.device)
         self.compute.add(disc, "discriminator")
         opt = torch.optim.AdamW(disc.heads.parameters(), lr=cfg.disc_lr, betas=(0.0, 0.99))

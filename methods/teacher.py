@@ -44,7 +44,7 @@ class Teacher(Method):
         if config.guidance == "embedded" and not backbone.guidance_embeds:
             raise UserError(f"teacher: guidance = 'embedded' needs a network with a guidance embedding (FLUX.1-dev); "
                             f"{type(backbone).__name__} has none: use 'cfg', 'true-cfg' or 'none'")
-        self.denoiser = Denoiser(self.counted(backbone.unet), backbone.schedule, backbone.prediction_type)
+        self.denoiser = Denoiser(self.counted(backbone.net), backbone.schedule, backbone.prediction_type)
 
     @classmethod
     def nfe_per_step(cls, config: TeacherConfig) -> int:

@@ -17,7 +17,7 @@ def cuda_tiny():
 
     bb = tiny_backbone()
     bb.device = torch.device("cuda")
-    bb.unet.to("cuda")
+    bb.net.to("cuda")
     bb.text_encoder.to("cuda")
     return bb
 
@@ -38,10 +38,10 @@ def test_contract_on_cuda(cuda_tiny, name, tmp_path):
 
 
 def test_a_bf16_latent_teacher_on_cuda(tmp_path):
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
     from tests import tiny_sd
 
-    bb = DiffusersBackbone.load(tiny_sd.build(tmp_path / "pipe", sdxl=True), "cuda", dtype="bf16")
+    bb = load_dir(tiny_sd.build(tmp_path / "pipe", sdxl=True), "cuda", dtype="bf16")
     cls = base.get("teacher")
     out = cls(bb, cls.make_config({}), base.Context(tmp_path)).sample(TEXTS, KEYS, 2)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()

@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     # a "published" checkpoint: the shipped teacher's UNet saved as a diffusers dir (no training involved)
     from bench.shapes.teacher import ShapesBackbone
 
-    ShapesBackbone.load().new_unet().save_pretrained(d / "ckpt", safe_serialization=True)
+    ShapesBackbone.load().new_net().save_pretrained(d / "ckpt", safe_serialization=True)
     (d / "suite.toml").write_text(SUITE.format(ckpt=d / "ckpt"))
     r = subprocess.run([sys.executable, "-m", "bench", "run", str(d / "suite.toml"), "--out", str(d / "one"),
                         "--cache", str(d / "cache"), "--no-progress"], capture_output=True, text=True, env=_env(),
@@ -89,10 +89,10 @@ cls = base.get("imagine-flash")
 cfg = cls.make_config({{"student_updates": 3, "batch_size": 2}})
 m = cls(bb, cfg, base.Context({cache!r}, progress=False, rank=d.rank, world=d.world))
 m.prepare(1)
-w = torch.cat([p.detach().flatten() for p in m.student_unet(1).parameters()])
+w = torch.cat([p.detach().flatten() for p in m.student_net(1).parameters()])
 digests = [None] * d.world
 torch.distributed.all_gather_object(digests, hashlib.sha256(w.numpy().tobytes()).hexdigest())
-moved = not torch.equal(w, torch.cat([p.flatten() for p in bb.new_unet().parameters()]))
+moved = not torch.equal(w, torch.cat([p.flatten() for p in bb.new_net().parameters()]))
 print("RESULT", d.rank, len(set(digests)), moved, m.cache_stem(1))
 """
 

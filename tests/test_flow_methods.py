@@ -17,11 +17,11 @@ SEQ = 32
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
-    from methods.flow_backbone import FlowDiffusersBackbone
+    from methods.backbones import load_dir
 
     d = tmp_path_factory.mktemp("flux")
     tiny_flow.build_flux(d / "pipe")
-    bb = FlowDiffusersBackbone.load(d / "pipe", train_data=tiny_sd.image_folder(d / "data"), train_workers=0,
+    bb = load_dir(d / "pipe", train_data=tiny_sd.image_folder(d / "data"), train_workers=0,
                                     resolution=tiny_flow.RESOLUTION, max_sequence_length=SEQ)
     return bb, d
 
@@ -39,14 +39,14 @@ def test_backbone_interface(flux):
     assert cut == {"text_encoder": [0], "text_encoder_2": [0]}  # CLIP's 24 tokens, T5's SEQ
     # a trainable copy starts as the teacher, with or without a (zero-initialised) w-embedding
     x, t = torch.randn(2, *bb.sample_shape), torch.tensor([700.0, 300.0])
-    ref = bb.unet(x, t, encoder_hidden_states=cond.states[:2], added_cond_kwargs=cond.index(slice(0, 2)).added).sample
+    ref = bb.net(x, t, encoder_hidden_states=cond.states[:2], added_cond_kwargs=cond.index(slice(0, 2)).added).sample
     for w_dim in (None, 8):
-        net = bb.new_unet(w_dim)
+        net = bb.new_net(w_dim)
         kw = {"timestep_cond": torch.randn(2, 8)} if w_dim else {}
         out = net(x, t, encoder_hidden_states=cond.states[:2], added_cond_kwargs=cond.index(slice(0, 2)).added, **kw)
         assert torch.equal(out.sample, ref)
         assert all(p.requires_grad for p in net.parameters())  # trainable (full fine-tuning)...
-    assert not any(p.requires_grad for p in bb.unet.parameters())  # ...and the teacher stays frozen
+    assert not any(p.requires_grad for p in bb.net.parameters())  # ...and the teacher stays frozen
 
 
 # every method on its defaults (progressive's student keeps the teacher's velocity output); the teacher uses
@@ -77,7 +77,7 @@ def test_lora_students_adapt_the_transformers_attention(flux):
     cls = base.get("lcm")
     m = cls(bb, cls.make_config({**cls.smoke_settings(), "lora_rank": 2}), base.Context(d / "lora", progress=False))
     m.prepare(2)
-    keys = list(m.student_unet(2).state_dict())
+    keys = list(m.student_net(2).state_dict())
     assert any(k.startswith("transformer.") and "lora_A" in k for k in keys)
     assert m.sample(TEXTS, KEYS, 2).shape == (2, 3, 16, 16)
 
@@ -87,9 +87,9 @@ def test_suite_backbone_settings(flux):
     spec = {"kind": "diffusers", "path": str(bb.path), "resolution": 16, "max_sequence_length": 16,
             "embedded_guidance": 2.0}
     loaded = load_backbone(spec, "cpu")
-    assert loaded.layout == "flux" and loaded.max_sequence_length == 16 and loaded.unet.default_guidance == 2.0
-    with pytest.raises(UserError, match="channels_last do not apply to the FLUX"):
+    assert loaded.family == "flux" and loaded.max_sequence_length == 16 and loaded.net.default_guidance == 2.0
+    with pytest.raises(UserError, match="unknown setting for \\[backbone\\] \\(flux\\) 'channels_last'"):
         load_backbone({**spec, "channels_last": True}, "cpu")
     sd = tiny_sd.build(d / "sd")
-    with pytest.raises(UserError, match="resolution do not apply to the SD/SDXL"):
-        load_backbone({"kind": "diffusers", "path": str(sd), "resolution": 16}, "cpu")
+    with pytest.raises(UserError, match="'max_sequence_length'"):
+        load_backbone({"kind": "diffusers", "path": str(sd), "max_sequence_length": 16}, "cpu")

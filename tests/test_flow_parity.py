@@ -11,7 +11,7 @@ import torch
 
 from core.errors import UserError
 from methods import base
-from methods.flow_backbone import FlowDiffusersBackbone, layout_of
+from methods.backbones import family_of, load_dir
 from methods.sampling import make_scheduler, per_sample_noise
 from tests import tiny_flow
 
@@ -24,19 +24,19 @@ SEQ = 64  # T5 tokens (a setting; small to keep the tests fast)
 @pytest.fixture(scope="module")
 def flux_dev(tmp_path_factory):
     root = tiny_flow.build_flux(tmp_path_factory.mktemp("flux") / "dev", guidance_embeds=True)
-    return FlowDiffusersBackbone.load(root, resolution=tiny_flow.RESOLUTION, max_sequence_length=SEQ)
+    return load_dir(root, resolution=tiny_flow.RESOLUTION, max_sequence_length=SEQ)
 
 
 @pytest.fixture(scope="module")
 def flux_schnell(tmp_path_factory):
     root = tiny_flow.build_flux(tmp_path_factory.mktemp("flux") / "schnell", guidance_embeds=False)
-    return FlowDiffusersBackbone.load(root, resolution=tiny_flow.RESOLUTION, max_sequence_length=SEQ)
+    return load_dir(root, resolution=tiny_flow.RESOLUTION, max_sequence_length=SEQ)
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     root = tiny_flow.build_sd3(tmp_path_factory.mktemp("sd3") / "sd3")
-    return FlowDiffusersBackbone.load(root, max_sequence_length=SEQ)
+    return load_dir(root, max_sequence_length=SEQ)
 
 
 def teacher(bb, tmp_path, steps, **settings):
@@ -50,7 +50,7 @@ def teacher(bb, tmp_path, steps, **settings):
 def pipe_call(bb, scheduler, steps, transformer=None, max_sequence_length=SEQ, **kw):
     """The pipeline a user would run, on the same modules and starting latents."""
     latents = per_sample_noise(KEYS, bb.sample_shape)
-    if bb.layout == "flux":
+    if bb.family == "flux":
         b, c, h, w = latents.shape
         latents = diffusers.FluxPipeline._pack_latents(latents, b, c, h, w)
     pipe = bb.pipeline(transformer=transformer, scheduler=scheduler)
@@ -81,7 +81,7 @@ def test_flux_true_cfg_equals_the_pipeline(flux_dev, tmp_path, form):
     """FluxPipeline's true_cfg_scale with the empty negative prompt (embedded guidance at its default 3.5)."""
     ours = teacher(flux_dev, tmp_path, 3, solver="euler", guidance=form, guidance_scale=2.5)
     theirs = pipe_call(flux_dev, make_scheduler("euler", flux_dev.scheduler_config), 3, true_cfg_scale=2.5,
-                       negative_prompt=[""] * len(TEXTS), guidance_scale=flux_dev.embedded_guidance)
+                       negative_prompt=[""] * len(TEXTS), guidance_scale=flux_dev.settings.embedded_guidance)
     assert (ours - theirs).abs().max() <= TOL
 
 
@@ -114,18 +114,22 @@ def test_flux_sampling_grid_is_the_pipelines(flux_dev):
     assert torch.allclose(grid.float(), pipe.timesteps, atol=1e-3)
 
 
-def test_unsupported_transformer_layouts_are_named(tmp_path):
-    (tmp_path / "transformer").mkdir()
-    (tmp_path / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
-    with pytest.raises(UserError, match="SanaPipeline pipeline is not supported yet"):
-        layout_of(tmp_path)
-    assert layout_of(tmp_path.parent) is None  # no transformer: a UNet layout, DiffusersBackbone's
+def test_families_are_chosen_by_model_index_and_unsupported_ones_named(tmp_path):
+    sana, sd = tmp_path / "sana", tmp_path / "sd"
+    (sana / "transformer").mkdir(parents=True)
+    (sana / "model_index.json").write_text('{"_class_name": "SanaPipeline"}')
+    with pytest.raises(UserError, match="a SanaPipeline \\(not supported yet\\); flashbench loads FluxPipeline, "):
+        family_of(sana)
+    (sd / "unet").mkdir(parents=True)
+    assert family_of(sd) == "sd"  # no model_index.json: a UNet layout by its folders
+    (sd / "model_index.json").write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    assert family_of(sd) == "sd3"  # the pipeline class decides
 
 
 def test_identity_hashes_the_files_loaded(flux_dev, sd3):
     for bb in (flux_dev, sd3):
         ident = bb.identity()
-        assert ident["layout"] == bb.layout and len(ident["sha256"]) == 64
+        assert ident["family"] == bb.family and len(ident["sha256"]) == 64
         assert "transformer/diffusion_pytorch_model.safetensors" in ident["files"]
         assert any(k.startswith("tokenizer_2/") for k in ident["files"])
     assert flux_dev.identity()["sha256"] != sd3.identity()["sha256"]
@@ -168,7 +172,7 @@ def test_flux_lora_recipes_equal_their_model_cards(flux_dev, tmp_path, recipe, s
 
 def test_sd35_turbo_recipe_equals_its_model_card(sd3, tmp_path):
     """A transformer directory on the SD3 backbone: StableDiffusion3Pipeline, guidance_scale=0, 4 steps, shift 3."""
-    net = sd3.new_unet()
+    net = sd3.new_net()
     with torch.no_grad():
         for p in net.transformer.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not the teacher's weights

@@ -23,13 +23,13 @@ class GuidanceEmbeddedNet(nn.Module):
 
     def __init__(self, unet):
         super().__init__()
-        self.unet, self.guidance_seen = unet, []
+        self.net, self.guidance_seen = unet, []
         self.config = unet.config
 
     def forward(self, x, t, encoder_hidden_states=None, guidance=None, **kwargs):
         assert guidance is not None and guidance.shape == (x.shape[0],) and guidance.dtype == torch.float32
         self.guidance_seen.append(guidance.clone())
-        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
+        out = self.net(x, t, encoder_hidden_states=encoder_hidden_states, **kwargs)
         out.sample = out.sample + 0.1 * guidance[:, None, None, None].to(out.sample.dtype)
         return out
 
@@ -37,7 +37,7 @@ class GuidanceEmbeddedNet(nn.Module):
 @pytest.fixture(scope="module")
 def embedded_backbone(tiny):
     bb = copy.copy(tiny)
-    bb.unet = GuidanceEmbeddedNet(tiny.unet)
+    bb.net = GuidanceEmbeddedNet(tiny.net)
     bb.guidance_embeds = True
     return bb
 
@@ -67,7 +67,7 @@ def test_true_cfg_equals_cfg(tiny, tmp_path):
 
 
 def test_embedded_feeds_the_scale_to_the_network(embedded_backbone, tmp_path):
-    net = embedded_backbone.unet
+    net = embedded_backbone.net
     net.guidance_seen.clear()
     a = _teacher(embedded_backbone, tmp_path, guidance="embedded", guidance_scale=3.5).sample(TEXTS, KEYS, 2)
     assert net.guidance_seen and all(torch.all(g == 3.5) for g in net.guidance_seen)

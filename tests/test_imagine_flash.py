@@ -51,7 +51,7 @@ def test_per_sample_rollouts_and_targets_equal_their_one_sample_versions(tiny):
     for b in range(4):
         alone = backward_latent(Recorder(), sched, x_T[b : b + 1], grid, int(i[b]), noise_correction=True)
         assert torch.allclose(together[b : b + 1], alone, atol=1e-6)
-    teacher = Denoiser(tiny.unet, tiny.schedule)
+    teacher = Denoiser(tiny.net, tiny.schedule)
     cond = tiny.encode_text(["a large red circle at the top left"] * 2)
     uncond = tiny.encode_text(["", ""])
     chi = torch.randn(2, *tiny.sample_shape)
@@ -80,7 +80,7 @@ def test_teacher_target_runs_k_guided_steps_from_the_shifted_time(tiny):
     class Spy(torch.nn.Module):
         def forward(self, x, t, **kw):
             calls.append((int(t[0]), x.shape[0]))
-            return tiny.unet(x, t, **kw)
+            return tiny.net(x, t, **kw)
 
     teacher = Denoiser(Spy(), tiny.schedule)
     cond = tiny.encode_text(["a large red circle at the top left"] * 2)
@@ -137,8 +137,8 @@ for name in base.names():
         m.prepare(steps)
     if name == "imagine-flash":
         from methods.discriminator import TeacherFeatureDiscriminator
-        d = TeacherFeatureDiscriminator(bb.unet, bb.schedule, bb.encode_text(['']))
-        assert d.teacher[0] is bb.unet  # its features are the teacher's
+        d = TeacherFeatureDiscriminator(bb.net, bb.schedule, bb.encode_text(['']))
+        assert d.teacher[0] is bb.net  # its features are the teacher's
 print("evaluators loaded:", "bench.shapes.evaluators" in sys.modules, "bench.metrics" in sys.modules)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

@@ -255,12 +255,12 @@ def pipes(tmp_path_factory):
 
 def test_variant_only_and_sharded_folders_load_and_sample_like_the_plain_one(pipes, tmp_path):
     from methods import base
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
     _, plain, variant, sharded = pipes
     out = {}
     for name, path in (("plain", plain), ("variant", variant), ("sharded", sharded)):
-        bb = DiffusersBackbone.load(path)
+        bb = load_dir(path)
         cls = base.get("teacher")
         m = cls(bb, cls.make_config({"solver": "ddim"}), base.Context(tmp_path))
         out[name] = (m.sample(["a red apple"], [("p", 0)], 2), bb.identity())
@@ -277,13 +277,13 @@ def test_variant_only_and_sharded_folders_load_and_sample_like_the_plain_one(pip
 
 def test_a_replaced_teacher_never_reuses_an_old_student(pipes, tmp_path):
     from methods import base
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
     _, plain, _, sharded = pipes
     cls = base.get("lcm")
     cfg = cls.make_config(cls.smoke_settings())
-    a = cls(DiffusersBackbone.load(plain), cfg, base.Context(tmp_path))
-    b = cls(DiffusersBackbone.load(sharded), cfg, base.Context(tmp_path))
+    a = cls(load_dir(plain), cfg, base.Context(tmp_path))
+    b = cls(load_dir(sharded), cfg, base.Context(tmp_path))
     assert a.cache_stem(2) != b.cache_stem(2)  # same weights, other files: the identity is of what was loaded
 
 
@@ -295,10 +295,10 @@ def loras(pipes):
 
 def test_case_07_kohya_lora_equals_peft_lora_and_a_zero_lora_is_the_base(pipes, loras, tmp_path):
     from methods import base
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
     _, plain, _, _ = pipes
-    bb = DiffusersBackbone.load(plain)
+    bb = load_dir(plain)
     cls = base.get("pretrained")
     out = {}
     for name in ("peft", "kohya", "zero"):
@@ -315,14 +315,14 @@ def test_a_lora_that_does_not_fit_is_refused(pipes, loras, tmp_path):
 
     from core.errors import UserError
     from methods import base
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
     _, plain, _, _ = pipes
     state = load_file(str(loras / "lora_peft.safetensors"))
     bad = {k.replace("down_blocks", "down_blockz"): v for k, v in state.items()}  # keys this UNet does not have
     save_file(bad, str(tmp_path / "bad.safetensors"))
     cls = base.get("pretrained")
-    m = cls(DiffusersBackbone.load(plain), cls.make_config({"kind": "lcm-lora", "path": str(tmp_path / "bad.safetensors"),
+    m = cls(load_dir(plain), cls.make_config({"kind": "lcm-lora", "path": str(tmp_path / "bad.safetensors"),
                                                             "max_steps": 4}), base.Context(tmp_path))
     with pytest.raises(UserError, match="not injected|not recognised"):
         m.prepare(2)
@@ -347,7 +347,7 @@ def test_sample_prediction_checkpoint_equals_its_epsilon_twin(tiny):
 
     x, t = torch.randn(2, *tiny.sample_shape), 500
     cond = tiny.encode_text(["a large red circle at the top left"] * 2)
-    eps = Denoiser(tiny.unet, tiny.schedule, "epsilon")
+    eps = Denoiser(tiny.net, tiny.schedule, "epsilon")
     x0, e = eps.predict(x, t, cond)
     as_sample = Denoiser(lambda *a, **k: type("O", (), {"sample": x0})(), tiny.schedule, "sample")
     x0b, eb = as_sample.predict(x, t, cond)

@@ -22,11 +22,11 @@ KEYS = [("p0", 0), ("p1", 0)]
 # tests/test_scale.py and tests/test_parity.py
 @pytest.fixture(scope="module", params=[False, pytest.param(True, marks=pytest.mark.slow)], ids=["sd", "sdxl"])
 def latent(request, tmp_path_factory):
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
     d = tmp_path_factory.mktemp("sdxl" if request.param else "sd")
     tiny_sd.build(d / "pipe", sdxl=request.param)
-    return DiffusersBackbone.load(d / "pipe", train_data=tiny_sd.image_folder(d / "data")), d
+    return load_dir(d / "pipe", train_data=tiny_sd.image_folder(d / "data")), d
 
 
 def test_backbone_interface(latent):
@@ -34,7 +34,7 @@ def test_backbone_interface(latent):
     assert bb.sample_shape == (4, 8, 8) and bb.resolution == 16
     cond = bb.encode_text(TEXTS + [""])
     assert cond.states.shape[0] == 3
-    assert (cond.added is not None) == bb.sdxl
+    assert (cond.added is not None) == (bb.family == "sdxl")
     img = bb.to_images(torch.randn(2, *bb.sample_shape))
     assert img.shape == (2, 3, 16, 16) and img.min() >= 0 and img.max() <= 1
     assert bb.from_images(img).shape == (2, *bb.sample_shape)
@@ -65,7 +65,7 @@ def test_lora_training_option(latent):
     cls = base.get("lcm")
     m = cls(bb, cls.make_config({**cls.smoke_settings(), "lora_rank": 2}), base.Context(d / "lora", progress=False))
     m.prepare(2)
-    unet = m.student_unet(2)
+    unet = m.student_net(2)
     assert any("lora_A" in k for k in unet.state_dict())
     assert m.sample(TEXTS, KEYS, 2).shape == (2, 3, 16, 16)
 
@@ -80,15 +80,15 @@ def test_published_checkpoint_adapters(latent, kind):
     bb, d = latent
     path = d / f"ckpt-{kind}"
     if kind == "lcm":
-        bb.new_unet(time_cond_proj_dim=32).save_pretrained(path, safe_serialization=True)
+        bb.new_net(time_cond_proj_dim=32).save_pretrained(path, safe_serialization=True)
     elif kind == "lcm-lora":
-        u = bb.new_unet()
+        u = bb.new_net()
         u.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
         path.mkdir(exist_ok=True)
         path = path / "pytorch_lora_weights.safetensors"
         save_file({f"unet.{k}": v.contiguous() for k, v in get_peft_model_state_dict(u).items()}, str(path))
     else:
-        bb.new_unet().save_pretrained(path, safe_serialization=True)
+        bb.new_net().save_pretrained(path, safe_serialization=True)
     cls = base.get("pretrained")
     m = cls(bb, cls.make_config({"kind": kind, "path": str(path), "max_steps": 4}),
             base.Context(d / "unused", progress=False))

@@ -8,7 +8,7 @@ import diffusers
 import pytest
 
 from methods import base
-from methods.diffusers_backbone import DiffusersBackbone
+from methods.backbones import load_dir
 from methods.sampling import make_scheduler, per_sample_generators, per_sample_noise
 from tests import tiny_sd
 
@@ -21,14 +21,14 @@ TOL = 1e-5
 def setup(request, tmp_path_factory):
     sdxl = request.param
     root = tiny_sd.build(tmp_path_factory.mktemp("parity") / "pipe", sdxl=sdxl)
-    bb = DiffusersBackbone.load(root)
+    bb = load_dir(root)
     return bb, root, sdxl
 
 
-def pipeline(bb: DiffusersBackbone, scheduler, unet=None):
-    kw = dict(vae=bb.vae, unet=unet or bb.unet, scheduler=scheduler, tokenizer=bb.tokenizers[0],
+def pipeline(bb, scheduler, unet=None):
+    kw = dict(vae=bb.vae, unet=unet or bb.net, scheduler=scheduler, tokenizer=bb.tokenizers[0],
               text_encoder=bb.text_encoders[0])
-    if bb.sdxl:
+    if bb.family == "sdxl":
         pipe = diffusers.StableDiffusionXLPipeline(**kw, tokenizer_2=bb.tokenizers[1], text_encoder_2=bb.text_encoders[1])
     else:
         pipe = diffusers.StableDiffusionPipeline(**kw, safety_checker=None, feature_extractor=None,
@@ -56,7 +56,7 @@ def _checkpoint(bb, tmp_path, kind: str):
     """A "published" checkpoint written here in the format the real one ships in (weights: a teacher copy)."""
     if kind == "lora":
         return str(tiny_sd.make_loras(bb.path, tmp_path / "loras") / "lora_peft.safetensors")
-    unet = bb.new_unet(time_cond_proj_dim=32) if kind == "w-unet" else bb.new_unet()
+    unet = bb.new_net(time_cond_proj_dim=32) if kind == "w-unet" else bb.new_net()
     unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
     return str(tmp_path / "unet")
 

@@ -14,7 +14,7 @@ KEYS = [("p0", 0), ("p1", 0), ("p2", 0)]
 def settings_for(name, backbone, tmp):
     cls = base.get(name)
     if name == "pretrained":  # a "published" checkpoint written here: a teacher copy saved as a UNet dir
-        backbone.new_unet().save_pretrained(tmp / "turbo-unet", safe_serialization=True)
+        backbone.new_net().save_pretrained(tmp / "turbo-unet", safe_serialization=True)
         if backbone.schedule.kind == "flow":  # a flow UNet samples with the flow Euler scheduler
             return {"kind": "unet", "scheduler": "flow-euler", "path": str(tmp / "turbo-unet"), "max_steps": 4}
         return {"kind": "turbo", "path": str(tmp / "turbo-unet"), "max_steps": 4}

@@ -17,7 +17,7 @@ def test_noise_depends_on_key_only():
 
 @pytest.fixture(scope="module")
 def setup(tiny):
-    d = Denoiser(tiny.unet, tiny.schedule)
+    d = Denoiser(tiny.net, tiny.schedule)
     cond = tiny.encode_text(["a large red circle at the top left"] * 2)
     x_T = per_sample_noise([("a", 0), ("b", 0)], tiny.sample_shape)
     return tiny, d, cond, x_T
@@ -77,7 +77,7 @@ def test_guided_prediction_is_one_batched_call(setup):
     from methods.backbone import NFECounter
 
     bb, _, cond, x_T = setup
-    counter = NFECounter(bb.unet)
+    counter = NFECounter(bb.net)
     d = Denoiser(counter, bb.schedule)
     calls = []
     counter.register_forward_hook(lambda *a: calls.append(1))
@@ -89,7 +89,7 @@ def test_guided_prediction_is_one_batched_call(setup):
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_own_euler_equals_diffusers_flow_euler(tiny_flow, steps):
     """On a rectified flow DDIM is the flow's Euler step: our trajectory equals FlowMatchEulerDiscreteScheduler's."""
-    d = Denoiser(tiny_flow.unet, tiny_flow.schedule, "flow")
+    d = Denoiser(tiny_flow.net, tiny_flow.schedule, "flow")
     cond = tiny_flow.encode_text(["a large red circle at the top left"] * 2)
     x_T = per_sample_noise([("a", 0), ("b", 0)], tiny_flow.sample_shape)
     with torch.no_grad():
@@ -105,7 +105,7 @@ def test_noise_correction_is_the_identity_on_a_zero_terminal_snr_flow(tiny_flow,
     (which replaces ε̂ by x_T in the first step) changes nothing, bit for bit, whatever the shift; on the VP
     schedule (ᾱ_999 ≈ 0.0047 > 0) it does (test_noise_correction_changes_only_the_first_step)."""
     schedule = D.FlowSchedule(shift=shift, linear_sigmas=True)
-    d = Denoiser(tiny_flow.unet, schedule, "flow")
+    d = Denoiser(tiny_flow.net, schedule, "flow")
     cond = tiny_flow.encode_text(["a small blue square in the center"] * 2)
     x_T = per_sample_noise([("a", 0), ("b", 0)], tiny_flow.sample_shape)
     pred = lambda x, t: d.predict(x, t, cond)  # noqa: E731

@@ -158,9 +158,9 @@ def test_training_data_as_users_have_it(fx, tmp_path):
 
 
 def test_sdxl_micro_conditioning_reaches_the_unet(fx):
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
 
-    bb = DiffusersBackbone.load(fx / "sdxl")
+    bb = load_dir(fx / "sdxl")
     plain = bb.encode_text(["a cat"])
     micro = bb.encode_text(["a cat"], torch.tensor([[20, 40, 0, 8]]))
     r = bb.resolution

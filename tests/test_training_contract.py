@@ -27,7 +27,7 @@ def _flip(value):
 
 
 def _weights(method, steps: int) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in method.student_unet(steps).parameters()])
+    return torch.cat([p.detach().flatten() for p in method.student_net(steps).parameters()])
 
 
 @pytest.mark.parametrize("name", TRAINED)
@@ -146,7 +146,7 @@ def test_adversarial_weight_warms_up_then_ramps(tiny):
 def test_discriminator_r1_is_taken_at_the_noised_real_input(tiny):
     from methods.discriminator import TeacherFeatureDiscriminator
 
-    disc = TeacherFeatureDiscriminator(tiny.unet, tiny.schedule, tiny.encode_text([""]), patch=True)
+    disc = TeacherFeatureDiscriminator(tiny.net, tiny.schedule, tiny.encode_text([""]), patch=True)
     x = torch.rand(2, *tiny.sample_shape) * 2 - 1
     cond = tiny.encode_text(["a large red circle at the top left"] * 2)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731

@@ -110,7 +110,7 @@ class ShapesBackbone(Backbone):
         if kind not in TEACHER_KINDS:
             raise ValueError(f"kind must be one of {TEACHER_KINDS}, got {kind!r}")
         self.device = torch.device(device)
-        self.unet = unet.to(self.device).eval().requires_grad_(False)
+        self.net = unet.to(self.device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(self.device).eval().requires_grad_(False)
         self.card = card or {}
         self.kind = kind

@@ -29,7 +29,7 @@ def backbone():
 def student(backbone, tmp_path_factory):
     """A 1-NFE-per-step sampler over a teacher-sized UNet (latency does not depend on its weights)."""
     d = tmp_path_factory.mktemp("ckpt")
-    backbone.new_unet().save_pretrained(d / "unet", safe_serialization=True)
+    backbone.new_net().save_pretrained(d / "unet", safe_serialization=True)
     cls = base.get("pretrained")
     return cls(backbone, cls.make_config({"kind": "lightning", "path": str(d / "unet"), "max_steps": 8}),
                base.Context(d, progress=False))
@@ -69,7 +69,7 @@ def test_stage_text_encoding(benchmark, backbone):
 def test_stage_guided_network_call(benchmark, backbone):
     from methods.sampling import Denoiser
 
-    d = Denoiser(backbone.unet, backbone.schedule)
+    d = Denoiser(backbone.net, backbone.schedule)
     x = torch.randn(1, *backbone.sample_shape, device=backbone.device)
     cond, uncond = backbone.encode_text(TEXT), backbone.encode_text([""])
     with torch.no_grad():
@@ -89,15 +89,15 @@ def test_our_loop_against_the_diffusers_pipeline(benchmark, tmp_path_factory):
     import diffusers
 
     from bench.latency import time_call
-    from methods.diffusers_backbone import DiffusersBackbone
+    from methods.backbones import load_dir
     from methods.sampling import make_scheduler, per_sample_noise
     from tests import tiny_sd
 
-    bb = DiffusersBackbone.load(tiny_sd.build(tmp_path_factory.mktemp("sd") / "pipe"), DEVICE)
+    bb = load_dir(tiny_sd.build(tmp_path_factory.mktemp("sd") / "pipe"), DEVICE)
     cls = base.get("teacher")
     m = cls(bb, cls.make_config({"solver": "dpmsolver++"}), base.Context("."))
     pipe = diffusers.StableDiffusionPipeline(
-        vae=bb.vae, unet=bb.unet, scheduler=make_scheduler("dpmsolver++", bb.scheduler_config), tokenizer=bb.tokenizers[0],
+        vae=bb.vae, unet=bb.net, scheduler=make_scheduler("dpmsolver++", bb.scheduler_config), tokenizer=bb.tokenizers[0],
         text_encoder=bb.text_encoders[0], safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     latents = per_sample_noise(KEY, bb.sample_shape, device=DEVICE)
