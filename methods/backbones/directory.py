@@ -11,6 +11,7 @@ shards (``methods.training_data``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -276,6 +277,24 @@ class DirectoryBackbone(Backbone):
     def patch(self) -> int:
         """Latent pixels per token side (1 for a UNet)."""
         return 1
+
+    def at_resolution(self, resolution: int | None) -> DirectoryBackbone:
+        """This backbone sampling images of side `resolution` (pixels): a view sharing every module, with its own
+        latent size, conditioning (SDXL's target size) and schedule (a flow's resolution-dependent shift); itself when
+        `resolution` is None or its own. UserError when the side does not fit the VAE and patch size."""
+        if resolution is None or resolution == self.resolution:
+            return self
+        if resolution % (self.vae_factor * self.patch) or resolution < self.vae_factor * self.patch:
+            raise UserError(f"resolution {resolution} must be a positive multiple of {self.vae_factor * self.patch} for "
+                            f"this {self.family} pipeline")
+        view = copy.copy(self)
+        view.resolution, view.latent_size = resolution, resolution // self.vae_factor
+        view._identity = {**self._identity, "resolution": resolution}
+        view.resolution_changed()
+        return view
+
+    def resolution_changed(self) -> None:
+        """What a view at another resolution recomputes (a flow's schedule)."""
 
     # --- placement --------------------------------------------------------------------------------------------
     def place(self) -> None:

@@ -177,6 +177,9 @@ class FlowBackbone(DirectoryBackbone):
     def identity_extra(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
+    def resolution_changed(self) -> None:
+        self.schedule = self.schedule_for(self.scheduler_config)
+
     @property
     def patch(self) -> int:
         return self.Net.patch_size or int(self.transformer.config.patch_size)
