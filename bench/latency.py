@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from methods.backbone import compiled_mode
+
 
 def _sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -87,7 +89,8 @@ def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup
         many = time_call(lambda: method.sample([p.text for p in pb], [(p.id, 0) for p in pb], steps), device,
                          1, max(2, repeats // 2))
         eager = None
-        if getattr(method.backbone, "compile", None):
+        compiled = [compiled_mode(net) for net in method.networks()]
+        if any(compiled):
             with torch.compiler.set_stance("force_eager"):
                 eager = time_call(one_call, device, 1, repeats)
     text = float(np.median(spent["text"])) if spent["text"] else 0.0
@@ -106,7 +109,7 @@ def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup
         "latency_protocol": {"warmup": warmup, "repeats": repeats, "timed": "method.sample (text encoding, noise, "
                              "all network evaluations, decode to [0,1]); stages by wrapping encode_text and "
                              "to_images, denoise = the rest", "threads": torch.get_num_threads(),
-                             "compiled": bool(getattr(method.backbone, "compile", None))},
+                             "compiled": compiled},
     }
     if eager is not None:
         out["latency_eager_ms"] = 1000 * eager["median_s"]
@@ -114,11 +117,16 @@ def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup
 
 
 @contextlib.contextmanager
-def cell_memory():
-    """Peak host resident memory (MB) while active, as Linux's VmHWM reset at entry; yields a dict filled at exit
-    (``peak_rss_mb``: None where /proc cannot reset or read it)."""
-    out = {"peak_rss_mb": None}
+def cell_memory(device: str = "cpu"):
+    """Peak memory (MB) while active: host resident memory as Linux's VmHWM reset at entry (``peak_rss_mb``: None
+    where /proc cannot reset or read it), and on CUDA the accelerator's peak allocation from entry
+    (``peak_accelerator_sample_mb``, ``torch.cuda.max_memory_allocated``; None elsewhere). Yields a dict filled at exit.
+    The runner wraps a cell's sampling with it, after the previous method was released: the peak is this row's."""
+    out = {"peak_rss_mb": None, "peak_accelerator_sample_mb": None}
     status, clear = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:
         clear.write_text("5")  # resets VmHWM to the current RSS
         ok = True
@@ -127,6 +135,8 @@ def cell_memory():
     try:
         yield out
     finally:
+        if cuda:
+            out["peak_accelerator_sample_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         if ok:
             for line in status.read_text().splitlines():
                 if line.startswith("VmHWM:"):

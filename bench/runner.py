@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import shutil
@@ -126,12 +127,28 @@ class RunContext:
         return self.opts.progress and self.dist.main
 
     def method(self, entry: Entry) -> base.Method:
-        key = (entry.label, entry.train_seed)
+        key = entry_key(entry)
         if key not in self.methods:
             ctx = base.Context(cache_dir=self.cache / "students", progress=self.progress, scale=self.suite.scale,
                                rank=self.dist.rank, world=self.dist.world)
             self.methods[key] = registry.get(entry.name)(self.backbone, entry.config, ctx)
         return self.methods[key]
+
+    def release(self, entry: Entry) -> None:
+        """Drop an entry's method and its networks (after its last cell): each row's memory is its own."""
+        method = self.methods.pop(entry_key(entry), None)
+        if method is None:
+            return
+        method.release()
+        del method
+        gc.collect()
+        if str(self.opts.device).startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def entry_key(entry: Entry) -> tuple[str, int | None]:
+    """What identifies a suite entry's method: its label and training seed."""
+    return (entry.label, entry.train_seed)
 
 
 # --- 1. check, load, open ------------------------------------------------------------------------
@@ -185,6 +202,8 @@ def run(suite: Suite, opts: Options) -> Path | None:
     """Run a suite; returns the run directory (None for a dry run). Bad input raises UserError before
     anything is written; a failure while the run is being set up removes the new run directory."""
     t_start = time.time()
+    dist = Dist(opts.device)  # before anything loads: under several CUDA processes each loads onto its own GPU
+    opts = dataclasses.replace(opts, device=dist.run_device)
     checked = check(suite, opts)
     if opts.dry_run:
         for c in checked.cells:
@@ -194,7 +213,6 @@ def run(suite: Suite, opts: Options) -> Path | None:
         print(f"{len(checked.cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); checks passed; "
               "nothing written (dry run)")
         return None
-    dist = Dist(opts.device)
     stamp = dist.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
     error = None
@@ -219,13 +237,16 @@ def run(suite: Suite, opts: Options) -> Path | None:
         done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"], r.get("train_seed")) for r in rows})
         t_cells = time.time()
         bar = tqdm(total=len(checked.cells), desc=f"run {suite.name}", disable=not ctx.progress)
-        for cell in checked.cells:
+        cells = checked.cells
+        for k, cell in enumerate(cells):
             if cell.key not in done:
                 bar.set_postfix_str(cell.key)
                 row = run_cell(ctx, cell)
                 if dist.main:
                     rows.append(row)
                     rd.write_rows(rows)
+            if k + 1 == len(cells) or entry_key(cells[k + 1].entry) != entry_key(cell.entry):
+                ctx.release(cell.entry)  # its last cell: free its networks before the next method loads
             bar.update(1)
         bar.close()
         finish(ctx, len(checked.cells), t_start, t_cells)
@@ -321,9 +342,9 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
             ctx.failed_training[(entry.label, entry.train_seed, budget.steps)] = failed
             return {**row, **failed}
         # 2. sample this process's shard into the metric accumulators, counting network evaluations
-        with latency.cell_memory() as memory:
+        with latency.cell_memory(ctx.opts.device) as memory:
             sampled = sample_and_measure(ctx, cell, method)
-        row["peak_rss_mb"] = memory["peak_rss_mb"]
+        row.update(memory)
         faults.maybe_kill("metrics", cell.index)
         t0 = time.time()
         values = sampled["meter"].gather(lambda t: ctx.dist.gather(t, len(ctx.sample_range)))

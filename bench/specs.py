@@ -45,12 +45,13 @@ SPECS: dict[str, MetricSpec] = {s.key: s for s in (
     MetricSpec("latency_decode_ms", "decode ms", 1, "lower"),
     MetricSpec("latency_eager_ms", "eager ms", 1, "lower"),
     MetricSpec("peak_accelerator_mb", "peak GPU MB", 0, "lower"),
+    MetricSpec("peak_accelerator_sample_mb", "peak GPU MB (sampling)", 0, "lower"),
     MetricSpec("peak_rss_mb", "peak RSS MB", 0, "lower"),
 )}
 
 # the latency table's columns (per image at batch 1, by stage; throughput at the suite's batch; memory)
 LATENCY_COLUMNS = ("latency_ms", "latency_text_ms", "latency_denoise_ms", "latency_step_ms", "latency_decode_ms",
-                   "latency_eager_ms", "throughput", "peak_accelerator_mb", "peak_rss_mb")
+                   "latency_eager_ms", "throughput", "peak_accelerator_mb", "peak_accelerator_sample_mb", "peak_rss_mb")
 
 # the metric columns of the main table, in order
 MAIN_COLUMNS = ("fid", "clip_score", "accuracy", "acc_color", "acc_shape", "acc_size", "acc_position", "acc_count",

@@ -145,6 +145,14 @@ class Backbone(abc.ABC):
     dtype: torch.dtype = torch.float32  # the teacher's weights (students train in fp32 under autocast to it)
 
 
+COMPILE_MARK = "_flashbench_compile"
+
+
+def compiled_mode(net: nn.Module) -> str | None:
+    """The torch.compile mode a network was compiled with by ``Backbone.prepare_net`` (None: it runs eager)."""
+    return getattr(net, COMPILE_MARK, None)
+
+
 def add_w_embedding(net_cls, teacher_net: nn.Module, time_cond_proj_dim: int) -> nn.Module:
     """A copy of a diffusers UNet with a guidance-scale embedding (time_cond_proj_dim), zero-initialised.
 

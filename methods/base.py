@@ -183,6 +183,16 @@ class Method(abc.ABC):
         for c in self._counters:
             c.count = 0
 
+    def networks(self) -> list:
+        """The networks this method samples with (each NFE-counted one, unwrapped)."""
+        return [c.net for c in self._counters]
+
+    def release(self) -> None:
+        """Drop every network this method loaded or trained (its rows are done): the runner calls it after the
+        method's last cell, so a later row's memory holds the teacher and that row's method only. Subclasses
+        drop their own references too; a released method loads or trains again if used."""
+        self._counters.clear()
+
     def counted_nfe(self) -> int:
         """Network evaluations (per-sample calls) since the last reset."""
         return sum(c.count for c in self._counters)

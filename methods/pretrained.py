@@ -210,6 +210,10 @@ class Pretrained(Method):
     def nfe_per_step(cls, config) -> int:
         return 2 if config.guidance == "cfg" else 1
 
+    def release(self) -> None:
+        super().release()
+        self.denoiser = self.info = None
+
     @classmethod
     def allowed_steps(cls, config) -> tuple[int, ...]:
         return tuple(config.steps) or tuple(range(1, config.max_steps + 1))

@@ -215,12 +215,18 @@ class DistilledMethod(Method):
             net.load_state_dict(state)
 
         info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
-        net.eval().requires_grad_(False).to(bb.dtype)  # samples in the teacher's dtype
+        net = bb.prepare_net(net.eval().requires_grad_(False).to(bb.dtype))  # samples in the teacher's dtype, as it runs
         self.nets[grid] = net
         self.students[grid] = Denoiser(self.counted(net), self.backbone.schedule, self.student_prediction_type(),
                                        self.w_dim)
         self.train_info[grid] = TrainInfo(**{k: v for k, v in info.items() if k in TrainInfo.__dataclass_fields__})
         return self.train_info[grid]
+
+    def release(self) -> None:
+        super().release()
+        self.students.clear()
+        self.nets.clear()
+        self.train_info.clear()
 
     def student_net(self, steps: int) -> torch.nn.Module:
         """The trained student network itself (not NFE-counted) that samples at `steps` steps."""

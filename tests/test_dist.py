@@ -109,3 +109,60 @@ def test_data_parallel_training_keeps_processes_identical(setup):
         _, rank, distinct, moved, stem = line.split()
         assert distinct == "1" and moved == "True"  # trained, and the same weights on both processes
     assert len(list((setup / "ddp-cache").glob("*.safetensors"))) == 1  # one writer
+
+
+def test_collectives_take_tensors_on_the_backends_device():
+    """NCCL takes CUDA tensors only; gloo (and a mixed backend's CPU part) CPU tensors."""
+    import torch
+
+    from bench.dist import collective_device
+
+    gpu = torch.device("cuda", 3)
+    assert collective_device("nccl", gpu) == gpu
+    assert collective_device("gloo", torch.device("cpu")) == torch.device("cpu")
+    assert collective_device("cuda:nccl,cpu:gloo", gpu) == torch.device("cpu")
+
+
+def test_several_cuda_processes_each_sample_on_their_own_gpu(monkeypatch):
+    from bench.dist import Dist
+
+    d = Dist("cuda")
+    assert d.run_device == "cuda"  # one process: as asked
+    d.world, d.local_rank = 8, 5
+    assert d.run_device == "cuda:5"
+    d.requested = "cuda:1"
+    assert d.run_device == "cuda:1"  # an explicit device is the user's
+
+
+CHECKED = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from bench.dist import Dist, collective_device
+d = Dist()
+seen = []
+def checking(fn):
+    def wrapper(*a, **k):
+        tensors = [x for x in a if torch.is_tensor(x)] + [x for x in a if isinstance(x, list) for x in x if torch.is_tensor(x)]
+        for t in tensors:
+            seen.append(t.device)
+            assert t.device == d.device, (fn.__name__, t.device, d.device)
+        return fn(*a, **k)
+    return wrapper
+torch.distributed.all_gather = checking(torch.distributed.all_gather)
+torch.distributed.all_reduce = checking(torch.distributed.all_reduce)
+assert d.device == collective_device(torch.distributed.get_backend(), torch.device("cpu"))
+x = torch.arange(3 * (d.rank + 1), dtype=torch.float32).reshape(-1, 3)  # shards of 1 and 2 rows
+print("RESULT", d.rank, d.gather(x, 3).tolist(), d.sum([1.0, d.rank]), len(seen), flush=True)
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_collectives_run_on_the_collective_device_in_rank_order(tmp_path):
+    """Two processes (torchrun, gloo) under a wrapper that checks every tensor handed to a collective is on
+    ``Dist.device``, the backend's device: unequal shards gathered in rank order, sums over processes."""
+    (tmp_path / "checked.py").write_text(CHECKED.format(root=str(ROOT)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        str(tmp_path / "checked.py")], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("RESULT"))
+    assert [line.split(" ", 2)[2] for line in lines] == ["[[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] [2.0, 1.0] 4"] * 2

@@ -24,7 +24,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.io import sha256_file
-from methods.backbone import Backbone
+from methods.backbone import COMPILE_MARK, Backbone
 from methods.training_data import TrainingData
 
 # the file stem of each component's weights (diffusers models / transformers text encoders)
@@ -163,11 +163,6 @@ def pipeline_files(root: Path, components: list[str], encoder_names: list[str], 
 def first_line(e: BaseException) -> str:
     msg = str(e).strip()
     return msg.splitlines()[0][:200] if msg else type(e).__name__
-
-
-def compiled_mode(net: nn.Module) -> str | None:
-    """The torch.compile mode a network was compiled with by ``DirectoryBackbone.place`` (None: eager)."""
-    return getattr(net, "_flashbench_compile", None)
 
 
 class DirectoryBackbone(Backbone):
@@ -318,7 +313,7 @@ class DirectoryBackbone(Backbone):
             net.to(memory_format=torch.channels_last)
         if s.compile:
             net.compile(mode=None if s.compile == "default" else s.compile)
-            net._flashbench_compile = s.compile
+            setattr(net, COMPILE_MARK, s.compile)
         return net
 
     @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from methods.backbone import Cond
+from methods.backbone import COMPILE_MARK, Cond
 from methods.backbones.directory import DirectoryBackbone, DirectorySettings
 from methods.diffusion import T_TRAIN, FlowSchedule, flow_shift_mu
 
@@ -260,6 +260,6 @@ class FlowBackbone(DirectoryBackbone):
         """As every family's, compiling the transformer inside a FlowNet (the wrapper's packing stays eager)."""
         if isinstance(net, FlowNet) and self.settings.compile:
             super().prepare_net(net.transformer)
-            net._flashbench_compile = self.settings.compile
+            setattr(net, COMPILE_MARK, self.settings.compile)
             return net
         return super().prepare_net(net)
