@@ -80,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     _scoring_options(mg)
 
     ev = sub.add_parser("evaluate", help="score saved samples (GenEval layout) under a suite's protocol")
-    ev.add_argument("folder", type=Path, help="a folder of samples, or a run's samples/ folder")
-    ev.add_argument("suite", nargs="?", default=None, help="the suite whose evaluators and metrics to use (default: default)")
+    ev.add_argument("folders", nargs="+", metavar="FOLDER [SUITE]",
+                    help="one or more folders of samples (a cell's, a run's or a shard's samples/, or several shards'), "
+                    "then optionally the suite whose evaluators and metrics to use (a name or a .toml; default: default)")
     _scoring_options(ev)
 
     st = sub.add_parser("study", help="choose a default by the study's rule, on validation prompts (see `list`)")
@@ -170,9 +171,18 @@ def cmd_merge(args) -> int:
 def cmd_evaluate(args) -> int:
     from bench import evaluate
 
-    path = evaluate.evaluate(args.folder, suite_mod.load(args.suite), args.out, args.cache, args.device)
+    folders, suite = split_suite(args.folders)
+    path = evaluate.evaluate(folders, suite_mod.load(suite), args.out, args.cache, args.device)
     print((path / "tables" / "main.md").read_text())
     return 0
+
+
+def split_suite(args: list[str]) -> tuple[list[Path], str | None]:
+    """(sample folders, suite or None) of `evaluate`'s arguments: the last one names the suite when it is not a
+    folder (a suite name or a .toml file)."""
+    if len(args) > 1 and not Path(args[-1]).is_dir():
+        return [Path(a) for a in args[:-1]], args[-1]
+    return [Path(a) for a in args], None
 
 
 def cmd_study(args) -> int:

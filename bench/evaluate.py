@@ -10,8 +10,11 @@ ones: the rows carry the same protocol (prompts by content, evaluators, referenc
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import re
+import shlex
 import time
 from pathlib import Path
 
@@ -29,92 +32,156 @@ from prompts import Obj, Prompt
 from prompts.loaders import prompts_sha256
 
 
-def cell_folders(folder: Path) -> list[Path]:
-    """The GenEval-layout folders under `folder` (itself, or its sub-folders); UserError when there are none."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder} is not a folder of samples (GenEval layout: <index>/metadata.jsonl, <index>/samples/)")
-    if (folder / "00000" / "metadata.jsonl").exists():
-        return [folder]
-    cells = sorted(p for p in folder.iterdir() if (p / "00000" / "metadata.jsonl").exists())
-    if not cells:
-        raise UserError(f"{folder} holds no samples in the GenEval layout (<index:05d>/metadata.jsonl and "
-                        "<index:05d>/samples/<seed:04d>.png)")
+INDEX = re.compile(r"\d{5,}")
+
+
+@dataclasses.dataclass
+class Cell:
+    """One cell's saved samples, from one or several folders (shards): its prompts in global index order, each
+    prompt's folder, the seeds saved, and the cell.json flashbench wrote beside them ({} for another tool's)."""
+
+    name: str
+    prompts: list[Prompt]
+    folders: list[Path]  # per prompt, its <index> folder
+    seeds: list[int]
+    info: dict
+
+
+def _holds_samples(folder: Path) -> bool:
+    return any(INDEX.fullmatch(p.name) and (p / "metadata.jsonl").is_file() for p in folder.iterdir() if p.is_dir())
+
+
+def cells_in(folders: list[Path]) -> list[Cell]:
+    """The cells under `folders`, each a GenEval-layout folder or a folder of them (``samples/`` of a run, of one
+    shard or several): a cell's prompts are the union of its folders' index folders, which must form one
+    contiguous run of global indices (a shard's, or shards' that together leave no gap) with nothing twice.
+    Every prompt's metadata and every sample PNG are checked here, before anything is written; UserError
+    (one line) names the first folder or file that does not fit."""
+    parts: dict[str, list[Path]] = {}
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"{folder} is not a folder of samples (GenEval layout: <index>/metadata.jsonl, "
+                            "<index>/samples/<seed:04d>.png)")
+        found = [folder] if _holds_samples(folder) else sorted(p for p in folder.iterdir()
+                                                                if p.is_dir() and _holds_samples(p))
+        if not found:
+            raise UserError(f"{folder} holds no samples in the GenEval layout (<index:05d>/metadata.jsonl and "
+                            "<index:05d>/samples/<seed:04d>.png)")
+        for f in found:
+            parts.setdefault(f.name, []).append(f)
+    cells = [read_cell(name, fs) for name, fs in sorted(parts.items())]
+    for c in cells[1:]:
+        if c.prompts != cells[0].prompts:
+            raise UserError(f"cell {c.name} holds other prompts than {cells[0].name}; evaluate them separately")
     return cells
 
 
-def read_prompts(cell: Path) -> list[Prompt]:
-    """The prompts of a GenEval-layout folder, as flashbench loaded them when it saved them."""
-    out = []
-    indices = sorted(p for p in cell.iterdir() if p.is_dir() and p.name.isdigit())
-    for i, d in enumerate(indices):
-        if d.name != f"{i:05d}":
-            raise UserError(f"{cell}: prompt folders must be 00000, 00001, ... without gaps; found {d.name} at {i}")
-        try:
-            rec = json.loads((d / "metadata.jsonl").read_text().splitlines()[0])
-        except (OSError, IndexError, json.JSONDecodeError):
-            raise UserError(f"{d / 'metadata.jsonl'}: expected one JSON object (a GenEval metadata line)") from None
-        if not isinstance(rec.get("prompt"), str):
-            raise UserError(f"{d / 'metadata.jsonl'}: expected a string 'prompt'")
-        fb = rec.get("flashbench") or {}
-        if fb:
-            objects = None if fb.get("objects") is None else tuple(Obj(**o) for o in fb["objects"])
-            meta = tuple(tuple(m) for m in fb.get("meta", []))
-            out.append(Prompt(fb["id"], rec["prompt"], objects, fb.get("scene_seed"), meta))
-        else:  # a folder another tool wrote: GenEval's own fields are the metadata
-            meta = tuple((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
-                         for k, v in sorted(rec.items()) if k != "prompt")
-            out.append(Prompt(f"{cell.name}-{i:05d}", rec["prompt"], meta=meta))
-    return out
+def read_cell(name: str, parts: list[Path]) -> Cell:
+    """One cell from its folders (see ``cells_in``)."""
+    by_index: dict[int, Path] = {}
+    for part in parts:
+        for d in sorted(p for p in part.iterdir() if p.is_dir() and INDEX.fullmatch(p.name)):
+            i = int(d.name)
+            if i in by_index:
+                raise UserError(f"prompt {d.name} of cell {name} is in both {by_index[i].parent} and {part}; give each "
+                                "shard's samples once")
+            by_index[i] = d
+    indices = sorted(by_index)
+    gaps = sorted(set(range(indices[0], indices[-1] + 1)) - set(indices))
+    if gaps:
+        raise UserError(f"cell {name}: prompt folders {indices[0]:05d}..{indices[-1]:05d} miss {len(gaps)} (first "
+                        f"{gaps[0]:05d}); give every shard's samples folder, or one shard's")
+    folders = [by_index[i] for i in indices]
+    prompts = [read_prompt(d, name, i) for d, i in zip(folders, indices)]
+    seeds = sorted(int(png.stem) for png in (folders[0] / "samples").glob("*.png") if png.stem.isdigit())
+    if not seeds:
+        raise UserError(f"{folders[0] / 'samples'}: no <seed:04d>.png samples")
+    for d in folders:
+        for seed in seeds:
+            check_png(d / "samples" / f"{seed:04d}.png")
+    info_files = [part / "cell.json" for part in parts if (part / "cell.json").is_file()]
+    info = json.loads(info_files[0].read_text()) if info_files else {}
+    return Cell(name, prompts, folders, seeds, info)
 
 
-def read_images(cell: Path, indices: range, seed: int) -> torch.Tensor:
-    """Samples [n, 3, H, W] float32 in [0, 1] (8-bit levels) of the prompts `indices` for one seed."""
+def read_prompt(d: Path, cell: str, index: int) -> Prompt:
+    """The prompt of one GenEval-layout prompt folder, as flashbench loaded it when it saved it (another tool's:
+    its GenEval fields as the metadata, an id from the cell and index)."""
+    try:
+        rec = json.loads((d / "metadata.jsonl").read_text().splitlines()[0])
+    except (OSError, IndexError, json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{d / 'metadata.jsonl'}: expected one JSON object (a GenEval metadata line)") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+        raise UserError(f"{d / 'metadata.jsonl'}: expected a string 'prompt'")
+    fb = rec.get("flashbench") or {}
+    if fb:
+        objects = None if fb.get("objects") is None else tuple(Obj(**o) for o in fb["objects"])
+        meta = tuple(tuple(m) for m in fb.get("meta", []))
+        return Prompt(fb["id"], rec["prompt"], objects, fb.get("scene_seed"), meta)
+    meta = tuple((k, v if isinstance(v, str) else json.dumps(v, sort_keys=True))
+                 for k, v in sorted(rec.items()) if k != "prompt")
+    return Prompt(f"{cell}-{index:05d}", rec["prompt"], meta=meta)
+
+
+def check_png(path: Path) -> None:
+    """A sample that exists and opens as an image; UserError naming it otherwise."""
+    if not path.is_file():
+        raise UserError(f"{path.parent.parent}: no sample {path.name} (every prompt needs every seed's PNG)")
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"{path}: not a readable image ({type(e).__name__}); remove or re-save it") from None
+
+
+def read_images(cell: Cell, indices: range, seed: int) -> torch.Tensor:
+    """Samples [n, 3, H, W] float32 in [0, 1] (8-bit levels) of the cell's prompts `indices` for one seed."""
     out = []
     for i in indices:
-        path = cell / f"{i:05d}" / "samples" / f"{seed:04d}.png"
-        if not path.is_file():
-            raise UserError(f"{cell}: no sample for prompt {i:05d} and seed {seed} ({path.name})")
-        with Image.open(path) as im:
+        with Image.open(cell.folders[i] / "samples" / f"{seed:04d}.png") as im:
             out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+    shapes = {a.shape for a in out}
+    if len(shapes) > 1:
+        raise UserError(f"cell {cell.name}: samples of different sizes ({sorted(shapes)[:2]}); one cell's samples share "
+                        "a size")
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
 
 
-def seeds_of(cell: Path) -> list[int]:
-    return sorted(int(p.stem) for p in (cell / "00000" / "samples").glob("*.png"))
-
-
-def evaluate(folder: Path, suite: Suite, out: Path, cache: Path | None = None, device: str = "cpu") -> Path:
-    """Score every cell folder under `folder` with the suite's evaluators and metrics into the run `out`."""
+def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | None = None,
+             device: str = "cpu") -> Path:
+    """Score every cell under `folders` (see ``cells_in``) with the suite's evaluators and metrics into the run `out`;
+    every input is read and checked before `out` is created."""
     t0 = time.time()
-    cells = cell_folders(folder)
-    prompts = read_prompts(cells[0])
-    for c in cells[1:]:
-        if read_prompts(c) != prompts:
-            raise UserError(f"{c} holds other prompts than {cells[0]}; evaluate them separately")
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else [Path(f) for f in folders]
     components.check_device(device)
-    components.check_metrics(suite.metrics, prompts, str(folder), suite.evaluators["kind"])
+    RunDir(out).check_new(False)
+    cells = cells_in(folders)
+    prompts = cells[0].prompts
+    where = ", ".join(str(f) for f in folders)
+    components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"])
     evaluators = components.load_evaluators(suite.evaluators, device)
     rd = RunDir(out)
     rd.create(resume=False)
     try:
         ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
-        info = [json.loads((c / "cell.json").read_text()) if (c / "cell.json").exists() else {} for c in cells]
-        teacher = info[0].get("teacher", {"backbone": "unknown (samples from outside)"})
-        config = {"suite": suite.to_dict(), "evaluated": [str(c.name) for c in cells], "versions": provenance.versions(),
+        teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
+        config = {"suite": suite.to_dict(), "evaluated": [c.name for c in cells], "versions": provenance.versions(),
                   "git": provenance.git_hash(), "device": device, "teacher": teacher,
-                  "evaluators": evaluators.identity(), "prompts": {"set": str(folder), "n": len(prompts),
+                  "evaluators": evaluators.identity(), "prompts": {"set": where, "n": len(prompts),
                                                                    "sha256": prompts_sha256(prompts),
                                                                    "file_sha256": None},
-                  "started": dt.datetime.now().isoformat(timespec="seconds"), "command": f"flashbench evaluate {folder}"}
+                  "started": dt.datetime.now().isoformat(timespec="seconds"),
+                  "command": shlex.join(["flashbench", "evaluate", *map(str, folders)])}
         rd.write_config(config)
         runner.measurement(ctx)
         protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, teacher, device,
                                        config["versions"].get("torchmetrics"),
                                        evaluators.num_features if "fid" in suite.metrics else None)
         rows = []
-        for cell, meta in zip(cells, info):
-            for seed in seeds_of(cell):
+        for cell in cells:
+            meta = cell.info
+            for seed in cell.seeds:
                 meter = CellMetrics(evaluators, prompts, ctx.reference, fid="fid" in suite.metrics)
                 for i in range(0, len(prompts), suite.batch_size):
                     idx = range(i, min(i + suite.batch_size, len(prompts)))
