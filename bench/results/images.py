@@ -113,7 +113,8 @@ def tier_a(ref: Path, run: Path, cells: list[tuple[str, int]], counts: tuple[int
         worst = int(np.argmin(got))
         bad = got[worst] < threshold
         failed |= bad
-        lines.append(f"| {cell} | {len(got)} | {got[worst]:.6f} | {worst} | {'**differs**' if bad else 'ok'} |")
+        which = worst if got[worst] < 1.0 else "—"
+        lines.append(f"| {cell} | {len(got)} | {got[worst]:.6f} | {which} | {'**differs**' if bad else 'ok'} |")
     if not cells:
         lines.append("| (the reference has no grids: nothing to check) | | | | |")
     return lines, failed
