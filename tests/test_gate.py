@@ -106,6 +106,11 @@ def test_ssim_identity_symmetry_and_closed_form():
     mu, c, c1 = x7.mean(), 40.0, (0.01 * 255) ** 2
     want = (2 * mu * (mu + c) + c1) / (mu**2 + (mu + c) ** 2 + c1)
     assert images.ssim(x7, x7 + np.uint8(c)) == pytest.approx(want, rel=1e-12)
+    # y = x / 2: μ_y = μ/2, σ_y² = σ²/4, σ_xy = σ²/2 with σ² the sample variance (ddof 1, as scikit-image)
+    xe = 2 * rng.integers(0, 120, (7, 7, 1)).astype(np.uint8)
+    mu, var, c2 = xe.mean(), xe.var(ddof=1), (0.03 * 255) ** 2
+    want = (mu**2 + c1) / (1.25 * mu**2 + c1) * (var + c2) / (1.25 * var + c2)
+    assert images.ssim(xe, xe // 2) == pytest.approx(want, rel=1e-12)
 
 
 # --- per-device references: keys and bootstrap ------------------------------------------------------
