@@ -257,6 +257,9 @@ def cmd_compare(args) -> int:
         report, regressed = gate.check_in_store(args.store, args.runs[0], args.device_class, args.bootstrap)
     elif (args.runs[0] / reference.REFERENCE).exists():  # a filed reference: its key is checked, both tiers
         report, regressed = gate.check(args.runs[0], args.runs[1], args.device_class)
+    elif args.device_class is not None:
+        raise UserError(f"--device-class keys a run to a filed reference; {args.runs[0]} has no {reference.REFERENCE} "
+                        "(a plain `flashbench baseline` checks no key): drop --device-class")
     else:
         report, regressed = compare.compare(*args.runs)
     print(report)
