@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench import suite as suite_mod
 from bench import study as study_mod
-from bench.results import compare, tables
+from bench.results import compare, gate, history, reference, tables
 from bench.rundir import RESULTS_FILE, read_config
 from core.errors import UserError
 from methods import registry
@@ -96,11 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     st.add_argument("--no-progress", action="store_true")
 
-    bl = sub.add_parser("baseline", help="derive a run's regression tolerances from its seed-to-seed spread")
+    bl = sub.add_parser("baseline", help="derive a run's regression tolerances from its seed-to-seed spread "
+                        "(with --store: file it as the reference of its device key)")
     bl.add_argument("run", type=Path)
-    cp = sub.add_parser("compare", help="regression gate: exit 1 if RUN is worse than BASELINE beyond tolerance")
-    cp.add_argument("baseline", type=Path)
-    cp.add_argument("run", type=Path)
+    bl.add_argument("--store", type=Path, help="file RUN as the reference of its key (suite, device class, torch and "
+                    "diffusers versions) in this folder, e.g. results/reference/gate (docs/gpu-ci.md)")
+    bl.add_argument("--bootstrap", action="store_true",
+                    help="with --store: file RUN only if its key has no reference yet (else keep that one, exit 0)")
+    bl.add_argument("--image-threshold", type=float, help="with --store: tier (a)'s lowest SSIM of a sample to the "
+                    f"reference's, in (0, 1] (default {reference.IMAGE_THRESHOLD}: measured on a CPU; re-measure per GPU)")
+    _device_class_option(bl)
+    cp = sub.add_parser("compare", help="regression gate: exit 1 if RUN is worse than BASELINE beyond tolerance",
+                        usage="flashbench compare BASELINE RUN | flashbench compare RUN --store DIR [--bootstrap]")
+    cp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="BASELINE RUN, or RUN with --store")
+    cp.add_argument("--store", type=Path, help="compare RUN with the reference of its own key in this folder")
+    cp.add_argument("--bootstrap", action="store_true", help="with --store: when RUN's key has no reference, file RUN "
+                    "as it and exit 0 with a notice")
+    _device_class_option(cp)
+    lg = sub.add_parser("latency-gate", help="latency gate: exit 1 if a cell of RUN is slower than the median of the "
+                        "last main-branch runs of its key by more than both limits")
+    lg.add_argument("run", type=Path)
+    lg.add_argument("--history", type=Path, required=True, help="folder of latency histories, one <key>.jsonl per key")
+    lg.add_argument("--main", action="store_true", help="RUN is of the main branch: append it to the history "
+                    "(after comparing); never pass it for a pull request")
+    lg.add_argument("--window", type=int, default=history.Limits.window,
+                    help="the median is over this many last main-branch runs (default %(default)s)")
+    lg.add_argument("--max-slower-pct", type=float, default=history.Limits.max_slower_pct,
+                    help="relative limit, %% of the median (default %(default)s)")
+    lg.add_argument("--max-slower-ms", type=float, default=history.Limits.max_slower_ms,
+                    help="absolute limit, ms (default %(default)s); a cell regresses only beyond both")
+    lg.add_argument("--benchmark-json", type=Path, help="also gate the medians of a pytest-benchmark "
+                    "--benchmark-json file, as cells 'bench:<name>'")
+    _device_class_option(lg)
 
     sub.add_parser("list", help="registered methods and available suites")
 
@@ -206,14 +233,52 @@ def cmd_study(args) -> int:
     return 0
 
 
+def _device_class_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device-class", metavar="GPU", help="the GPU model the run ran on (e.g. 'NVIDIA H200'), when its "
+                   "config.json names none; a CPU run's class is 'cpu'")
+
+
 def cmd_baseline(args) -> int:
-    tol = compare.make_baseline(args.run)
-    print(f"{args.run / compare.TOLERANCES}: tolerances for {len(tol['cells'])} cells")
+    if args.store is None:
+        if args.bootstrap or args.image_threshold is not None or args.device_class is not None:
+            raise UserError("--bootstrap, --image-threshold and --device-class file a reference: give --store DIR too")
+        tol = compare.make_baseline(args.run)
+        print(f"{args.run / compare.TOLERANCES}: tolerances for {len(tol['cells'])} cells")
+        return 0
+    key = reference.run_key(args.run, args.device_class)
+    found = reference.find(args.store, key)
+    if found is not None and args.bootstrap:
+        print(f"notice: {key.name} already has a reference ({found}); left as it is")
+        return 0
+    threshold = reference.IMAGE_THRESHOLD if args.image_threshold is None else args.image_threshold
+    path = reference.file(args.run, args.store, key, threshold)
+    print(f"{path}: the reference of {key.name} (tier (a) threshold {threshold:g})")
     return 0
 
 
 def cmd_compare(args) -> int:
-    report, regressed = compare.compare(args.baseline, args.run)
+    want = 1 if args.store is not None else 2
+    if len(args.runs) != want:
+        raise UserError("compare takes BASELINE RUN, or RUN with --store DIR; got "
+                        f"{len(args.runs)} path(s){' and --store' if args.store is not None else ''}")
+    if args.store is None and args.bootstrap:
+        raise UserError("--bootstrap files a missing reference in a store: give --store DIR and RUN alone")
+    if args.store is not None:
+        report, regressed = gate.check_in_store(args.store, args.runs[0], args.device_class, args.bootstrap)
+    elif (args.runs[0] / reference.REFERENCE).exists():  # a filed reference: its key is checked, both tiers
+        report, regressed = gate.check(args.runs[0], args.runs[1], args.device_class)
+    elif args.device_class is not None:
+        raise UserError(f"--device-class keys a run to a filed reference; {args.runs[0]} has no {reference.REFERENCE} "
+                        "(a plain `flashbench baseline` checks no key): drop --device-class")
+    else:
+        report, regressed = compare.compare(*args.runs)
+    print(report)
+    return 1 if regressed else 0
+
+
+def cmd_latency_gate(args) -> int:
+    limits = history.Limits(args.window, args.max_slower_pct, args.max_slower_ms)
+    report, regressed = history.gate(args.run, args.history, limits, args.main, args.device_class, args.benchmark_json)
     print(report)
     return 1 if regressed else 0
 
@@ -280,7 +345,8 @@ def cmd_train_evaluators(args) -> int:
 
 
 COMMANDS = {"run": cmd_run, "study": cmd_study, "merge": cmd_merge, "evaluate": cmd_evaluate,
-            "baseline": cmd_baseline, "compare": cmd_compare, "list": cmd_list, "table": cmd_table,
+            "baseline": cmd_baseline, "compare": cmd_compare, "latency-gate": cmd_latency_gate, "list": cmd_list,
+            "table": cmd_table,
             "train-teacher": cmd_train_teacher, "train-evaluators": cmd_train_evaluators}
 
 

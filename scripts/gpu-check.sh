@@ -8,7 +8,7 @@
 #                                        into the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || command -v python3 )}
 if [ "${1:-}" = "--dry-run" ]; then
   out=$(mktemp -d)
   "$PY" -m pytest -q -m cuda tests/test_cuda.py          # skipped without CUDA: proves the file collects
