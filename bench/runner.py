@@ -270,6 +270,7 @@ def start(ctx: RunContext, truncated: dict) -> None:
         "git": provenance.git_hash(),
         "source_sha256": source_hash(),
         "device": opts.device,
+        "gpu": torch.cuda.get_device_name(opts.device) if str(opts.device).startswith("cuda") else None,
         "threads": torch.get_num_threads(),
         "teacher": ctx.backbone.identity(),
         "evaluators": ctx.evaluators.identity(),
