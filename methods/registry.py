@@ -44,6 +44,32 @@ def declared() -> dict[str, tuple[str, str]]:
             for name, d in decorated_classes(Path(__file__).parent, "register", "methods").items()}
 
 
+@functools.cache
+def module_sources(module: str, root: Path | None = None) -> tuple[Path, ...]:
+    """The files of `module` (a ``methods.*`` module) and of every ``methods.*`` module it imports, transitively (read
+    with ``ast``, imports inside functions included): the code a method's students are trained by. `root`: the
+    methods/ folder to read (default this package's)."""
+    root = Path(root or Path(__file__).parent)
+    seen: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in seen or not name.startswith("methods"):
+            continue
+        rel = Path(*name.split(".")[1:])
+        path = root / rel / "__init__.py" if (root / rel).is_dir() else (root / rel).with_suffix(".py")
+        if not path.is_file():
+            continue
+        seen[name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                todo.append(node.module)
+                todo += [f"{node.module}.{a.name}" for a in node.names]  # `from methods import x`
+            elif isinstance(node, ast.Import):
+                todo += [a.name for a in node.names]
+    return tuple(sorted(seen.values()))
+
+
 def register(name: str):
     """Class decorator: register a Method subclass under ``name`` (the one place a method is named)."""
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
+from pathlib import Path
 
 import torch
 
 from core import io
 from methods.base import Method, TrainInfo
+from methods.registry import module_sources
 from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise
 from methods.training import TrainCompute, add_passes, cached_student, optimizer_step
@@ -130,6 +133,17 @@ class AdversarialTerm:
         return loss.item()
 
 
+def training_code_sha256(module: str, root: Path | None = None) -> str:
+    """sha256 (16 hex) of the code that trains a method's students: its module and every ``methods.*`` module it
+    imports (``registry.module_sources``), by content and path within methods/. In every student's cache key, so a
+    change to that code retrains instead of loading a student the old code made. `root`: the methods/ folder."""
+    root = Path(root or Path(__file__).parent)
+    h = hashlib.sha256()
+    for path in module_sources(module, root):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
 class DistilledMethod(Method):
     """A method whose sampler is a trained student UNet, cached by a hash of what made it."""
 
@@ -168,7 +182,7 @@ class DistilledMethod(Method):
         training = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.INFERENCE_FIELDS}
         ident = {"method": self.name, "training": training, "updates": self.updates(),
                  "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
-                 "device": self.backbone.device.type}
+                 "device": self.backbone.device.type, "code": training_code_sha256(type(self).__module__)}
         if self.ctx.world > 1:  # data-parallel training sees world x the data: another student
             ident["processes"] = self.ctx.world
         key = io.content_hash(ident)

@@ -251,21 +251,41 @@ def _sync_gradients(modules: dict[str, nn.Module]) -> list:
             if p.requires_grad]
 
 
+def _read_card(path: Path) -> dict | None:
+    """A cached student's card ({"sha256", "info"}), or None when it is missing, cut short or malformed."""
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(card, dict) and isinstance(card.get("sha256"), str) and isinstance(card.get("info"), dict)
+    return card if ok else None
+
+
 def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True) -> dict:
     """Load a trained student from the cache, or train it and cache it (safetensors + card with sha256).
 
-    ``train(ckpt_path) -> (state_dict, info dict)``; ``load(state_dict)`` installs the weights. A
-    card whose sha256 does not match its weights marks a corrupt cache entry: it is retrained.
+    ``train(ckpt_path) -> (state_dict, info dict)``; ``load(state_dict)`` installs the weights. A corrupt cache
+    entry — a card that is missing, cut short or malformed, weights whose sha256 does not match the card, or that
+    do not load — is warned about and retrained (and overwritten).
     """
     from safetensors.torch import load_file
 
     path = Path(cache_dir) / f"{stem}.safetensors"
     card_path = path.with_suffix(".json")
-    if path.exists() and card_path.exists():
-        card = json.loads(card_path.read_text())
-        if card.get("sha256") == io.sha256_file(path):
-            load(load_file(str(path)))
-            return {**card["info"], "cached": True, "checkpoint": path.name, "checkpoint_sha256": card["sha256"]}
+    if path.exists() or card_path.exists():
+        card = _read_card(card_path)
+        if card is not None and path.exists() and card["sha256"] == io.sha256_file(path):
+            try:
+                load(load_file(str(path)))
+                return {**card["info"], "cached": True, "checkpoint": path.name, "checkpoint_sha256": card["sha256"]}
+            except (OSError, RuntimeError, KeyError, ValueError) as e:
+                why = f"its weights do not load ({type(e).__name__})"
+        else:
+            why = ("its card is unreadable" if card is None else "its weights are missing" if not path.exists()
+                   else "its weights do not match the card's sha256")
+        import warnings
+
+        warnings.warn(f"ignoring the corrupt cached student {path.name} ({why}); training it again", stacklevel=2)
     ckpt = path.with_suffix(".ckpt.safetensors")
     state, info = train(ckpt)
     if not write:  # another process (rank 0) writes the cache entry; this one keeps its identical weights
