@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench import suite as suite_mod
 from bench import study as study_mod
-from bench.results import compare, gate, history, reference, tables
+from bench.results import compare, gate, history, reference  # light: tables (pandas, plots) load where used
 from bench.rundir import RESULTS_FILE, read_config
 from core.errors import UserError
 from methods import registry
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", help="comma-separated seeds")
     r.add_argument("--out", type=Path, help="run directory (default results/<suite>-<time>); never overwritten")
     r.add_argument("--resume", type=Path, metavar="RUN", help="finish an interrupted run in RUN")
-    r.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.add_argument("--device", help="cpu (default) or cuda[:N]")
     r.add_argument("--cache", type=Path, help="cache of trained students and FID references "
                    "(default $FLASHBENCH_CACHE or ~/.cache/flashbench)")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
@@ -147,11 +147,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
-    from bench import runner
-
+    device = suite_mod.check_device_name(args.device or "cpu")
+    save_samples = args.save_samples
     if args.resume is not None:
-        s = suite_mod.from_dict(read_config(args.resume)["suite"])
+        config = read_config(args.resume)
+        given = [flag for flag, value in (("a suite", args.suite), ("--methods", args.methods), ("--nfe", args.nfe),
+                                          ("--samples", args.samples), ("--seeds", args.seeds), ("--shard", args.shard),
+                                          ("--save-samples", args.save_samples)) if value]
+        if given:
+            raise UserError(f"--resume {args.resume} finishes the run as it was started (its suite, budgets, samples, seeds "
+                            f"and shard are in its config.json); drop {', '.join(given)}, or start a new run with --out")
+        was = str(config.get("device", "cpu"))
+        if args.device is not None and device.split(":")[0] != was.split(":")[0]:
+            raise UserError(f"--resume {args.resume}: the run was started on {was}; resume it there (drop --device), or "
+                            "start a new run with --out")
+        device = device if args.device is not None else was
+        s = suite_mod.from_dict(config["suite"])
         out, resume = args.resume, True
+        shard = tuple(config.get("shard") or ()) or None
+        save_samples = bool(config.get("save_samples", False))
     else:
         s = suite_mod.load(args.suite)
         s = suite_mod.override(
@@ -162,12 +176,12 @@ def cmd_run(args) -> int:
             seeds=_int_csv(args.seeds, "--seeds") if args.seeds else None,
         )
         out, resume = args.out, False
-    shard = _shard(args.shard) if args.shard else None
-    if resume:
-        shard = tuple(read_config(args.resume).get("shard") or ()) or None
-    opts = runner.Options(out=out, device=args.device, cache=args.cache, resume=resume,
+        shard = _shard(args.shard) if args.shard else None
+    from bench import runner  # torch and the models: only once the arguments and the suite are good
+
+    opts = runner.Options(out=out, device=device, cache=args.cache, resume=resume,
                           progress=not args.no_progress, dry_run=args.dry_run,
-                          command=getattr(args, "command_line", None), shard=shard, save_samples=args.save_samples)
+                          command=getattr(args, "command_line", None), shard=shard, save_samples=save_samples)
     path = runner.run(s, opts)
     if path is not None and shard is None:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")
@@ -213,16 +227,24 @@ def split_suite(args: list[str]) -> tuple[list[Path], str | None]:
 
 
 def cmd_study(args) -> int:
-    from bench import runner
-
     study = study_mod.load(args.study)
+    suite_mod.check_device_name(args.device)
     if args.resume is not None:
-        s = suite_mod.from_dict(read_config(args.resume)["suite"])
+        config = read_config(args.resume)
+        if config.get("study") != study["name"]:
+            raise UserError(f"--resume {args.resume} is a run of {config.get('study') or 'no study'!r}, not of study "
+                            f"{study['name']!r}; resume it with its own study, or start a new run with --out")
+        given = [f for f, v in (("--samples", args.samples), ("--train-seeds", args.train_seeds)) if v is not None]
+        if given:
+            raise UserError(f"--resume {args.resume} finishes the study run as it was started; drop {', '.join(given)}")
+        s = suite_mod.from_dict(config["suite"])
     else:
         seeds = _int_csv(args.train_seeds, "--train-seeds") if args.train_seeds else None
         if args.samples is not None and args.samples < 1:
             raise UserError(f"--samples must be a positive integer, got {args.samples}")
         s = study_mod.build_suite(study, args.samples, seeds)
+    from bench import runner
+
     opts = runner.Options(out=args.resume or args.out, device=args.device, cache=args.cache, resume=args.resume is not None,
                           progress=not args.no_progress, dry_run=args.dry_run,
                           command=getattr(args, "command_line", None), study=study["name"])
@@ -305,6 +327,8 @@ def _description(path: Path) -> str:
 
 
 def cmd_table(args) -> int:
+    from bench.results import tables
+
     if not (args.run / RESULTS_FILE).exists():
         raise UserError(f"{args.run} has no {RESULTS_FILE}; give a run directory written by `flashbench run`")
     tables.write_all(args.run)

@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.shapes import world
 from bench.shapes.evaluators import load_evaluators as load_shapes_evaluators
 from bench.shapes.teacher import ShapesBackbone
+from bench.suite import check_device_name
 from core.errors import UserError
 from prompts import load_prompts
 
@@ -18,8 +19,7 @@ def check_device(device: str) -> str:
     """`device` when it is cpu or an available cuda[:N]; UserError otherwise."""
     import torch
 
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be cpu or cuda[:N], got {device!r}")
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available here; use --device cpu")
     return device

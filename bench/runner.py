@@ -279,6 +279,7 @@ def start(ctx: RunContext, truncated: dict) -> None:
         "processes": d.world,
         "study": opts.study,
         "shard": list(opts.shard) if opts.shard else None,
+        "save_samples": opts.save_samples,
     }
     if old is not None:
         if old["suite"] != config["suite"]:

@@ -28,13 +28,14 @@ import itertools
 import math
 import tomllib
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from bench import suite as suite_mod
-from bench.results import tables
 from core import io
 from core.errors import UserError, unknown
+
+if TYPE_CHECKING:  # pandas and the tables load only where a study's results are read (not for `list`)
+    import pandas as pd
 
 STUDIES_DIR = Path(__file__).parent / "studies"
 STUDY_KEYS = {"name", "description", "method", "steps", "train_seeds", "samples", "rule", "baseline", "group_by",
@@ -105,6 +106,8 @@ def build_suite(study: dict, samples: int | None = None, train_seeds: list[int] 
 
 
 def _per_candidate(agg: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     """Per candidate: FID and CLIP means over the study's budgets, and the FID spread over training seeds."""
     ok = agg[agg["status"] == "ok"]
     rows = []
@@ -147,6 +150,8 @@ RULES = {"lowest-fid": lowest_fid, "lowest-fid-beats-baseline": lowest_fid_beats
 
 def choose(run: Path, study: dict) -> dict:
     """Apply the study's rule to a finished run; writes choice.json and tables/study.md, returns the choice."""
+    from bench.results import tables
+
     agg = tables.aggregate(tables.load(run)[0])
     table = _per_candidate(agg)
     if table.empty:

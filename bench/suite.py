@@ -28,11 +28,13 @@ teacher's studied guidance), else the method's own default.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from pathlib import Path
 
 from bench.shapes import TEACHER_CONVENTIONS, TEACHER_KINDS
-from core.errors import UserError, unknown
+from core.errors import UserError, did_you_mean, unknown
 from methods import registry
 from methods.base import Budget
 
@@ -44,6 +46,9 @@ BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backb
 EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
+# a row label names files (grids, sample folders, shard values) and table rows: letters, digits, space and . _ + = , ( ) -,
+# starting with a letter or digit, at most 80 characters (no path separator, no leading dot, no Markdown table bar)
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+=,()-]{0,79}")
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
 
 
@@ -87,6 +92,14 @@ class Suite:
         """The resolved suite (stored in a run's config.json; ``from_dict`` reads it back for --resume)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "entries"}
         return {**d, "entries": [e.to_dict() for e in self.entries]}
+
+
+def check_device_name(device: str) -> str:
+    """`device` when it names cpu or cuda[:N] (whether CUDA is there is checked when the run loads); UserError
+    otherwise. Checked before anything heavy is imported."""
+    if device not in ("cpu", "cuda") and not re.fullmatch(r"cuda:\d+", str(device)):
+        raise UserError(f"--device must be cpu or cuda[:N], got {device!r}")
+    return device
 
 
 def available() -> dict[str, Path]:
@@ -162,9 +175,14 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     train = raw.get("train", {})
     if not isinstance(train, dict):
         raise UserError(f"{where}: [train] must be a table of training settings shared by every method")
+    settable = {f.name for n in registry.names() for f in dataclasses.fields(registry.get(n).Config)}
+    for k in train:
+        if k not in settable:
+            raise UserError(f"{where}: [train] {k!r} is no method's setting{did_you_mean(k, settable)} (the settings each "
+                            "method takes: flashbench list, and its Config in methods/)")
     scale = raw.get("scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or scale <= 0:
-        raise UserError(f"{where}: scale must be a positive number, got {scale!r}")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+        raise UserError(f"{where}: scale must be a positive finite number, got {scale!r}")
     backbone, conventions = backbone_spec(raw.get("backbone", {"kind": "shapes"}), where)
     entries_raw = raw.get("methods")
     if not isinstance(entries_raw, list) or not entries_raw:
@@ -264,8 +282,9 @@ def _entry(e, i: int, where: str, train: dict, conventions: dict[str, dict]) -> 
     merged = {k: v for k, v in train.items() if k in fields}
     merged.update(settings)
     label = e.get("label", name)
-    if not isinstance(label, str) or not label:
-        raise UserError(f"{at}: label must be a non-empty string")
+    if not isinstance(label, str) or not LABEL.fullmatch(label) or label.endswith(" "):
+        raise UserError(f"{at}: label {label!r} must be 1-80 letters, digits, spaces and . _ + = , ( ) -, starting with a "
+                        "letter or digit (it names files and table rows)")
     config = cls.make_config(conventional(name, merged, conventions), f"{at} ({name})")
     if ("steps" in e) == ("nfe" in e):
         raise UserError(f"{at}: give exactly one of steps = [...] or nfe = [...]")

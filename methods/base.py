@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -80,6 +81,8 @@ def coerce_config(cls: type, settings: dict, where: str):
         for a in allowed:
             base = typing.get_origin(a) or a
             if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value):
+                    raise UserError(f"{where}: setting {key!r} must be a finite number, got {value!r}")
                 out[key], ok = float(value), True
                 break
             if base is tuple and isinstance(value, (list, tuple)):

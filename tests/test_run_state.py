@@ -61,3 +61,59 @@ def test_a_corrupt_cache_entry_is_warned_about_and_retrained(tmp_path, damage):
         info = cached_student(tmp_path, "s", train, got.update)
     assert info["cached"] is False and len(trained) == 2 and torch.equal(got["w"], torch.arange(4.0))
     assert cached_student(tmp_path, "s", train, got.update)["cached"] is True and len(trained) == 2  # mended
+
+
+def _parse(**raw):
+    from bench import suite as suite_mod
+
+    base = {"prompts": "shapes-eval", "samples": 4, "metrics": ["clip_score"],
+            "methods": [{"name": "teacher", "steps": [1]}]}
+    return suite_mod.parse({**base, **raw}, "t.toml")
+
+
+@pytest.mark.parametrize("label", ["../../escaped", "sd-turbo/4step", ".hidden", "a|b", "tab\there", "", "x" * 81, "a "])
+def test_labels_that_could_leave_the_run_directory_or_break_a_table_are_refused(label):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match="must be 1-80 letters, digits, spaces and"):
+        _parse(methods=[{"name": "teacher", "label": label, "steps": [1]}])
+
+
+@pytest.mark.parametrize("label", ["teacher-dpm++", "rho=0.25,teacher_steps=1", "imagine-flash lr=5e-5", "sd-turbo (512)"])
+def test_the_labels_suites_and_studies_use_are_kept(label):
+    assert _parse(methods=[{"name": "teacher", "label": label, "steps": [1]}]).entries[0].label == label
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"scale": float("nan")}, "scale must be a positive finite number, got nan"),
+    ({"scale": float("inf")}, "scale must be a positive finite number, got inf"),
+    ({"methods": [{"name": "teacher", "steps": [1], "settings": {"guidance_scale": float("nan")}}]},
+     "setting 'guidance_scale' must be a finite number, got nan"),
+    ({"train": {"lr": float("inf")}, "methods": [{"name": "lcm", "steps": [1]}]}, "setting 'lr' must be a finite number"),
+    ({"train": {"student_update": 3}}, "\\[train\\] 'student_update' is no method's setting; did you mean 'student_updates'"),
+])
+def test_every_suite_value_is_checked_when_parsed(raw, match):
+    from core.errors import UserError
+
+    with pytest.raises(UserError, match=match):
+        _parse(**raw)
+
+
+def test_resume_refuses_what_it_cannot_honour(tmp_path):
+    from tests.test_cli import flashbench_in_process
+
+    (tmp_path / "s.toml").write_text('name = "s"\nprompts = "shapes-eval"\nsamples = 4\nbatch_size = 4\n'
+                                     'metrics = ["clip_score"]\n[[methods]]\nname = "teacher"\nsteps = [1]\n')
+    code, err = flashbench_in_process("run", tmp_path / "s.toml", "--out", tmp_path / "run", "--no-progress",
+                                      "--cache", tmp_path / "cache", cwd=tmp_path)
+    assert code == 0, err
+    before = (tmp_path / "run/results.jsonl").read_text()
+    for extra, match in ((["--nfe", "2,4"], "drop --nfe"), (["--samples", "8", "--seeds", "0,1"], "drop --samples, --seeds"),
+                         ([tmp_path / "s.toml"], "drop a suite"), (["--device", "cuda"], "was started on cpu")):
+        args = ["run", "--resume", tmp_path / "run", "--no-progress"]
+        args = args[:1] + extra + args[1:] if extra and not str(extra[0]).startswith("--") else args + extra
+        code, err = flashbench_in_process(*args, cwd=tmp_path)
+        assert code == 2 and match in err and len(err.strip().splitlines()) == 1, (extra, err)
+    code, err = flashbench_in_process("study", "teacher-guidance", "--resume", tmp_path / "run", cwd=tmp_path)
+    assert code == 2 and "is a run of 'no study', not of study 'teacher-guidance'" in err, err
+    assert (tmp_path / "run/results.jsonl").read_text() == before  # nothing changed
