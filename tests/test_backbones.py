@@ -196,3 +196,19 @@ def test_a_released_method_loads_again_when_used(dirs, tmp_path):
     m.release()
     assert m.networks() == [] and not m.nets
     assert torch.equal(first, m.sample(TEXTS, KEYS, 1))  # from the cache, the same student
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_backbone_assembled_from_modules_samples_as_the_loaded_one(dirs, family, tmp_path):
+    """``assemble`` (real-sized random networks in the GPU check) runs the very sampling path of a loaded backbone."""
+    loaded = backbones.load_dir(dirs[family])
+    cls = backbones.get(family)
+    net = loaded.transformer if family == "flux" else loaded.net
+    made = cls.assemble(loaded.settings, {"net": net, "vae": loaded.vae, "text_encoders": loaded.text_encoders,
+                                          "tokenizers": loaded.tokenizers}, loaded.scheduler_config)
+    assert made.identity()["family"] == family and made.identity()["files"] == {} and made.sample_shape == loaded.sample_shape
+    teacher = base.get("teacher")
+    cfg = teacher.make_config({"solver": "euler", "guidance": "cfg" if family == "sdxl" else "embedded"})
+    a = teacher(loaded, cfg, base.Context(tmp_path)).sample(TEXTS, KEYS, 2)
+    b = teacher(made, cfg, base.Context(tmp_path)).sample(TEXTS, KEYS, 2)
+    assert torch.equal(a, b)

@@ -220,6 +220,37 @@ class DirectoryBackbone(Backbone):
             sched = json.loads((self.path / "scheduler" / "scheduler_config.json").read_text())
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
             raise UserError(f"cannot load the {self.family} pipeline in {self.path}: {first_line(e)}") from None
+        files = pipeline_files(self.path, self.components, list(self.encoder_names), self.variant)
+        if self.vae_path is not None:
+            files.update({f"vae[{self.vae_path.name}]/{p.name}": sha256_file(p)
+                          for p in sorted(self.vae_path.glob("*")) if p.suffix in (".json", ".safetensors")})
+        self._finish(sched, {"name": self.path.name, "variant": self.variant,
+                             "sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
+                             "files": files})
+
+    @classmethod
+    def assemble(cls, settings: DirectorySettings, modules: dict, scheduler_config: dict,
+                 device: str | torch.device = "cpu") -> DirectoryBackbone:
+        """A backbone of this family from modules already in memory ({"net" (the UNet or transformer), "vae",
+        "text_encoders", "tokenizers"}) instead of a directory: real-sized networks with random weights time the
+        real sampling path (``bench.gpucheck``). Its identity says it is synthetic (no files)."""
+        bb = cls.__new__(cls)
+        bb.settings, bb.path, bb.vae_path, bb.variant = settings, Path(settings.path or "synthetic"), None, None
+        bb.dtype_name, bb.dtype = settings.dtype, DTYPES[settings.dtype]
+        bb.device = torch.device(device)
+        bb.net, bb.vae = modules["net"], modules["vae"]
+        bb.text_encoders, bb.tokenizers = list(modules["text_encoders"]), list(modules["tokenizers"])
+        if cls.denoiser == "transformer":
+            bb.transformer = bb.net
+        params = sum(p.numel() for m in [bb.net, bb.vae, *bb.text_encoders] for p in m.parameters())
+        bb._finish(scheduler_config, {"name": "synthetic", "variant": None, "sha256": None, "files": {},
+                                      "synthetic_parameters": params})
+        return bb
+
+    def _finish(self, sched: dict, ident: dict) -> None:
+        """What loading from a directory and assembling from modules share: the scheduler config, the VAE's dtype and
+        the latent geometry, the family's setup, placement on the device, and the identity."""
+        settings = self.settings
         self.scheduler_config = {k: v for k, v in sched.items() if not k.startswith("_")}
         self.vae_dtype = DTYPES[settings.vae_dtype] if settings.vae_dtype else self.default_vae_dtype()
         self.vae.to(self.vae_dtype)
@@ -234,15 +265,8 @@ class DirectoryBackbone(Backbone):
                             f"for this {self.family} pipeline")
         self.setup()
         self.place()
-        files = pipeline_files(self.path, self.components, list(self.encoder_names), self.variant)
-        if self.vae_path is not None:
-            files.update({f"vae[{self.vae_path.name}]/{p.name}": sha256_file(p)
-                          for p in sorted(self.vae_path.glob("*")) if p.suffix in (".json", ".safetensors")})
-        self._identity = {"backbone": "diffusers", "family": self.family, "name": self.path.name,
-                          "variant": self.variant, "resolution": self.resolution,
-                          "prediction_type": self.prediction_type,
-                          "sha256": hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest(),
-                          "files": files, "dtype": self.dtype_name,
+        self._identity = {"backbone": "diffusers", "family": self.family, **ident, "resolution": self.resolution,
+                          "prediction_type": self.prediction_type, "dtype": self.dtype_name,
                           "vae_dtype": str(self.vae_dtype).replace("torch.", ""),
                           "compile": settings.compile or None, "offload": settings.offload,
                           "vae_slicing": settings.vae_slicing, "vae_tiling": settings.vae_tiling,
