@@ -9,7 +9,6 @@ Images are 16 px (latent 8, VAE factor 2).
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import torch
@@ -22,17 +21,10 @@ T5_DIM = 32
 
 
 def t5_tokenizer(dir_: Path) -> int:
-    """A character-level T5 tokenizer (Unigram, <pad>=0, </s>=1, <unk>=2) saved to `dir_`; returns its size."""
-    from tokenizers import Tokenizer, models
-    from transformers import T5TokenizerFast
+    """The character-level T5 tokenizer saved to `dir_`; returns its size."""
+    from bench.synthetic import t5_tokenizer as build
 
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in string.ascii_lowercase + string.digits + ",.'-"]
-    pieces += [("▁" + c, -2.5) for c in string.ascii_lowercase]
-    tok = T5TokenizerFast(tokenizer_object=Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False)),
-                          extra_ids=0, model_max_length=512)
-    tok.save_pretrained(dir_)
-    return len(T5TokenizerFast.from_pretrained(dir_, local_files_only=True))
+    return len(build(dir_))
 
 
 def _clip_config(vocab: int, **extra) -> dict:

@@ -7,23 +7,16 @@ generated vocabulary: no downloads. Used to run every method through the latent 
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 import torch
 
 
-def _tokenizer(dir_: Path):
-    from transformers import CLIPTokenizer
+def _tokenizer(dir_: Path) -> int:
+    """The character-level CLIP tokenizer with a 24-token context (long prompts are cut); returns its size."""
+    from bench.synthetic import clip_tokenizer
 
-    chars = list(string.ascii_lowercase + string.digits + ",.'-")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in chars:
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    tok = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=24)
-    tok.save_pretrained(dir_)
-    return len(vocab)
+    return len(clip_tokenizer(dir_, model_max_length=24))
 
 
 def build(root: Path, sdxl: bool = False, seed: int = 0, latent_size: int = 8, vae_blocks: int = 2) -> Path:
