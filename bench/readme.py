@@ -65,7 +65,66 @@ def families_table() -> str:
             + families.winners(vp, flow))
 
 
-GENERATED = {"generated:recipes": recipes_table, "generated:families": families_table}
+def field_comments(cls) -> dict[str, str]:
+    """A dataclass's fields' trailing comments in its source (``name: type = default  # comment``)."""
+    import inspect
+    import io
+    import tokenize
+
+    out, line_field = {}, {}
+    src = inspect.getsource(cls)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.start[0] not in line_field:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            out[line_field[tok.start[0]]] = tok.string.lstrip("# ").strip()
+    return out
+
+
+def settings_rows(cls, skip: set[str] = frozenset()) -> list[str]:
+    """Markdown rows `| name | default | comment |` of a settings dataclass's fields (inherited ones first)."""
+    import dataclasses
+
+    notes = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            notes.update(field_comments(klass))
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "—"
+        rows.append(f"| `{f.name}` | `{default!r}` | {notes.get(f.name, '').replace('|', '/')} |")
+    return rows
+
+
+def backbones_table() -> str:
+    """The diffusers families (``methods.backbones``): what they load, their own [backbone] settings, their
+    conventions; then the settings every family takes."""
+    import dataclasses
+
+    from methods import backbones
+    from methods.backbones.directory import DirectorySettings
+
+    shared = {f.name for f in dataclasses.fields(DirectorySettings)}
+    rows = ["| family | loads (model_index.json) | its own settings | conventions (unset method settings) |",
+            "|---|---|---|---|"]
+    for name in backbones.names():
+        cls = backbones.get(name)
+        own = [f"`{f.name}`" for f in dataclasses.fields(cls.Settings) if f.name not in shared]
+        doc = " ".join((cls.conventions.__doc__ or "").split())
+        rows.append(f"| `{name}` | {', '.join(cls.pipelines)} | {', '.join(own) or '—'} | {doc} |")
+    rows += ["", "Settings of every family (`[backbone]`, kind = \"diffusers\"):", "", "| setting | default | meaning |",
+             "|---|---|---|", *settings_rows(DirectorySettings)]
+    own_rows = []
+    for name in backbones.names():
+        cls = backbones.get(name)
+        own_rows += [r.replace("| `", f"| `{name}`: `", 1) for r in settings_rows(cls.Settings, shared)]
+    return "\n".join(rows + sorted(set(own_rows))) + "\n"
+
+
+GENERATED = {"generated:recipes": recipes_table, "generated:families": families_table,
+             "generated:backbones": backbones_table}
 
 
 def run_of(include: str, root: Path = ROOT) -> Path | None:
@@ -112,22 +171,31 @@ def render(text: str, root: Path = ROOT, current: str | None = None) -> str:
     return PATTERN.sub(sub, text)
 
 
+def documents(root: Path = ROOT) -> list[Path]:
+    """README.md and every docs/*.md."""
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    readme = ROOT / "README.md"
-    text = readme.read_text()
     if "--check-fresh" in argv:
-        stale = stale_runs(text)
+        stale = {}
+        for doc in documents():
+            stale.update(stale_runs(doc.read_text()))
         for name, made in stale.items():
             print(f"stale reference: results/reference/{name} (made from source {made}, code is {source_hash()})")
         return 1 if stale else 0
-    new = render(text)
-    if "--check" in argv:
+    differ = []
+    for doc in documents():
+        text = doc.read_text()
+        new = render(text)
         if new != text:
-            print("README.md result blocks differ from the committed results; run `python -m bench.readme`")
-            return 1
-        return 0
-    readme.write_text(new)
+            differ.append(doc.relative_to(ROOT).as_posix())
+            if "--check" not in argv:
+                doc.write_text(new)
+    if "--check" in argv and differ:
+        print(f"{', '.join(differ)}: result blocks differ from the committed results; run `python -m bench.readme`")
+        return 1
     return 0
 
 
