@@ -117,3 +117,55 @@ def test_resume_refuses_what_it_cannot_honour(tmp_path):
     code, err = flashbench_in_process("study", "teacher-guidance", "--resume", tmp_path / "run", cwd=tmp_path)
     assert code == 2 and "is a run of 'no study', not of study 'teacher-guidance'" in err, err
     assert (tmp_path / "run/results.jsonl").read_text() == before  # nothing changed
+
+
+LABELS = ["teacher", "../../escaped", "sd-turbo/4step", ".hidden", "a|b", "rho=0.5,k=1", "x y", "ok-1"]
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz")
+
+
+def test_random_suites_labels_and_options_never_traceback_nor_write_outside_the_run(fuzz_root):
+    """Real runs (not dry runs) of tiny suites with random labels, budgets, sample counts, shards and saved samples:
+    exit 0 or a one-line exit 2, and every file written lies in the run directory (or the cache)."""
+    import itertools
+
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    from tests.test_cli import flashbench_in_process
+
+    counter, ran = itertools.count(), []
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(label=st.one_of(st.sampled_from(LABELS), st.text(max_size=10)), steps=st.sampled_from([1, 1, 2, 0]),
+           samples=st.sampled_from([2, 3, 1, 0]), shard=st.sampled_from([None, "0/2", "1/2", "2/2", "1/0"]),
+           save=st.booleans(), solver=st.sampled_from(["ddim", "euler", "nosuch"]))
+    @example(label="rho=0.5,k=1", steps=1, samples=3, shard="1/2", save=True, solver="ddim")  # runs, and writes
+    @example(label="x y", steps=1, samples=2, shard=None, save=True, solver="euler")
+    @example(label="../../escaped", steps=1, samples=2, shard="0/2", save=True, solver="ddim")
+    def run(label, steps, samples, shard, save, solver):
+        work = fuzz_root / f"w{next(counter)}"
+        work.mkdir()
+        suite = work / "s.toml"
+        import json
+
+        suite.write_text(f'name = "fuzz"\nprompts = "shapes-eval"\nsamples = {samples}\nbatch_size = 2\n'
+                         f'metrics = ["clip_score"]\n[[methods]]\nname = "teacher"\nlabel = {json.dumps(label)}\n'
+                         f'steps = [{steps}]\nsettings = {{ solver = "{solver}" }}\n')
+        args = ["run", suite, "--out", work / "out" / "run", "--no-progress", "--cache", fuzz_root / "cache"]
+        args += (["--shard", shard] if shard else []) + (["--save-samples"] if save else [])
+        before = {p for p in work.rglob("*")}
+        code, err = flashbench_in_process(*args, cwd=work)
+        assert code in (0, 2) and "Traceback" not in err, (label, code, err[-800:])
+        new = {p for p in work.rglob("*")} - before
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and not new, (label, err, new)
+        else:
+            ran.append(label)
+            assert all(p == work / "out" or p.is_relative_to(work / "out" / "run") for p in new), (label, new)
+
+    run()
+    assert len(ran) >= 2  # the property was checked on real runs, not only on refusals
