@@ -41,8 +41,10 @@ def roots(tmp_path_factory):
 
 
 def backbone(roots, family, **settings):
+    """The family's tiny backbone; flow backbones encode 64 T5 tokens by default, so a recipe that did not pin the
+    card's max_sequence_length would differ from the card's call."""
     if family in ("flux", "sd3"):
-        settings = {"resolution": tiny_flow.RESOLUTION, **settings}
+        settings = {"resolution": tiny_flow.RESOLUTION, "max_sequence_length": 64, **settings}
     return load_dir(roots[family], **settings)
 
 
