@@ -42,7 +42,7 @@ settings = {{ student_updates = 2, batch_size = 2 }}
 name = "pretrained"
 label = "recipe"
 steps = [{recipe_steps}]
-settings = {{ recipe = "{recipe}", path = "{ckpt}" }}
+settings = {{ recipe = "{recipe}", path = "{ckpt}", resolution = 16 }}
 """
 
 
