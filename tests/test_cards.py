@@ -239,3 +239,13 @@ def test_the_cards_fixed_what_the_practitioner_found():
     assert CARDS["dmd2-sdxl-4step"]["checkpoint"]["format"] == "unet-bin"
     cfg = base.get("pretrained").make_config({"recipe": "sd-turbo", "path": "x"})
     assert dataclasses.asdict(cfg)["resolution"] == 512
+
+
+def test_the_recipes_page_lists_every_recipe_with_its_card():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    assert list(rows) == list(CARDS)
+    for name, card in CARDS.items():
+        row = rows[name]
+        assert card["source"] in row and card["scheduler"]["class"] in row, name
+        assert f"resolution = {card['resolution']}" in row, name
