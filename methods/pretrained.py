@@ -53,10 +53,15 @@ CARDS_FILE = Path(__file__).parent / "cards" / "cards.json"
 SCHEDULER_CLASSES = {"LCMScheduler": "lcm", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler-ancestral", "DDIMScheduler": "ddim",
                      "TCDScheduler": "tcd", "FlowMatchEulerDiscreteScheduler": "flow-euler"}
-# what a scheduler built from a repository's own config takes for a key that config leaves out: the classes' __init__
-# defaults (tests/test_cards.py checks them against diffusers)
-SCHEDULER_DEFAULTS = {"timestep_spacing": "leading", "prediction_type": "epsilon", "shift": 1.0,
-                      "use_dynamic_shifting": False}
+# what a scheduler built from a repository's own config takes for a key that config leaves out: each class's __init__
+# defaults for the keys a recipe carries (tests/test_cards.py checks them against diffusers)
+_VP = {"prediction_type": "epsilon"}
+SCHEDULER_DEFAULTS = {"LCMScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "EulerDiscreteScheduler": {**_VP, "timestep_spacing": "linspace"},
+                      "EulerAncestralDiscreteScheduler": {**_VP, "timestep_spacing": "linspace"},
+                      "DDIMScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "TCDScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "FlowMatchEulerDiscreteScheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
 # how a published checkpoint ships: a diffusers UNet directory, a pipeline directory (its unet/ or transformer/), a
 # single-file UNet state dict (safetensors, or a pickle to convert), a LoRA, a transformer directory
 FORMATS = ("unet-dir", "pipeline-dir", "unet-file", "unet-bin", "lora", "transformer-dir")
@@ -103,11 +108,11 @@ def recipe_from_card(card: dict) -> dict:
     else:
         recipe["guidance"] = "none"
     recipe["steps"] = tuple(card["num_inference_steps"])
-    keys = {"shift": "shift", "use_dynamic_shifting": "dynamic_shifting"} if recipe["scheduler"] == "flow-euler" \
-        else {"timestep_spacing": "timestep_spacing", "prediction_type": "prediction_type"}
-    for key, setting in keys.items():
+    settings = {"shift": "shift", "use_dynamic_shifting": "dynamic_shifting", "timestep_spacing": "timestep_spacing",
+                "prediction_type": "prediction_type"}
+    for key, default in SCHEDULER_DEFAULTS[sched["class"]].items():
         if key in given or own is not None:
-            recipe[setting] = given.get(key, SCHEDULER_DEFAULTS[key])
+            recipe[settings[key]] = given.get(key, default)
     if "shift" in recipe:
         recipe["shift"] = float(recipe["shift"])
     for key in ("eta", "lora_scale", "max_sequence_length"):

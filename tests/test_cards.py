@@ -223,10 +223,11 @@ def test_recipes_are_derived_from_the_cards_and_the_cards_are_complete():
 
 def test_scheduler_defaults_are_the_diffusers_classes():
     """A repository's own scheduler config leaves keys to the class defaults: those the derivation assumes are
-    diffusers' (EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler __init__)."""
-    vp, flow = diffusers.EulerDiscreteScheduler().config, diffusers.FlowMatchEulerDiscreteScheduler().config
-    for key, value in SCHEDULER_DEFAULTS.items():
-        assert (flow if key in ("shift", "use_dynamic_shifting") else vp)[key] == value, key
+    diffusers' (each class's __init__), for every class a card may name."""
+    assert set(SCHEDULER_DEFAULTS) == set(SCHEDULER_CLASSES)
+    for name, defaults in SCHEDULER_DEFAULTS.items():
+        config = getattr(diffusers, name)().config
+        assert {k: config[k] for k in defaults} == defaults, name
 
 
 def test_the_cards_fixed_what_the_practitioner_found():
