@@ -1,22 +1,28 @@
 """Published distilled checkpoints, loaded from local paths and measured under the bench's protocol.
 
-A checkpoint is a diffusers UNet directory or a LoRA file for the backbone's UNet, plus the way its
-authors sample it: scheduler, timestep spacing (or explicit timesteps), output parameterisation
-(``prediction_type``: epsilon, v_prediction or sample = x̂_0) and guidance (none: 1 NFE per step;
-cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guidance embedding with
-w = guidance_scale − 1, 1 NFE). ``recipe`` fills these from RECIPES (the model cards' settings);
-anything given explicitly wins. Text encoder, VAE and noise schedule are the backbone's.
+A checkpoint is the weights (``path``) plus the way its authors sample it: scheduler, timestep spacing (or explicit
+timesteps), output parameterisation (``prediction_type``: epsilon, v_prediction or sample = x̂_0), guidance (none: 1 NFE
+per step; cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guidance embedding with
+w = guidance_scale − 1, or FLUX.1-dev's at guidance_scale, 1 NFE) and the image side it was trained at
+(``resolution``, sampled through ``backbone.at_resolution``). ``recipe`` fills these from RECIPES, derived from the model
+cards' diffusers snippets kept as data in ``methods/cards/cards.json`` (``recipe_from_card``; docs/recipes.md); anything
+given explicitly wins. Text encoders, VAE and noise schedule are the backbone's.
 
-On a rectified-flow backbone (SD3, FLUX.1: ``methods.backbones.flow``) a checkpoint is a diffusers transformer
-directory (kind ``transformer``) or a LoRA file for the transformer, sampled with FlowMatchEulerDiscreteScheduler
-(``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` / ``dynamic_shifting`` (FLUX.1-schnell
-ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing scale (``lora_scale``);
-"embedded" guidance there is FLUX's guidance embedding at ``guidance_scale`` (FluxPipeline's guidance_scale).
+Weights, by path: a diffusers UNet / transformer directory, a pipeline directory (its unet/ or transformer/), a
+single-file state dict of the whole network (SDXL-Lightning's ``*_unet.safetensors``; told from a LoRA by its keys and
+loaded strictly) or a LoRA, always in the backbone's dtype and through ``backbone.prepare_net`` (compile mode, memory
+format) before the NFE counter. Pickles (DMD2's ``.bin``) are refused with the command that converts them
+(``flashbench convert-checkpoint``, ``convert_checkpoint``).
 
-LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through
-diffusers' own converters; after loading, every UNet key must have been injected into an adapter,
-else the checkpoint is refused (a silent no-op LoRA would measure the base model). LoRAs that
-also adapt the text encoders are refused (the backbone's encoders are shared by every row).
+On a rectified-flow backbone (SD3, FLUX.1: ``methods.backbones.flow``) the network is the transformer, sampled with
+FlowMatchEulerDiscreteScheduler (``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` /
+``dynamic_shifting`` (FLUX.1-schnell ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing
+scale (``lora_scale``).
+
+LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through diffusers' own converters;
+after loading, every key must have been injected into an adapter, else the checkpoint is refused (a silent no-op LoRA
+would measure the base model); LoRAs that also adapt the text encoders are refused (the backbone's encoders are shared
+by every row). A fused LoRA's adapter layers are removed, its weights kept.
 """
 
 from __future__ import annotations
