@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     te = sub.add_parser("train-evaluators", help="train the frozen evaluators (reproduces the shipped weights)")
     te.add_argument("--out", type=Path, default=Path("artifacts/evaluators"))
+
+    cc = sub.add_parser("convert-checkpoint", help="rewrite a pickled tensor state dict (.bin, e.g. DMD2's UNet) as "
+                        "safetensors, for the pretrained method (see docs/recipes.md)")
+    cc.add_argument("src", type=Path, metavar="IN", help="the .bin / .pt file: a flat {name: tensor} state dict")
+    cc.add_argument("dst", type=Path, metavar="OUT", help="the .safetensors file to write (must not exist)")
     return p
 
 
@@ -368,10 +373,18 @@ def cmd_train_evaluators(args) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args) -> int:
+    from methods.pretrained import convert_checkpoint
+
+    out = convert_checkpoint(args.src, args.dst)
+    print(f"{args.dst}: {out['tensors']} tensors, sha256 {out['sha256']}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "study": cmd_study, "merge": cmd_merge, "evaluate": cmd_evaluate,
             "baseline": cmd_baseline, "compare": cmd_compare, "latency-gate": cmd_latency_gate, "list": cmd_list,
-            "table": cmd_table,
-            "train-teacher": cmd_train_teacher, "train-evaluators": cmd_train_evaluators}
+            "table": cmd_table, "train-teacher": cmd_train_teacher, "train-evaluators": cmd_train_evaluators,
+            "convert-checkpoint": cmd_convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ NUMERIC_SOURCES = ("methods", "bench/shapes", "bench/metrics")
 # files under NUMERIC_SOURCES that only real-scale runs import (diffusers directories, published checkpoints,
 # image-folder training data): no embedded reference executes them, so they move none of its numbers
 # (tests/test_readme.py checks that an embedded run's imports never reach them)
-REAL_SCALE_ONLY = ("methods/backbones", "methods/pretrained.py", "methods/training_data.py")
+REAL_SCALE_ONLY = ("methods/backbones", "methods/pretrained.py", "methods/cards", "methods/training_data.py")
 
 
 def real_scale_only(rel: str) -> bool:

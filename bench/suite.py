@@ -257,8 +257,12 @@ def backbone_spec(value, where: str) -> tuple[dict, dict[str, dict]]:
 
 def conventional(name: str, settings: dict, conventions: dict[str, dict]) -> dict:
     """An entry's settings with the backbone's conventions for method `name` filling the keys it leaves unset
-    (conventions for the method itself win over those for every method, "*"); only keys its Config has."""
-    fields = {f.name for f in dataclasses.fields(registry.get(name).Config)}
+    (conventions for the method itself win over those for every method, "*"); only keys its Config has, and none
+    for a method that takes no conventions (``pretrained``: its card says how it samples)."""
+    cls = registry.get(name)
+    if not cls.takes_conventions:
+        return dict(settings)
+    fields = {f.name for f in dataclasses.fields(cls.Config)}
     filled = {**conventions.get("*", {}), **conventions.get(name, {})}
     return {**{k: v for k, v in filled.items() if k in fields}, **settings}
 

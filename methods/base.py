@@ -116,6 +116,9 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type]
+    # whether the backbone's conventions (its pipeline's default guidance, ...) fill settings a suite leaves unset;
+    # a published checkpoint's come from its model card instead
+    takes_conventions: ClassVar[bool] = True
 
     def __init__(self, backbone, config, ctx: Context):
         self.backbone = backbone

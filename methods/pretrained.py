@@ -1,28 +1,37 @@
 """Published distilled checkpoints, loaded from local paths and measured under the bench's protocol.
 
-A checkpoint is a diffusers UNet directory or a LoRA file for the backbone's UNet, plus the way its
-authors sample it: scheduler, timestep spacing (or explicit timesteps), output parameterisation
-(``prediction_type``: epsilon, v_prediction or sample = x̂_0) and guidance (none: 1 NFE per step;
-cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guidance embedding with
-w = guidance_scale − 1, 1 NFE). ``recipe`` fills these from RECIPES (the model cards' settings);
-anything given explicitly wins. Text encoder, VAE and noise schedule are the backbone's.
+A checkpoint is the weights (``path``) plus the way its authors sample it: scheduler, timestep spacing (or explicit
+timesteps), output parameterisation (``prediction_type``: epsilon, v_prediction or sample = x̂_0), guidance (none: 1 NFE
+per step; cfg: classifier-free guidance at ``guidance_scale``, 2 NFE; embedded: LCM's guidance embedding with
+w = guidance_scale − 1, or FLUX.1-dev's at guidance_scale, 1 NFE) and the image side it was trained at
+(``resolution``, sampled through ``backbone.at_resolution``). ``recipe`` fills these from RECIPES, derived from the model
+cards' diffusers snippets kept as data in ``methods/cards/cards.json`` (``recipe_from_card``; docs/recipes.md); anything
+given explicitly wins. Text encoders, VAE and noise schedule are the backbone's.
 
-On a rectified-flow backbone (SD3, FLUX.1: ``methods.backbones.flow``) a checkpoint is a diffusers transformer
-directory (kind ``transformer``) or a LoRA file for the transformer, sampled with FlowMatchEulerDiscreteScheduler
-(``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` / ``dynamic_shifting`` (FLUX.1-schnell
-ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing scale (``lora_scale``);
-"embedded" guidance there is FLUX's guidance embedding at ``guidance_scale`` (FluxPipeline's guidance_scale).
+Weights, by path: a diffusers UNet / transformer directory, a pipeline directory (its unet/ or transformer/), a
+single-file state dict of the whole network (SDXL-Lightning's ``*_unet.safetensors``; told from a LoRA by its keys and
+loaded strictly) or a LoRA, always in the backbone's dtype and through ``backbone.prepare_net`` (compile mode, memory
+format) before the NFE counter. Pickles (DMD2's ``.bin``) are refused with the command that converts them
+(``flashbench convert-checkpoint``, ``convert_checkpoint``).
 
-LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through
-diffusers' own converters; after loading, every UNet key must have been injected into an adapter,
-else the checkpoint is refused (a silent no-op LoRA would measure the base model). LoRAs that
-also adapt the text encoders are refused (the backbone's encoders are shared by every row).
+On a rectified-flow backbone (SD3, FLUX.1: ``methods.backbones.flow``) the network is the transformer, sampled with
+FlowMatchEulerDiscreteScheduler (``flow-euler``) on the backbone's schedule, with the checkpoint's own ``shift`` /
+``dynamic_shifting`` (FLUX.1-schnell ships shift 1 without dynamic shifting), T5 ``max_sequence_length`` and LoRA fusing
+scale (``lora_scale``).
+
+LoRAs are read in any common key layout (diffusers/peft, kohya ``lora_unet_…``, …) through diffusers' own converters;
+after loading, every key must have been injected into an adapter, else the checkpoint is refused (a silent no-op LoRA
+would measure the base model); LoRAs that also adapt the text encoders are refused (the backbone's encoders are shared
+by every row). A fused LoRA's adapter layers are removed, its weights kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
+import json
+import re
 from pathlib import Path
 
 import torch
@@ -44,53 +53,99 @@ KIND_DEFAULTS = {"lcm": ("lcm", "embedded"), "lcm-lora": ("lcm", "none"), "turbo
                  "lightning": ("euler", "none"), "unet": ("euler", "none"), "lora": ("euler", "none"),
                  "transformer": ("flow-euler", "none")}
 
+# --- the model cards, as data (methods/cards/cards.json) -------------------------------------------------------------
+CARDS_FILE = Path(__file__).parent / "cards" / "cards.json"
+# the diffusers scheduler class a card names -> this method's scheduler setting
+SCHEDULER_CLASSES = {"LCMScheduler": "lcm", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler-ancestral", "DDIMScheduler": "ddim",
+                     "TCDScheduler": "tcd", "FlowMatchEulerDiscreteScheduler": "flow-euler"}
+# what a scheduler built from a repository's own config takes for a key that config leaves out: each class's __init__
+# defaults for the keys a recipe carries (tests/test_cards.py checks them against diffusers)
+_VP = {"prediction_type": "epsilon"}
+SCHEDULER_DEFAULTS = {"LCMScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "EulerDiscreteScheduler": {**_VP, "timestep_spacing": "linspace"},
+                      "EulerAncestralDiscreteScheduler": {**_VP, "timestep_spacing": "linspace"},
+                      "DDIMScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "TCDScheduler": {**_VP, "timestep_spacing": "leading"},
+                      "FlowMatchEulerDiscreteScheduler": {"shift": 1.0, "use_dynamic_shifting": False}}
+# how a published checkpoint ships: a diffusers UNet directory, a pipeline directory (its unet/ or transformer/), a
+# single-file UNet state dict (safetensors, or a pickle to convert), a LoRA, a transformer directory
+FORMATS = ("unet-dir", "pipeline-dir", "unet-file", "unet-bin", "lora", "transformer-dir")
+CARD_KEYS = ("recipe", "source", "family", "base_model", "pipeline", "checkpoint", "alternatives", "kind",
+             "guidance_embedding", "scheduler", "num_inference_steps", "example_steps", "guidance_scale", "eta",
+             "timesteps", "lora_scale", "max_sequence_length", "height", "width", "pipeline_defaults", "resolution",
+             "checked", "unverified")
+
+
+def load_cards(path: Path = CARDS_FILE) -> dict[str, dict]:
+    """recipe name -> its model card's settings (methods/cards/cards.json), in the file's order. RuntimeError when a
+    card lacks a key or names a scheduler class or checkpoint format this method does not know (a broken data file,
+    not user input)."""
+    cards = {}
+    for card in json.loads(Path(path).read_text(encoding="utf-8"))["cards"]:
+        missing = [k for k in CARD_KEYS if k not in card]
+        problems = missing + [c for c in [card.get("scheduler", {}).get("class")] if c not in SCHEDULER_CLASSES]
+        problems += [f for f in [card.get("checkpoint", {}).get("format")] if f not in FORMATS]
+        if problems or card["kind"] not in KINDS or card["recipe"] in cards:
+            raise RuntimeError(f"{path}: card {card.get('recipe')!r} is malformed ({problems or card['kind']})")
+        cards[card["recipe"]] = card
+    return cards
+
+
+def recipe_from_card(card: dict) -> dict:
+    """A card's diffusers snippet as this method's settings (the RECIPES entry).
+
+    Scheduler: its class; from a repository's own config (``card["scheduler"]["config"]`` a dict) every key the recipe
+    can carry comes from that config, else the class default; from the base pipeline's config ("base") only the
+    keyword overrides the card passes to ``from_config``. Guidance, as the card's pipeline reads ``guidance_scale``: a
+    guidance-embedded network (LCM's w-embedding, FLUX.1-dev) gets it as its embedded scale; otherwise > 1 is CFG and
+    ≤ 1 none (StableDiffusion(XL)Pipeline / StableDiffusion3Pipeline). Steps: the ``num_inference_steps`` the card
+    names; resolution: the side the checkpoint was trained at.
+    """
+    sched = card["scheduler"]
+    own = sched["config"] if isinstance(sched["config"], dict) else None
+    given = {**(own or {}), **sched["overrides"]}
+    recipe: dict = {"kind": card["kind"], "scheduler": SCHEDULER_CLASSES[sched["class"]]}
+    scale = float(card["guidance_scale"])
+    if card["guidance_embedding"]:
+        recipe.update(guidance="embedded", guidance_scale=scale)
+    elif scale > 1:
+        recipe.update(guidance="cfg", guidance_scale=scale)
+    else:
+        recipe["guidance"] = "none"
+    recipe["steps"] = tuple(card["num_inference_steps"])
+    settings = {"shift": "shift", "use_dynamic_shifting": "dynamic_shifting", "timestep_spacing": "timestep_spacing",
+                "prediction_type": "prediction_type"}
+    for key, default in SCHEDULER_DEFAULTS[sched["class"]].items():
+        if key in given or own is not None:
+            recipe[settings[key]] = given.get(key, default)
+    if "shift" in recipe:
+        recipe["shift"] = float(recipe["shift"])
+    for key in ("eta", "lora_scale", "max_sequence_length"):
+        if card[key] is not None:
+            recipe[key] = card[key]
+    if card["timesteps"]:
+        recipe["timesteps"] = tuple(card["timesteps"])
+    recipe["resolution"] = int(card["resolution"])
+    return recipe
+
+
+CARDS: dict[str, dict] = load_cards()
 # Published few-step checkpoints, as their model cards sample them (`path` is yours: a local copy).
-RECIPES: dict[str, dict] = {
-    "lcm-lora-sdv1-5": {"kind": "lcm-lora", "scheduler": "lcm", "guidance": "none", "steps": (2, 4, 8)},
-    "lcm-lora-sdxl": {"kind": "lcm-lora", "scheduler": "lcm", "guidance": "none", "steps": (2, 4, 8)},
-    "lcm-sdxl": {"kind": "lcm", "scheduler": "lcm", "guidance": "embedded", "guidance_scale": 8.0, "steps": (2, 4, 8)},
-    "sd-turbo": {"kind": "turbo", "scheduler": "euler-ancestral", "guidance": "none", "steps": (1, 2, 4)},
-    "sdxl-turbo": {"kind": "turbo", "scheduler": "euler-ancestral", "guidance": "none", "steps": (1, 2, 4)},
-    "sdxl-lightning-1step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "prediction_type": "sample",
-                             "steps": (1,)},
-    "sdxl-lightning-2step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (2,)},
-    "sdxl-lightning-4step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (4,)},
-    "sdxl-lightning-8step": {"kind": "lightning", "scheduler": "euler", "guidance": "none", "steps": (8,)},
-    "hyper-sdxl-1step-lora": {"kind": "lora", "scheduler": "tcd", "eta": 1.0, "guidance": "none", "steps": (1,)},
-    "hyper-sdxl-2step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (2,)},
-    "hyper-sdxl-4step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (4,)},
-    "hyper-sdxl-8step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (8,)},
-    "hyper-sdxl-8step-cfg-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "cfg", "guidance_scale": 5.0,
-                                  "steps": (8,)},
-    "hyper-sd15-8step-lora": {"kind": "lora", "scheduler": "ddim", "guidance": "none", "steps": (8,)},
-    "tcd-sdxl-lora": {"kind": "lora", "scheduler": "tcd", "eta": 0.3, "guidance": "none", "steps": (2, 4, 8)},
-    "dmd2-sdxl-4step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (999, 749, 499, 249),
-                        "steps": (4,)},
-    "dmd2-sdxl-1step": {"kind": "unet", "scheduler": "lcm", "guidance": "none", "timesteps": (399,), "steps": (1,)},
-    # rectified-flow transformers (SD3 / FLUX.1 backbones): FlowMatchEulerDiscreteScheduler with the checkpoint's shift
-    "flux1-schnell": {"kind": "transformer", "scheduler": "flow-euler", "guidance": "none", "shift": 1.0,
-                      "dynamic_shifting": False, "max_sequence_length": 256, "steps": (1, 2, 4)},
-    "sd35-large-turbo": {"kind": "transformer", "scheduler": "flow-euler", "guidance": "none", "shift": 3.0,
-                         "dynamic_shifting": False, "steps": (4,)},
-    "hyper-flux1-dev-8step-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded",
-                                   "guidance_scale": 3.5, "lora_scale": 0.125, "steps": (8,)},
-    "hyper-flux1-dev-16step-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded",
-                                    "guidance_scale": 3.5, "lora_scale": 0.125, "steps": (16,)},
-    "flux1-turbo-alpha-lora": {"kind": "lora", "scheduler": "flow-euler", "guidance": "embedded", "guidance_scale": 3.5,
-                               "lora_scale": 1.0, "steps": (8,)},
-}
+RECIPES: dict[str, dict] = {name: recipe_from_card(card) for name, card in CARDS.items()}
 
 
 @dataclasses.dataclass
 class PretrainedConfig:
-    path: str = ""  # a diffusers UNet directory, or a LoRA .safetensors file for the backbone's UNet
+    path: str = ""  # a UNet / transformer / pipeline directory, a single-file UNet state dict, or a LoRA (.safetensors)
     recipe: str = ""  # a key of RECIPES: the model card's sampling settings (explicit settings win)
-    kind: str | None = None  # lcm, lcm-lora, turbo, lightning (legacy names), unet or lora
-    scheduler: str | None = None  # lcm, euler, euler-ancestral, ddim, tcd
-    guidance: str | None = None  # none (1 NFE/step), cfg (2 NFE/step), embedded (LCM w-embedding, 1 NFE/step)
+    kind: str | None = None  # lcm, lcm-lora, turbo, lightning (legacy names), unet, lora or transformer
+    scheduler: str | None = None  # lcm, euler, euler-ancestral, ddim, tcd, flow-euler
+    guidance: str | None = None  # none (1 NFE/step), cfg (2 NFE/step), embedded (LCM w / FLUX guidance, 1 NFE/step)
     guidance_scale: float | None = None  # CFG scale, or the embedded w + 1 (LCM's convention); default 8.0 / 0
     prediction_type: str | None = None  # the checkpoint's output: epsilon, v_prediction or sample (x̂_0)
-    timestep_spacing: str = "trailing"
+    # the VP scheduler's timestep spacing; None: trailing, or with a recipe whose card leaves it, the backbone's
+    timestep_spacing: str | None = None
     timesteps: tuple[int, ...] | None = None  # explicit timesteps (one per step; DMD2's [999, 749, 499, 249])
     eta: float | None = None  # TCD's gamma
     max_steps: int = 8
@@ -101,6 +156,7 @@ class PretrainedConfig:
     dynamic_shifting: bool | None = None
     max_sequence_length: int | None = None
     lora_scale: float | None = None
+    resolution: int | None = None  # image side (pixels) sampled at; None: the backbone's. Recipes: the trained side
 
     def __post_init__(self):
         if self.recipe:
@@ -110,6 +166,8 @@ class PretrainedConfig:
                 if getattr(self, k) is None:
                     setattr(self, k, v)
         self.kind = self.kind or "unet"
+        if not self.recipe:
+            self.timestep_spacing = self.timestep_spacing or "trailing"
         if self.kind not in KINDS:
             raise unknown("checkpoint kind", self.kind, KINDS)
         scheduler, guidance = KIND_DEFAULTS[self.kind]
@@ -131,9 +189,11 @@ class PretrainedConfig:
             raise ValueError(f"{len(self.timesteps)} explicit timesteps serve {len(self.timesteps)} steps, not {self.steps}")
         if self.timesteps and not self.steps:
             self.steps = (len(self.timesteps),)
+        if self.resolution is not None and self.resolution < 8:
+            raise ValueError(f"resolution must be an image side in pixels (>= 8), got {self.resolution}")
         if not self.path:
-            raise UserError(f"pretrained {self.recipe or self.kind}: give path = the local checkpoint (UNet directory "
-                            "or LoRA file)")
+            raise UserError(f"pretrained {self.recipe or self.kind}: give path = the local checkpoint (UNet, transformer "
+                            "or pipeline directory, single-file UNet or LoRA .safetensors)")
 
 
 def load_lora_strict(unet, path: Path, adapter: str = "distilled", prefix: str = "unet", loader=None) -> int:
@@ -177,23 +237,156 @@ def load_lora_strict(unet, path: Path, adapter: str = "distilled", prefix: str =
     return len(unet_keys)
 
 
+# --- checkpoint files ------------------------------------------------------------------------------------------------
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CONVERT = "flashbench convert-checkpoint IN.bin OUT.safetensors"
+# keys only a LoRA (or another adapter) file has: peft/diffusers (lora_A/lora_B, lora.down/up), kohya (lora_unet_…,
+# lora_down/lora_up, .alpha), LyCORIS (hada_, lokr_), DoRA
+_ADAPTER_KEY = re.compile(r"(^|[._])(lora|lora_[AB]|lora_down|lora_up|hada_w\d|lokr_w\d|dora_scale)([._]|$)|\.alpha$")
+
+
+def pickle_refusal(name: str, path: Path) -> UserError:
+    """The one-line refusal of a pickled checkpoint, naming the conversion command."""
+    return UserError(f"pretrained {name}: {path.name} is a pickle checkpoint and flashbench loads safetensors only; "
+                     f"convert it first: `{CONVERT}`, then give path = the .safetensors file")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every tensor in a safetensors file, read from its header (no tensor is loaded). UserError when
+    the file is not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path.name}: not a safetensors file ({str(e).splitlines()[0][:160]})") from None
+
+
+def is_adapter(keys) -> bool:
+    """Whether a state dict's keys are a LoRA's (or another adapter's) rather than a network's own weights."""
+    return any(_ADAPTER_KEY.search(k) for k in keys)
+
+
+def load_full_state_dict(net_cls, config, path: Path, dtype: torch.dtype, device, what: str = "UNet"):
+    """A network of class `net_cls` built from `config` (the backbone's network's) with every weight from the
+    safetensors state dict at `path`, strictly: the file must hold exactly the network's keys at its shapes.
+
+    Built on the meta device and filled in place (no random initialisation of billions of weights), floating tensors cast
+    to `dtype` (the backbone's), then moved to `device`. As the model cards' ``UNet2DConditionModel.from_config(base,
+    subfolder="unet"); unet.load_state_dict(load_file(...))`` (SDXL-Lightning, DMD2, Hyper-SDXL-1step-Unet).
+    UserError (one line) for an original (LDM) single-file checkpoint or any missing, unexpected or reshaped key.
+    """
+    from safetensors.torch import load_file
+
+    shapes = safetensors_shapes(path)
+    if any(k.startswith("model.diffusion_model.") for k in shapes):
+        raise UserError(f"{path.name} is an original (LDM/ComfyUI) single-file checkpoint, not a diffusers {what} "
+                        f"state dict; give the diffusers {what} file (e.g. sdxl_lightning_4step_unet.safetensors) or a "
+                        "diffusers directory")
+    with torch.device("meta"):
+        net = net_cls.from_config(config)
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    reshaped = sorted(k for k in set(shapes) & set(expected) if shapes[k] != expected[k])
+    if missing or unexpected or reshaped:
+        example = (missing or unexpected or reshaped)[0]
+        raise UserError(f"{path.name} does not fit the backbone's {what}: {len(missing)} keys missing, {len(unexpected)} "
+                        f"unexpected, {len(reshaped)} of another shape (e.g. {example}); give the {what} state dict "
+                        "distilled from this backbone")
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
+    net.load_state_dict(state, strict=True, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:  # a buffer the file does not carry: the class would need its own initialisation
+        raise RuntimeError(f"{net_cls.__name__} keeps {len(left)} tensors on the meta device after loading ({left[0]})")
+    return net.to(device)
+
+
+def convert_checkpoint(src: Path, dst: Path) -> dict:
+    """A pickled flat tensor state dict (DMD2's ``dmd2_sdxl_*_unet_fp16.bin``) rewritten as safetensors, tensors and
+    dtypes unchanged; returns {"tensors": n, "sha256": of dst}.
+
+    Reads with ``torch.load(weights_only=True)`` (no code runs). UserError (one line, nothing written) when `src` is
+    missing or already safetensors, `dst` exists or is not .safetensors, or the file holds anything but a flat
+    {str: tensor} mapping (a wrapped {"state_dict": ...}, a whole module, ...).
+    """
+    import pickle
+
+    from core.io import save_tensors
+
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise UserError(f"convert-checkpoint: {src} does not exist; give the .bin / .pt file to convert")
+    if src.suffix == ".safetensors":
+        raise UserError(f"convert-checkpoint: {src.name} is already safetensors; give it to pretrained as it is")
+    if dst.suffix != ".safetensors":
+        raise UserError(f"convert-checkpoint: the output must be a .safetensors path, got {dst.name}")
+    if dst.exists():
+        raise UserError(f"convert-checkpoint: {dst} already exists; choose another output path")
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+        raise UserError(f"convert-checkpoint: {src.name} is not a plain tensor state dict that torch.load("
+                        f"weights_only=True) reads ({str(e).splitlines()[0][:160]})") from None
+    if not isinstance(state, dict) or not state:
+        raise UserError(f"convert-checkpoint: {src.name} holds a {type(state).__name__}, not a flat {{name: tensor}} "
+                        "state dict")
+    bad = next(((k, v) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)), None)
+    if bad is not None:
+        raise UserError(f"convert-checkpoint: {src.name} is not a flat tensor state dict: key {bad[0]!r} holds a "
+                        f"{type(bad[1]).__name__}, not a tensor")
+    seen, tensors = set(), {}
+    for k, v in state.items():  # tied weights share storage; safetensors stores each tensor on its own
+        ptr = v.untyped_storage().data_ptr()
+        tensors[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    digest = save_tensors(dst, tensors, {"format": "pt", "converted_from": src.name})
+    return {"tensors": len(tensors), "sha256": digest}
+
+
+def _weights_in(folder: Path) -> tuple[list[Path], str | None]:
+    """The safetensors a diffusers model folder loads (plain, else its only variant) and that variant; ([], None)
+    when it holds none."""
+    from methods.backbones.directory import variants_in, weight_files
+
+    stem = "diffusion_pytorch_model"
+    files = weight_files(folder, stem, None)
+    if files:
+        return files, None
+    found = sorted(variants_in(folder, stem))
+    return (weight_files(folder, stem, found[0]), found[0]) if len(found) == 1 else ([], None)
+
+
+def _digest(files: list[Path]) -> str:
+    """sha256 of one weight file, or of the (name, sha256) list of a sharded one."""
+    if len(files) == 1:
+        return sha256_file(files[0])
+    return hashlib.sha256(json.dumps([[f.name, sha256_file(f)] for f in files]).encode()).hexdigest()
+
+
+# configuration keys a checkpoint's network must share with the backbone's to take its conditioning and latents
+FIT_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "addition_embed_type",
+            "projection_class_embeddings_input_dim", "joint_attention_dim", "pooled_projection_dim", "patch_size")
+
+
 @register("pretrained")
 class Pretrained(Method):
     """Published distilled checkpoints from local paths (LCM, Turbo, Lightning, Hyper-SD, TCD, DMD2; SD3.5 Turbo, FLUX)."""
 
     Config = PretrainedConfig
+    takes_conventions = False  # the card's guidance and scheduler, not the backbone pipeline's defaults
 
     def __init__(self, backbone, config: PretrainedConfig, ctx):
-        """Raises UserError when the checkpoint's sampler does not fit the backbone (a flow scheduler or flow settings
-        on an SD/SDXL backbone, a VP scheduler on a flow transformer)."""
-        super().__init__(backbone, config, ctx)
-        self.denoiser = None
-        self.info = None
-        self.flow = _is_flow_transformer(backbone)
-        flow_schedule = backbone.schedule.kind == "flow"  # an SD3/FLUX transformer, or the embedded flow UNet
+        """Samples through ``backbone.at_resolution(config.resolution)`` (the side the checkpoint was trained at).
+
+        Raises UserError when the checkpoint's sampler does not fit the backbone (a flow scheduler or flow settings
+        on an SD/SDXL backbone, a VP scheduler on a flow transformer), or a resolution the backbone cannot sample at."""
         name = config.recipe or config.kind
+        flow = _is_flow_transformer(backbone)
+        flow_schedule = backbone.schedule.kind == "flow"  # an SD3/FLUX transformer, or the embedded flow UNet
         flow_only = [k for k in ("shift", "dynamic_shifting", "max_sequence_length") if getattr(config, k) is not None]
-        if not self.flow and (config.kind == "transformer" or (flow_only and flow_schedule)):
+        if not flow and (config.kind == "transformer" or (flow_only and flow_schedule)):
             raise UserError(f"pretrained {name}: a rectified-flow transformer checkpoint "
                             f"({', '.join(flow_only) or config.kind}); the backbone is not an SD3/FLUX pipeline")
         if not flow_schedule and (config.scheduler == "flow-euler" or flow_only):
@@ -202,9 +395,13 @@ class Pretrained(Method):
         if flow_schedule and config.scheduler != "flow-euler":
             raise UserError(f"pretrained {name}: scheduler {config.scheduler!r} is for VP (SD/SDXL) schedules; on a "
                             "rectified-flow backbone use scheduler = 'flow-euler'")
-        if self.flow and config.kind not in ("transformer", "lora"):
+        if flow and config.kind not in ("transformer", "lora"):
             raise UserError(f"pretrained {name}: kind {config.kind!r} is a UNet checkpoint; on a flow backbone use "
                             "kind = 'transformer' (a diffusers transformer directory) or 'lora'")
+        super().__init__(_at_resolution(backbone, config.resolution, name), config, ctx)
+        self.denoiser = None
+        self.info = None
+        self.flow = flow
 
     @classmethod
     def nfe_per_step(cls, config) -> int:
@@ -218,75 +415,85 @@ class Pretrained(Method):
     def allowed_steps(cls, config) -> tuple[int, ...]:
         return tuple(config.steps) or tuple(range(1, config.max_steps + 1))
 
+    def settings(self) -> dict:
+        """The resolved settings, with the image side actually sampled at."""
+        return {**dataclasses.asdict(self.config), "resolution": getattr(self.backbone, "resolution", None)}
+
     def prepare(self, steps: int) -> TrainInfo:
+        """Load the checkpoint in the backbone's dtype and device, prepare it for sampling (``backbone.prepare_net``:
+        the suite's compile mode and memory format) and count its evaluations.
+
+        Formats (by path): a directory (a diffusers UNet / transformer folder, or a pipeline directory holding unet/ or
+        transformer/), a .safetensors file holding a LoRA or a whole network's state dict (told apart by its keys).
+        UserError (one line) for a missing path, a pickle (.bin: names ``flashbench convert-checkpoint``), weights
+        that do not fit the backbone, or guidance = 'embedded' without a guidance embedding."""
         if self.denoiser is not None:
             return self.info
-        from diffusers import UNet2DConditionModel
-
-        cfg, bb = self.config, self.backbone
-        path = Path(cfg.path)
-        if not path.exists():
-            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} does not exist")
-        if self.flow:
-            return self._prepare_flow(path)
-        if path.is_dir():
-            weights = sorted(path.glob("*.safetensors"))
-            if not weights:
-                raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} holds no .safetensors UNet weights")
-            try:
-                unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True, use_safetensors=True)
-            except (OSError, ValueError) as e:
-                raise UserError(f"pretrained {cfg.recipe or cfg.kind}: cannot load the UNet in {path} "
-                                f"({str(e).splitlines()[0][:160]})") from None
-            digest = sha256_file(weights[0]) if len(weights) == 1 else None
-        elif path.suffix == ".safetensors":  # LoRA on the base model's UNet
-            unet = bb.new_net()
-            load_lora_strict(unet, path)
-            unet.fuse_lora(lora_scale=cfg.lora_scale)
-            digest = sha256_file(path)
-        else:
-            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} must be a UNet directory or a .safetensors LoRA")
-        unet = unet.to(bb.device).eval().requires_grad_(False)
-        w_dim = unet.config.time_cond_proj_dim if cfg.guidance == "embedded" else None
-        if cfg.guidance == "embedded" and not w_dim:
-            raise UserError(f"pretrained {cfg.recipe or cfg.kind}: {path} has no guidance embedding "
-                            "(time_cond_proj_dim); use guidance = 'none' or 'cfg'")
-        self.denoiser = Denoiser(self.counted(unet), bb.schedule, cfg.prediction_type or bb.prediction_type, w_dim)
-        self.info = TrainInfo(cached=True, checkpoint=path.name, checkpoint_sha256=digest)
-        return self.info
-
-    def _prepare_flow(self, path: Path) -> TrainInfo:
-        """A transformer directory (or a pipeline directory holding transformer/), or a LoRA fused into a copy of the
-        backbone's transformer at ``lora_scale`` (as the model cards' ``pipe.fuse_lora(lora_scale=...)``)."""
         cfg, bb = self.config, self.backbone
         name = cfg.recipe or cfg.kind
-        if path.is_dir():
-            folder = path / "transformer" if (path / "transformer").is_dir() else path
-            weights = sorted(folder.glob("*.safetensors"))
-            if not weights:
-                raise UserError(f"pretrained {name}: {folder} holds no .safetensors transformer weights")
-            try:
-                tf = type(bb.transformer).from_pretrained(folder, local_files_only=True, use_safetensors=True,
-                                                          torch_dtype=bb.dtype)
-            except (OSError, ValueError) as e:
-                raise UserError(f"pretrained {name}: cannot load the transformer in {folder} "
-                                f"({str(e).splitlines()[0][:160]})") from None
-            net = bb.wrap(tf)
-            digest = sha256_file(weights[0]) if len(weights) == 1 else None
-        elif path.suffix == ".safetensors":
-            net = bb.new_net()
-            load_lora_strict(net.transformer, path, prefix="transformer", loader=type(bb.pipeline()))
-            net.transformer.fuse_lora(lora_scale=cfg.lora_scale)
-            digest = sha256_file(path)
-        else:
-            raise UserError(f"pretrained {name}: {path} must be a transformer directory or a .safetensors LoRA")
+        path = Path(cfg.path)
+        if not path.exists():
+            raise UserError(f"pretrained {name}: {path} does not exist")
+        if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+            raise pickle_refusal(name, path)
+        if path.is_file() and path.suffix != ".safetensors":
+            raise UserError(f"pretrained {name}: {path.name} must be a directory or a .safetensors file (a LoRA or a "
+                            "single-file UNet/transformer state dict)")
+        net, digest = self._load(path, name)
         net = net.to(bb.device).eval().requires_grad_(False)
-        if cfg.guidance == "embedded" and not net.guidance_embeds:
-            raise UserError(f"pretrained {name}: {path} has no guidance embedding (FLUX.1-dev's); use guidance = "
-                            "'none' or 'cfg'")
-        self.denoiser = Denoiser(self.counted(net), self.schedule(), bb.prediction_type)
+        net = bb.prepare_net(net)
+        if self.flow:
+            if cfg.guidance == "embedded" and not net.guidance_embeds:
+                raise UserError(f"pretrained {name}: {path} has no guidance embedding (FLUX.1-dev's); use guidance = "
+                                "'none' or 'cfg'")
+            self.denoiser = Denoiser(self.counted(net), self.schedule(), bb.prediction_type)
+        else:
+            w_dim = net.config.time_cond_proj_dim if cfg.guidance == "embedded" else None
+            if cfg.guidance == "embedded" and not w_dim:
+                raise UserError(f"pretrained {name}: {path} has no guidance embedding (time_cond_proj_dim); use "
+                                "guidance = 'none' or 'cfg'")
+            self.denoiser = Denoiser(self.counted(net), bb.schedule, cfg.prediction_type or bb.prediction_type, w_dim)
         self.info = TrainInfo(cached=True, checkpoint=path.name, checkpoint_sha256=digest)
         return self.info
+
+    def _load(self, path: Path, name: str):
+        """(network in the backbone's dtype, sha256 of the files read) for a checkpoint path (see ``prepare``)."""
+        bb = self.backbone
+        denoiser = bb.transformer if self.flow else bb.net
+        what = "transformer" if self.flow else "UNet"
+        if path.is_dir():
+            folder = next((path / d for d in ("unet", "transformer") if (path / d).is_dir()), path)
+            files, variant = _weights_in(folder)
+            if not files:
+                pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                if pickles:
+                    raise pickle_refusal(name, folder / pickles[0])
+                raise UserError(f"pretrained {name}: {folder} holds no .safetensors {what} weights "
+                                "(diffusion_pytorch_model.safetensors, a variant or a sharded index)")
+            try:
+                net = type(denoiser).from_pretrained(folder, local_files_only=True, use_safetensors=True, variant=variant,
+                                                     torch_dtype=bb.dtype)
+            except (OSError, ValueError) as e:
+                raise UserError(f"pretrained {name}: cannot load the {what} in {folder} "
+                                f"({str(e).splitlines()[0][:160]})") from None
+            _check_fits(net.config, denoiser.config, name, folder)
+            return (bb.wrap(net) if self.flow else net), _digest(files)
+        keys = safetensors_shapes(path)
+        if is_adapter(keys):  # a LoRA on a copy of the backbone's network, fused at lora_scale as the cards' fuse_lora
+            net = bb.new_net()
+            target = net.transformer if self.flow else net
+            if self.flow:
+                load_lora_strict(target, path, prefix="transformer", loader=type(bb.pipeline()))
+            else:
+                load_lora_strict(target, path)
+            target.fuse_lora(lora_scale=self.config.lora_scale)
+            target.unload_lora()  # the fused weights stay; the adapter layers (kept in fp32 by peft) go
+            return net.to(bb.dtype), sha256_file(path)
+        try:
+            net = load_full_state_dict(type(denoiser), denoiser.config, path, bb.dtype, bb.device, what)
+        except UserError as e:
+            raise UserError(f"pretrained {name}: {e}") from None
+        return (bb.wrap(net) if self.flow else net), sha256_file(path)
 
     def flow_scheduler_config(self) -> dict:
         """The backbone's flow scheduler config with the checkpoint's shift and dynamic shifting."""
@@ -303,13 +510,17 @@ class Pretrained(Method):
         return self.backbone.schedule_for(self.flow_scheduler_config()) if self.flow else self.backbone.schedule
 
     def scheduler(self):
-        """The diffusers scheduler the checkpoint's authors sample with, on the backbone's noise schedule."""
+        """The diffusers scheduler the checkpoint's authors sample with, on the backbone's noise schedule: the
+        backbone's scheduler config with the recipe's timestep spacing and prediction type (flow: shift, dynamic
+        shifting), as the cards' ``Scheduler.from_config(pipe.scheduler.config, **overrides)``."""
         import diffusers
 
         cfg = self.config
         if cfg.scheduler == "flow-euler":
             return diffusers.FlowMatchEulerDiscreteScheduler.from_config(self.flow_scheduler_config())
-        base = dict(self.backbone.scheduler_config, timestep_spacing=cfg.timestep_spacing)
+        base = dict(self.backbone.scheduler_config)
+        if cfg.timestep_spacing:
+            base["timestep_spacing"] = cfg.timestep_spacing
         if cfg.prediction_type:
             base["prediction_type"] = cfg.prediction_type
         if cfg.scheduler == "lcm":
@@ -324,6 +535,7 @@ class Pretrained(Method):
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):
+        """Images float32 [N, 3, R, R] in [0, 1], R the recipe's resolution (the backbone's when none)."""
         self.prepare(steps)
         cfg, bb = self.config, self.backbone
         encode = bb.encode_text
@@ -345,6 +557,27 @@ class Pretrained(Method):
                            timesteps=list(cfg.timesteps) if cfg.timesteps else None,
                            step_kwargs={"eta": cfg.eta} if cfg.scheduler == "tcd" and cfg.eta is not None else None)
         return bb.to_images(x0)
+
+
+def _at_resolution(backbone, resolution: int | None, name: str):
+    """`backbone` sampling images of side `resolution` (its view; itself for None or its own side). UserError when it
+    samples at one fixed side only (the embedded shapes teacher) and `resolution` is another."""
+    if resolution is None or resolution == getattr(backbone, "resolution", None):
+        return backbone
+    if not hasattr(backbone, "at_resolution"):
+        raise UserError(f"pretrained {name}: resolution {resolution} was asked for, but this backbone samples at one "
+                        "fixed side; leave resolution unset")
+    return backbone.at_resolution(resolution)
+
+
+def _check_fits(config, backbone_config, name: str, folder: Path) -> None:
+    """UserError when a loaded network's configuration differs from the backbone's network's in a key that fixes its
+    inputs (latent channels, text-state width, pooled/time conditioning, patch size)."""
+    differ = [k for k in FIT_KEYS if k in config and k in backbone_config and config[k] != backbone_config[k]]
+    if differ:
+        k = differ[0]
+        raise UserError(f"pretrained {name}: the network in {folder} does not fit this backbone ({k} {config[k]} vs the "
+                        f"backbone's {backbone_config[k]}); give the backbone it was distilled from")
 
 
 def _is_flow_transformer(backbone) -> bool:

@@ -212,3 +212,11 @@ def test_a_backbone_assembled_from_modules_samples_as_the_loaded_one(dirs, famil
     a = teacher(loaded, cfg, base.Context(tmp_path)).sample(TEXTS, KEYS, 2)
     b = teacher(made, cfg, base.Context(tmp_path)).sample(TEXTS, KEYS, 2)
     assert torch.equal(a, b)
+
+
+def test_a_published_checkpoint_samples_as_its_card_not_as_the_backbones_pipeline(dirs):
+    """SDXL-Lightning runs unguided (1 NFE per step) on an SDXL backbone whose pipeline defaults to CFG at 5."""
+    s = suite(dirs["sdxl"], [{"name": "pretrained", "steps": [4],
+                              "settings": {"recipe": "sdxl-lightning-4step", "path": str(dirs["sdxl"])}}])
+    cfg = s.entries[0].config
+    assert (cfg.guidance, s.entries[0].budgets[0].nfe) == ("none", 4)

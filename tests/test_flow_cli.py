@@ -42,7 +42,7 @@ settings = {{ student_updates = 2, batch_size = 2 }}
 name = "pretrained"
 label = "recipe"
 steps = [{recipe_steps}]
-settings = {{ recipe = "{recipe}", path = "{ckpt}" }}
+settings = {{ recipe = "{recipe}", path = "{ckpt}", resolution = 16 }}
 """
 
 
@@ -85,4 +85,4 @@ def test_run_on_a_flow_teacher(fx, layout):
         row = got[label]
         assert row["status"] == "ok" and row["nfe"] == n and row["fid"] >= 0 and row["clip_score"] is not None, row
     assert got["lcm"]["train"]["student_updates"] == 2
-    assert got["teacher"]["protocol"]["teacher"]["layout"] == layout
+    assert got["teacher"]["protocol"]["teacher"]["family"] == layout

@@ -1,5 +1,6 @@
 """Parity with diffusers for rectified-flow teachers: the `teacher` method is the StableDiffusion3Pipeline /
-FluxPipeline call a user would otherwise run (tiny random pipelines built here, CPU).
+FluxPipeline call a user would otherwise run (tiny random pipelines built here, CPU). The flow recipes against their
+model cards' calls: tests/test_cards.py.
 
 Same scheduler, steps, guidance and starting latents (``per_sample_noise``; FLUX's packed into 2×2 tokens as
 FluxPipeline takes them); decoded images must agree to 1e-5.
@@ -133,54 +134,6 @@ def test_identity_hashes_the_files_loaded(flux_dev, sd3):
         assert "transformer/diffusion_pytorch_model.safetensors" in ident["files"]
         assert any(k.startswith("tokenizer_2/") for k in ident["files"])
     assert flux_dev.identity()["sha256"] != sd3.identity()["sha256"]
-
-
-def pretrained(bb, tmp_path, recipe, path, steps):
-    cls = base.get("pretrained")
-    m = cls(bb, cls.make_config({"recipe": recipe, "path": str(path)}), base.Context(tmp_path))
-    images = m.sample(TEXTS, KEYS, steps)
-    assert m.counted_nfe() == len(KEYS) * steps  # every flow recipe: 1 NFE per step
-    return images
-
-
-def test_flux_schnell_recipe_equals_its_model_card(flux_dev, flux_schnell, tmp_path):
-    """FLUX.1-schnell's transformer on a FLUX.1-dev backbone's encoders and VAE: FluxPipeline with schnell's scheduler
-    (shift 1, no dynamic shifting), guidance_scale=0, 4 steps, max_sequence_length=256."""
-    path = flux_schnell.path / "transformer"
-    ours = pretrained(flux_dev, tmp_path, "flux1-schnell", path, 4)
-    tf = diffusers.FluxTransformer2DModel.from_pretrained(path, local_files_only=True)
-    sched = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flux_schnell.scheduler_config)
-    theirs = pipe_call(flux_dev, sched, 4, transformer=tf, guidance_scale=0.0, max_sequence_length=256)
-    assert (ours - theirs).abs().max() <= TOL
-
-
-@pytest.mark.parametrize("recipe,steps,lora_scale", [("hyper-flux1-dev-8step-lora", 8, 0.125),
-                                                      ("flux1-turbo-alpha-lora", 8, 1.0)])
-def test_flux_lora_recipes_equal_their_model_cards(flux_dev, tmp_path, recipe, steps, lora_scale):
-    """pipe.load_lora_weights(...); pipe.fuse_lora(lora_scale=...); pipe(guidance_scale=3.5, num_inference_steps=8)."""
-    lora = tiny_flow.flux_lora(flux_dev.path, tmp_path / "lora")
-    ours = pretrained(flux_dev, tmp_path, recipe, lora, steps)
-    tf = diffusers.FluxTransformer2DModel.from_pretrained(flux_dev.path, subfolder="transformer", local_files_only=True)
-    pipe = flux_dev.pipeline(transformer=tf, scheduler=make_scheduler("euler", flux_dev.scheduler_config))
-    pipe.load_lora_weights(str(lora))
-    pipe.fuse_lora(lora_scale=lora_scale)
-    theirs = pipe_call(flux_dev, pipe.scheduler, steps, transformer=pipe.transformer, guidance_scale=3.5)
-    assert (ours - theirs).abs().max() <= TOL
-    base_images = teacher(flux_dev, tmp_path, steps, solver="euler", guidance="embedded", guidance_scale=3.5)
-    assert (ours - base_images).abs().max() > 1e-4  # the LoRA was applied
-
-
-def test_sd35_turbo_recipe_equals_its_model_card(sd3, tmp_path):
-    """A transformer directory on the SD3 backbone: StableDiffusion3Pipeline, guidance_scale=0, 4 steps, shift 3."""
-    net = sd3.new_net()
-    with torch.no_grad():
-        for p in net.transformer.parameters():
-            p.add_(0.01 * torch.randn_like(p))  # not the teacher's weights
-    net.transformer.save_pretrained(tmp_path / "turbo", safe_serialization=True)
-    ours = pretrained(sd3, tmp_path, "sd35-large-turbo", tmp_path / "turbo", 4)
-    tf = diffusers.SD3Transformer2DModel.from_pretrained(tmp_path / "turbo", local_files_only=True)
-    theirs = pipe_call(sd3, diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), 4, transformer=tf, guidance_scale=0.0)
-    assert (ours - theirs).abs().max() <= TOL
 
 
 def test_flow_recipes_are_refused_where_they_do_not_fit(flux_schnell, tmp_path, tiny):
