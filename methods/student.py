@@ -133,6 +133,15 @@ class AdversarialTerm:
         return loss.item()
 
 
+def training_autocast(device_type: str, dtype: torch.dtype):
+    """The autocast region a student trains in: fp32 master weights computed in the teacher's lower `dtype` (a no-op
+    for fp32). Without autocast's weight cache: the cache keeps the first cast copy of each trainable weight for the
+    whole region, so after an optimizer step every later update would run on the weights before it."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)
+
+
 def training_code_sha256(module: str, root: Path | None = None) -> str:
     """sha256 (16 hex) of the code that trains a method's students: its module and every ``methods.*`` module it
     imports (``registry.module_sources``), by content and path within methods/. In every student's cache key, so a
@@ -200,7 +209,6 @@ class DistilledMethod(Method):
         if grid in self.students:
             return self.train_info[grid]
         bb = self.backbone
-        half = bb.dtype != torch.float32
         # a student trains in fp32 master weights, under autocast to the teacher's dtype when that is lower
         net = bb.new_net(self.w_dim).float()
         if self.lora_rank():
@@ -212,7 +220,7 @@ class DistilledMethod(Method):
             t0 = time.time()
             net.train()
             outer, self.compute = self.compute, TrainCompute()  # a nested prepare (progressive) counts apart
-            autocast = torch.autocast(bb.device.type, dtype=bb.dtype) if half else contextlib.nullcontext()
+            autocast = training_autocast(bb.device.type, bb.dtype)
             # prepare may be reached lazily from a no-grad sample(); any fresh weights (discriminator heads,
             # fake scores) draw from a generator seeded here, never from whatever ran before in the process
             try:

@@ -220,3 +220,24 @@ def test_a_published_checkpoint_samples_as_its_card_not_as_the_backbones_pipelin
                               "settings": {"recipe": "sdxl-lightning-4step", "path": str(dirs["sdxl"])}}])
     cfg = s.entries[0].config
     assert (cfg.guidance, s.entries[0].budgets[0].nfe) == ("none", 4)
+
+
+def test_a_student_in_a_bf16_region_sees_every_update():
+    """Students train fp32 masters under autocast to the teacher's bf16: after an optimizer step the next forward in
+    the same region must use the new weights (autocast's weight cache would keep the first cast copy)."""
+    from methods.student import training_autocast
+
+    net = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(net.parameters(), lr=1.0)
+    x = torch.ones(2, 4)
+    with torch.enable_grad(), training_autocast("cpu", torch.bfloat16):
+        first = net(x)
+        first.sum().backward()
+        opt.step()
+        second = net(x)
+    assert first.dtype == torch.bfloat16 and not torch.equal(first, second)
+    with torch.enable_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the cache this avoids: a stale forward
+        a = net(x)
+        a.sum().backward()
+        opt.step()
+        assert torch.equal(a, net(x))
