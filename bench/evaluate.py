@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import components, provenance, runner
+from bench import components, protocols, provenance, runner
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir
@@ -94,13 +94,14 @@ def evaluate(folder: Path, suite: Suite, out: Path, cache: Path | None = None, d
             raise UserError(f"{c} holds other prompts than {cells[0]}; evaluate them separately")
     components.check_device(device)
     components.check_metrics(suite.metrics, prompts, str(folder), suite.evaluators["kind"])
-    evaluators = components.load_evaluators(suite.evaluators, device)
+    evaluators = components.load_evaluators(suite.evaluators, device, prompts)
+    info = [json.loads((c / "cell.json").read_text()) if (c / "cell.json").exists() else {} for c in cells]
+    teacher = info[0].get("teacher", {"backbone": "unknown (samples from outside)"})
+    runner.check_teacher_reference(suite, prompts, evaluators, teacher, cache)
     rd = RunDir(out)
     rd.create(resume=False)
     try:
         ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
-        info = [json.loads((c / "cell.json").read_text()) if (c / "cell.json").exists() else {} for c in cells]
-        teacher = info[0].get("teacher", {"backbone": "unknown (samples from outside)"})
         config = {"suite": suite.to_dict(), "evaluated": [str(c.name) for c in cells], "versions": provenance.versions(),
                   "git": provenance.git_hash(), "device": device, "teacher": teacher,
                   "evaluators": evaluators.identity(), "prompts": {"set": str(folder), "n": len(prompts),
@@ -111,7 +112,8 @@ def evaluate(folder: Path, suite: Suite, out: Path, cache: Path | None = None, d
         runner.measurement(ctx)
         protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, teacher, device,
                                        config["versions"].get("torchmetrics"),
-                                       evaluators.num_features if "fid" in suite.metrics else None)
+                                       evaluators.num_features if "fid" in suite.metrics else None,
+                                       protocols.resolve(suite.evaluators))
         rows = []
         for cell, meta in zip(cells, info):
             for seed in seeds_of(cell):
