@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("suite", nargs="?", default=None, help="suite name (see `flashbench list`) or a .toml path")
     r.add_argument("--methods", help="comma-separated method names or labels of the suite to run")
     r.add_argument("--nfe", help="comma-separated NFE budgets, replacing the suite's")
-    r.add_argument("--samples", type=int, help="number of prompts (the first N of the suite's set)")
+    r.add_argument("--samples", type=int, help="number of prompts (the first N of the suite's set, or of its protocol's draw)")
     r.add_argument("--seeds", help="comma-separated seeds")
     r.add_argument("--out", type=Path, help="run directory (default results/<suite>-<time>); never overwritten")
     r.add_argument("--resume", type=Path, metavar="RUN", help="finish an interrupted run in RUN")

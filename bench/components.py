@@ -1,5 +1,9 @@
 """What a suite names, loaded and checked: the device, the prompts, the teacher, the evaluators.
 
+The prompts and the evaluators' reference follow the suite's protocol (``bench.protocols``): a COCO protocol
+draws (caption, image) pairs from its annotations, and every input file is checked here, before anything is
+written.
+
 The real-scale parts (diffusers pipelines, Inception, open_clip) are imported only when a suite names them.
 """
 
@@ -7,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bench import protocols
 from bench.shapes import world
 from bench.shapes.evaluators import load_evaluators as load_shapes_evaluators
 from bench.shapes.teacher import ShapesBackbone
@@ -25,11 +30,26 @@ def check_device(device: str) -> str:
     return device
 
 
-def suite_prompts(spec: str, samples: int) -> list:
-    """The first `samples` prompts of a suite's set; captions of the shapes grammar get their ground truth."""
+def suite_prompts(spec: str, samples: int, evaluators: dict | None = None) -> list:
+    """The `samples` prompts a suite measures: its protocol's draw (``[evaluators]``; default: the first
+    `samples` of the set). Captions of the shapes grammar get their ground truth; a COCO draw reads the
+    annotations JSON `spec`. UserError when the set holds fewer, or is not the set the protocol needs."""
+    preset = protocols.resolve(evaluators or {"kind": "shapes"})
+    if preset.prompts == "coco-captions":
+        from prompts.coco import draw_mlperf, draw_seeded, load_coco_captions
+
+        draw = {"coco-seeded": draw_seeded, "mlperf": draw_mlperf}[preset.draw.kind]
+        images = load_coco_captions(Path(spec))
+        if samples > len(images):
+            raise UserError(f"samples = {samples} but annotations {spec!r} hold only {len(images)} captioned images "
+                            f"({preset.name} draws one caption per image); give samples <= {len(images)}")
+        return draw(images, samples, preset.draw.seed, preset.id_prefix, Path(spec).name)
     prompts = load_prompts(spec, parse_caption=world.parse_caption)
     if samples > len(prompts):
         raise UserError(f"samples = {samples} but prompts {spec!r} has only {len(prompts)}")
+    if preset.prompts == "partiprompts" and not all(p.id.startswith("parti-") for p in prompts):
+        raise UserError(f"protocol {preset.name!r} needs the PartiPrompts TSV (header Prompt, Category, Challenge, "
+                        f"Note); {spec!r} is another set")
     return prompts[:samples]
 
 
@@ -87,15 +107,25 @@ def load_backbone(spec: dict, device: str):
     return ShapesBackbone.load(device, kind=spec.get("teacher", "vp"))
 
 
-def load_evaluators(spec: dict, device: str):
-    """The evaluators a suite names: the shipped shapes evaluators, or Inception + open_clip + a reference folder."""
+def load_evaluators(spec: dict, device: str, prompts: list | None = None):
+    """The evaluators a suite names: the shipped shapes evaluators, or Inception + open_clip under the suite's
+    protocol. A COCO protocol's reference images are those of `prompts` (the draw), each checked here; a
+    folder's images likewise. UserError naming what is missing or unreadable."""
     if spec["kind"] == "real":
         from bench.real import load_real_evaluators
 
-        for key in ("clip_model", "reference"):
+        preset = protocols.resolve(spec)
+        for key in ("clip_model", *preset.inputs):
             if key not in spec:
-                raise UserError(f"[evaluators] kind = 'real' needs {key} = ...")
+                raise UserError(f"[evaluators] kind = 'real' (protocol {preset.name!r}) needs {key} = ...")
+        for key in ("reference", "images"):
+            if key in spec and not Path(spec[key]).is_dir():
+                raise UserError(f"[evaluators] {key} = {spec[key]!r} is not a folder; give the folder of its images")
         inc = spec.get("inception_dir")
-        return load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"),
-                                    Path(spec["reference"]), device, dtype=spec.get("dtype", "fp32"))
+        folder, images = (Path(spec[k]) if k in spec else None for k in ("reference", "images"))
+        ev = load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"), folder,
+                                  device, dtype=spec.get("dtype", "fp32"), protocol=preset, images_dir=images)
+        if preset.reference == "drawn-images":
+            ev.check_paired(prompts or [])
+        return ev
     return load_shapes_evaluators(device)

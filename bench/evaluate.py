@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import components, provenance, runner
+from bench import components, protocols, provenance, runner
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir
@@ -160,12 +160,13 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
     prompts = cells[0].prompts
     where = ", ".join(str(f) for f in folders)
     components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"])
-    evaluators = components.load_evaluators(suite.evaluators, device)
+    evaluators = components.load_evaluators(suite.evaluators, device, prompts)
+    teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
+    runner.check_teacher_reference(suite, prompts, evaluators, teacher, cache)
     rd = RunDir(out)
     rd.create(resume=False)
     try:
         ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
-        teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
         config = {"suite": suite.to_dict(), "evaluated": [c.name for c in cells], "versions": provenance.versions(),
                   "git": provenance.git_hash(), "device": device, "teacher": teacher,
                   "evaluators": evaluators.identity(), "prompts": {"set": where, "n": len(prompts),
@@ -177,7 +178,8 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
         runner.measurement(ctx)
         protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, teacher, device,
                                        config["versions"].get("torchmetrics"),
-                                       evaluators.num_features if "fid" in suite.metrics else None)
+                                       evaluators.num_features if "fid" in suite.metrics else None,
+                                       protocols.resolve(suite.evaluators))
         rows = []
         for cell in cells:
             meta = cell.info

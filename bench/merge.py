@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench import components, provenance, runner
+from bench import components, protocols, provenance, runner
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir, load_rows, read_config
@@ -58,8 +58,9 @@ def merge(runs: list[Path], out: Path, cache: Path | None = None, device: str = 
         have = {runner.cell_key(x["label"], x["nfe"], x["seed"], x.get("train_seed")) for x in rows}
         if have != set(keys):
             raise UserError(f"{r} has other cells than {runs[0]} (an unfinished shard? resume it first)")
-    prompts = components.suite_prompts(suite.prompts, suite.samples)
-    evaluators = components.load_evaluators(suite.evaluators, device)
+    prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
+    evaluators = components.load_evaluators(suite.evaluators, device, prompts)
+    runner.check_teacher_reference(suite, prompts, evaluators, configs[0]["teacher"], cache)
     rd = RunDir(out)
     rd.create(resume=False)
     try:
@@ -71,7 +72,8 @@ def merge(runs: list[Path], out: Path, cache: Path | None = None, device: str = 
         runner.measurement(ctx)
         protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
                                        config["device"], config["versions"].get("torchmetrics"),
-                                       evaluators.num_features if "fid" in suite.metrics else None)
+                                       evaluators.num_features if "fid" in suite.metrics else None,
+                                       protocols.resolve(suite.evaluators))
         rows = [merge_cell(ctx, [rows[i] for rows in shard_rows], [RunDir(r) for r in runs], key, protocol)
                 for i, key in enumerate(keys)]
         rd.write_rows(rows)

@@ -8,11 +8,12 @@ import subprocess
 from pathlib import Path
 
 from bench.metrics.bootstrap import BOOTSTRAP, BOOTSTRAP_SEED, CI_LEVEL
-from bench.metrics.fid import bootstrap_resamples
+from bench.metrics.fid import bootstrap_reference
+from bench.protocols import Protocol
 from core import io
 
 # the protocol fields that define comparability: two rows are comparable iff their protocol ids are equal
-COMPARABLE = ("prompts", "evaluators", "fid", "clip_score", "accuracy", "bootstrap")
+COMPARABLE = ("preset", "prompts", "evaluators", "fid", "clip_score", "accuracy", "bootstrap")
 
 def git_hash() -> str:
     """HEAD of the checkout this code runs from, "-dirty" when tracked files differ; "unknown" outside git."""
@@ -39,31 +40,43 @@ def versions() -> dict:
 
 
 def protocol(prompts: dict, evaluators: dict, reference, teacher: dict, device: str, torchmetrics: str | None,
-             num_features: int | None = None) -> dict:
+             num_features: int | None = None, preset: Protocol | None = None) -> dict:
     """Everything that moves a number, stored beside it; ``id`` hashes the fields that define comparability.
 
     `prompts`: the prompt set's name, content sha256 and count; `evaluators`: ``Evaluators.identity()``;
     `reference`: the FID reference (None when FID is not measured); `teacher`: ``Backbone.identity()``;
-    `num_features`: the FID feature width (a warning is recorded when the sample count is below it).
+    `num_features`: the FID feature width (a warning is recorded when the sample count is below it); `preset`:
+    the measurement protocol (``bench.protocols``), whose whole definition is stored and hashed (a warning is
+    recorded when the sample count is not its published one).
     """
     ev = evaluators
     warnings = []
     if reference is not None and num_features and prompts["n"] < num_features:
         warnings.append(f"FID over {prompts['n']} samples with {num_features}-d features: the sample covariance is "
                         "singular, so FID is biased upwards; compare FIDs only at equal sample counts")
+    preset_warnings = []
+    if preset is not None and preset.samples and prompts["n"] != preset.samples:
+        preset_warnings.append(f"{prompts['n']} samples, not the {preset.samples} of protocol {preset.name}: its "
+                               "figures are not comparable with those published under it")
     prot = {
+        "preset": None if preset is None else preset.definition(),
+        "preset_warnings": preset_warnings,
         "prompts": prompts,
         "evaluators": ev,
         "fid": None if reference is None else {
             "library": f"torchmetrics {torchmetrics} FrechetInceptionDistance",
             "feature": ev["fid_feature"], "feature_sha256": ev["fid_feature_sha256"], "resize": ev["fid_resize"],
             "reference": reference.identity(), "accumulation": "float64",
-            "bootstrap_resamples": bootstrap_resamples(reference.num_features), "warnings": warnings,
+            "bootstrap_resamples": BOOTSTRAP, "bootstrap_reference": bootstrap_reference(reference.paired),
+            "bootstrap_kernel": "exact Fréchet distance per resample in float64 on the evaluators' device (Gram form "
+                                "when both sets have fewer rows than features, else covariances)",
+            "warnings": warnings,
         },
         "clip_score": {"model": ev["clip_model"], "sha256": ev["clip_sha256"], "score": ev["clip_score"]},
         "accuracy": None if ev["accuracy_net_sha256"] is None else {"evaluator": "attribute_net",
                                                                      "sha256": ev["accuracy_net_sha256"]},
-        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL, "seed": BOOTSTRAP_SEED},
+        "bootstrap": {"resamples": BOOTSTRAP, "level": CI_LEVEL, "seed": BOOTSTRAP_SEED,
+                      "interval": "percentile (FID: bias-centred on the point value)"},
         "teacher": teacher,
         "device": device,
         "dtype": {"teacher": teacher.get("dtype", "fp32"), "evaluators": ev["dtype"]},

@@ -1,17 +1,23 @@
-"""Standard metrics at real scale: Inception FID (clean-fid protocol) and open_clip CLIP score.
+"""Standard metrics at real scale: Inception FID (clean-fid) and open_clip CLIP score, under a protocol.
 
 Everything is local: the Inception network is clean-fid's own file (``inception-2015-12-05.pt``) in a
 directory you give, the CLIP model is an open_clip model name plus a local pretrained file
-(safetensors or a weights-only checkpoint), and the FID reference is a local image folder whose
-statistics are computed once and cached by the content hash of its files. Reference images come as
-they are published (mixed sizes, RGBA / grayscale / CMYK, PNG / JPEG / WebP): each is converted to RGB
-and resized by the declared protocol (clean-fid "clean": PIL bicubic to 299, per image); a file that
-cannot be read is named before anything is written. Every protocol field is stored with the numbers
-(``identity()``, and the reference's own identity); results of different protocols never share a column.
+(safetensors or a weights-only checkpoint). The FID reference is what the protocol (``bench.protocols``)
+names: a local image folder (``unpaired-folder``), or the images of the drawn COCO captions, one per prompt
+(``coco2014-30k``, ``mlperf-sdxl-coco2014-5k``); its features are computed once and cached by the content
+hash of its files, the feature network and the preprocessing. (The teacher's own samples, ``teacher-fid``,
+are sampled by the runner.) Reference images come as they are published (mixed sizes, RGBA / grayscale /
+CMYK, PNG / JPEG / WebP): each is converted to RGB, preprocessed by the protocol (COCO: centre crop to a
+square and LANCZOS resize, as GigaGAN and DMD2 do; ``centre_crop_resize``), generated samples likewise, and
+resized by clean-fid's own "clean" resize (PIL bicubic to 299, per image); a file that cannot be read is
+named before anything is written. CLIP score feeds each 8-bit sample, as a PIL image, through the open_clip
+model's own ``preprocess`` transform. Every protocol field is stored with the numbers (``identity()``, the
+reference's own identity and the protocol's definition); results of different protocols never share a column.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata as md
 import warnings
@@ -23,10 +29,17 @@ from torch import nn
 
 from bench.metrics.evaluators import Evaluators
 from bench.metrics.fid import Reference, cached_reference
+from bench.protocols import PRESETS, Preprocess, Protocol
+from core import io
 from core.errors import UserError
 from core.io import sha256_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+
+
+def to_uint8(images: torch.Tensor) -> list[np.ndarray]:
+    """Images float [n, 3, H, W] in [0, 1] as the 8-bit RGB arrays [H, W, 3] they would be saved as."""
+    return list((images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
 
 
 class CleanResize(nn.Module):
@@ -41,8 +54,7 @@ class CleanResize(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Features [n, num_features] of images float [n, 3, H, W] in [0, 1] (quantised to 8 bits first)."""
-        x = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return self.of_uint8(list(x))
+        return self.of_uint8(to_uint8(images))
 
     def of_uint8(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """Features of uint8 RGB images [H, W, 3], each of its own size (resized one by one, as clean-fid does)."""
@@ -64,22 +76,48 @@ def inception(weights_dir: Path, device: str = "cpu") -> nn.Module:
     return CleanResize(net, 2048)
 
 
+def centre_crop_resize(image: np.ndarray, size: int | None) -> np.ndarray:
+    """uint8 RGB [H, W, 3] -> uint8 [s, s, 3]: the largest centred square, then a PIL LANCZOS resize to size x size
+    (no resize when size is None).
+
+    The crop is torchvision's ``center_crop(img, min(img.size))`` (top = round((H − s) / 2), left =
+    round((W − s) / 2), Python rounding): BigGAN's ``CenterCropLongEdge``. Crop then ``img.resize((size, size),
+    Image.LANCZOS)`` is GigaGAN's ``resize_and_center_crop`` (mingukkang/GigaGAN evaluation/evaluation.py, with
+    data_util.py) and DMD2's (tianweiy/DMD2 main/coco_eval/coco_evaluator.py), applied there to real and
+    generated images before clean-fid's own resize, as here.
+    """
+    from PIL import Image
+    from torchvision.transforms.functional import center_crop
+
+    im = center_crop(Image.fromarray(image), min(image.shape[:2]))
+    if size is not None:
+        im = im.resize((size, size), Image.LANCZOS)
+    return np.asarray(im)
+
+
+def describe_preprocess(pre: Preprocess | None) -> str:
+    """The preprocessing before clean-fid's resize, in words (part of ``fid_resize`` in the evaluators' identity)."""
+    steps = []
+    if pre is not None and pre.crop == "centre-square":
+        steps.append("centre crop to a square (torchvision center_crop to min(H, W))")
+    if pre is not None and pre.size is not None:
+        steps.append(f"PIL LANCZOS resize to {pre.size}x{pre.size}")
+    return "".join(f"{s}, then " for s in steps)
+
+
 class OpenCLIPScore(nn.Module):
-    """CLIP score 100·max(cos, 0) with an open_clip model from a local pretrained file."""
+    """CLIP score 100·max(cos, 0) with an open_clip model from a local pretrained file, its images prepared by the
+    model's own ``preprocess`` transform (``open_clip.create_model_and_transforms``: resize of the shortest side,
+    centre crop, normalisation) applied to each 8-bit sample as a PIL image."""
 
     def __init__(self, model_name: str, pretrained: str | None, device: str = "cpu"):
         super().__init__()
         import open_clip
 
-        self.model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
-                                                                           device=device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained,
+                                                                                device=device)
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        size = self.model.visual.image_size
-        self.size = size if isinstance(size, int) else size[0]
-        norm = next(t for t in preprocess.transforms if t.__class__.__name__ == "Normalize")
-        self.register_buffer("mean", torch.tensor(norm.mean).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(norm.std).view(1, 3, 1, 1))
 
     def truncated(self, texts: list[str]) -> list[int]:
         """Indices of texts longer than the text tower's context (start and end tokens included)."""
@@ -88,11 +126,18 @@ class OpenCLIPScore(nn.Module):
             return []
         return [i for i, t in enumerate(texts) if len(encode(t)) + 2 > ctx]
 
+    def image_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's input float32 [n, 3, S, S] (normalised) for images float [n, 3, H, W] in [0, 1]:
+        ``preprocess(PIL.Image)`` of each image quantised to 8 bits, on the images' device."""
+        from PIL import Image
+
+        return torch.stack([self.preprocess(Image.fromarray(a)) for a in to_uint8(images)]).to(images.device)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        x = nn.functional.interpolate(images.float(), size=(self.size, self.size), mode="bicubic",
-                                      align_corners=False, antialias=True).clamp(0, 1)
-        img = nn.functional.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+        """CLIP score float [n] in [0, 100] of images float [n, 3, H, W] in [0, 1] against their texts."""
+        x = self.image_input(images)
+        img = nn.functional.normalize(self.model.encode_image(x), dim=-1)
         txt = nn.functional.normalize(self.model.encode_text(self.tokenizer(texts).to(x.device)), dim=-1)
         return 100.0 * (img * txt).sum(-1).clamp(min=0)
 
@@ -146,35 +191,66 @@ def load_images(files: list[Path]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
 
 
+@dataclasses.dataclass
+class Networks:
+    """The real-scale evaluator networks and what identifies them: the FID feature network (its id and its weights'
+    sha256, None for a stand-in) and the open_clip scorer (model name, weights sha256)."""
+
+    fid_net: nn.Module
+    feature_id: str
+    feature_sha256: str | None
+    clip: nn.Module
+    clip_model: str
+    clip_sha256: str | None
+
+
 class RealEvaluators(Evaluators):
-    """FID features + CLIP scorer + reference folder, behind the Evaluators interface."""
+    """FID features + CLIP scorer + the protocol's reference, behind the Evaluators interface.
+
+    `folder`: the ``unpaired-folder`` reference; `images`: the folder of the drawn COCO captions' images (each
+    prompt's ``file_name`` under it). A folder's images are checked here; paired images by ``check_paired``.
+    """
 
     kind = "real"
 
-    def __init__(self, fid_net: nn.Module, feature_id: str, feature_sha256: str | None, clip: nn.Module,
-                 clip_model: str, clip_sha256: str | None, reference_dir: Path, device: str | torch.device = "cpu",
-                 dtype: str = "fp32"):
+    def __init__(self, nets: Networks, protocol: Protocol, folder: Path | None = None, images: Path | None = None,
+                 device: str | torch.device = "cpu", dtype: str = "fp32"):
         self.device = torch.device(device)
         self.dtype_name = dtype
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-        self.fid_net, self.clip = fid_net.eval().requires_grad_(False), clip
-        self.num_features = int(fid_net.num_features)
-        self.feature_id, self.feature_sha256 = feature_id, feature_sha256
-        self.clip_model, self.clip_sha256 = clip_model, clip_sha256
-        self.reference_dir = Path(reference_dir)
-        self.reference_files = folder_images(self.reference_dir)
-        check_images(self.reference_files)
-        self.reference_hash = folder_hash(self.reference_files, self.reference_dir)
+        self.nets, self.protocol, self.images = nets, protocol, None if images is None else Path(images)
+        self.fid_net, self.clip = nets.fid_net.eval().requires_grad_(False), nets.clip
+        self.num_features = int(nets.fid_net.num_features)
+        self.pre = protocol.preprocess if protocol.preprocess and protocol.preprocess.crop else None
+        if protocol.reference == "image-folder":
+            self.reference_dir = Path(folder)
+            self.reference_files = folder_images(self.reference_dir)
+            check_images(self.reference_files)
+            self.reference_hash = folder_hash(self.reference_files, self.reference_dir)
 
     def _identity(self) -> dict:
-        return {"kind": self.kind, "fid_feature": self.feature_id, "fid_feature_sha256": self.feature_sha256,
-                "fid_resize": f"clean-fid {md.version('clean-fid')} mode=clean: PIL bicubic resize to 299",
-                "clip_model": self.clip_model, "clip_sha256": self.clip_sha256,
-                "clip_score": "100*max(cos,0), bicubic antialiased resize to the model's size",
+        n = self.nets
+        return {"kind": self.kind, "fid_feature": n.feature_id, "fid_feature_sha256": n.feature_sha256,
+                "fid_resize": f"{describe_preprocess(self.pre)}clean-fid {md.version('clean-fid')} mode=clean: PIL "
+                              "bicubic resize to 299",
+                "clip_model": n.clip_model, "clip_sha256": n.clip_sha256,
+                "clip_score": "100*max(cos,0); open_clip's own preprocess transform on each 8-bit sample as a PIL image",
                 "accuracy_net_sha256": None, "dtype": self.dtype_name}
 
     def _fid_features(self, images):
-        return self.fid_net(images)
+        if self.pre is None and not isinstance(self.fid_net, CleanResize):
+            return self.fid_net(images)
+        return self.features_of_uint8(to_uint8(images))
+
+    def features_of_uint8(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """FID features [n, num_features] of uint8 RGB images [H, W, 3] of any sizes: the protocol's crop and resize
+        (``centre_crop_resize``), then clean-fid's resize and Inception (or a stand-in network's own input)."""
+        if self.pre is not None:
+            arrays = [centre_crop_resize(a, self.pre.size) for a in arrays]
+        if isinstance(self.fid_net, CleanResize):
+            return self.fid_net.of_uint8(arrays)
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+        return self.fid_net(x.to(self.device))
 
     def _clip_score(self, images, texts):
         return self.clip(images, texts)
@@ -182,25 +258,58 @@ class RealEvaluators(Evaluators):
     def clip_truncated(self, texts):
         return self.clip.truncated(texts)
 
+    def paired_files(self, prompts: list) -> list[Path]:
+        """The reference image of each prompt of a COCO draw: its ``file_name`` under the images folder; UserError
+        for a prompt that does not carry one (not drawn by this protocol)."""
+        names = [dict(p.meta).get("file_name") for p in prompts]
+        lacking = [p.id for p, f in zip(prompts, names) if f is None]
+        if lacking:
+            raise UserError(f"prompt {lacking[0]} has no COCO image (file_name); protocol {self.protocol.name!r} "
+                            "measures the prompts it draws from its annotations")
+        return [self.images / f for f in names]
+
+    def check_paired(self, prompts: list) -> None:
+        """Every drawn caption's image exists and opens, or a UserError names the first that does not."""
+        for p, f in zip(prompts, self.paired_files(prompts)):
+            if not f.is_file():
+                raise UserError(f"image {f.name} of prompt {p.id} is not in images = {self.images}; give the folder "
+                                f"that holds the annotations' images ({self.protocol.name})")
+        check_images(self.paired_files(prompts))
+
     def reference(self, prompts, cache_dir) -> Reference:
-        """FID reference: the images of the reference folder (whatever the prompts), cached by content hash."""
-        files = self.reference_files
-        key = self.reference_hash + "-" + self.feature_id.replace(":", "-")
-        source = {"kind": "image folder", "folder_sha256": self.reference_hash, "images": len(files)}
+        """The protocol's FID reference, cached by content hash: the folder's images (whatever the prompts), or the
+        image of each prompt (paired), each through ``features_of_uint8``."""
+        if self.protocol.reference == "image-folder":
+            files, root = self.reference_files, self.reference_dir
+            key = self.reference_hash + "-" + self.nets.feature_id.replace(":", "-")
+            source = {"kind": "image folder", "folder_sha256": self.reference_hash, "images": len(files)}
+        elif self.protocol.reference == "drawn-images":
+            files, root = self.paired_files(prompts), self.images
+            digest = folder_hash(files, root)
+            pre = dataclasses.asdict(self.protocol.preprocess)
+            key = io.content_hash({"images": digest, "feature": self.nets.feature_id, "preprocess": pre})
+            source = {"kind": "the drawn captions' images, one per prompt", "images_sha256": digest,
+                      "images": len(files), "paired": True}
+        else:
+            raise RuntimeError(f"protocol {self.protocol.name}: its reference ({self.protocol.reference}) is not "
+                               "made by the evaluators")
 
         def chunk(part):
-            if isinstance(self.fid_net, CleanResize):  # per image, whatever its size or mode
-                return self.fid_net.of_uint8([read_rgb(f) for f in part])
-            return self.fid_features(load_images(part).to(self.device))
+            if self.pre is None and not isinstance(self.fid_net, CleanResize):  # a stand-in network of one input size
+                return self.fid_features(load_images(part).to(self.device))
+            return self.features_of_uint8([read_rgb(f) for f in part]).float()  # per image, whatever its size or mode
 
         chunks = (chunk(files[i : i + 64]) for i in range(0, len(files), 64))
         return cached_reference(key, source, chunks, self.num_features, cache_dir)
 
 
 def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretrained: str | None,
-                         reference_dir: Path, device: str = "cpu", fid_net: nn.Module | None = None,
-                         dtype: str = "fp32") -> RealEvaluators:
-    """Inception FID + open_clip score. `fid_net` overrides the Inception network (tests use random weights)."""
+                         reference_dir: Path | None = None, device: str = "cpu", fid_net: nn.Module | None = None,
+                         dtype: str = "fp32", protocol: Protocol | None = None, images_dir: Path | None = None
+                         ) -> RealEvaluators:
+    """Inception FID + open_clip score under `protocol` (default ``unpaired-folder`` on `reference_dir`;
+    `images_dir` for a COCO protocol). `fid_net` overrides the Inception network (tests use random weights)."""
+    protocol = protocol or PRESETS["unpaired-folder"]
     if fid_net is None:
         if inception_dir is None:
             raise UserError("real-scale FID needs inception_dir = a folder with clean-fid's inception-2015-12-05.pt")
@@ -216,5 +325,5 @@ def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretr
         clip = OpenCLIPScore(clip_model, clip_pretrained, device)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the open_clip model {clip_model!r} ({str(e).splitlines()[0][:160]})") from None
-    return RealEvaluators(fid_net, feature_id, feature_sha, clip, clip_model, clip_sha, Path(reference_dir), device,
-                          dtype)
+    nets = Networks(fid_net, feature_id, feature_sha, clip, clip_model, clip_sha)
+    return RealEvaluators(nets, protocol, reference_dir, images_dir, device, dtype)

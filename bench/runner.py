@@ -33,9 +33,10 @@ import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from bench import components, latency, provenance
+from bench import components, latency, protocols, provenance
 from bench.dist import Dist
 from bench.metrics.cell import CellMetrics, to_8bit
+from bench.metrics.fid import cached_reference, reference_cached
 from bench.results import tables
 from bench.rundir import RunDir
 from bench.source import source_hash
@@ -180,7 +181,7 @@ def check(suite: Suite, opts: Options) -> Checked:
     if opts.shard is not None and not 0 <= opts.shard[0] < opts.shard[1]:
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {opts.shard[0]}/{opts.shard[1]}")
     components.check_device(opts.device)
-    prompts = components.suite_prompts(suite.prompts, suite.samples)
+    prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
     components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"])
     if opts.out is not None:
         RunDir(opts.out).check_new(opts.resume)
@@ -191,7 +192,7 @@ def check(suite: Suite, opts: Options) -> Checked:
     probe = base.Context(cache_dir=Path(opts.cache or default_cache()) / "students", progress=False)
     for entry in suite.entries:
         registry.get(entry.name)(backbone, entry.config, probe)
-    evaluators = components.load_evaluators(suite.evaluators, opts.device)
+    evaluators = components.load_evaluators(suite.evaluators, opts.device, prompts)
     texts = [p.text for p in prompts]
     truncated = {"teacher": {k: [prompts[i].id for i in v] for k, v in backbone.truncated(texts).items()},
                  "clip_score": [prompts[i].id for i in evaluators.clip_truncated(texts)]}
@@ -210,7 +211,8 @@ def run(suite: Suite, opts: Options) -> Path | None:
             ts = "" if c.entry.train_seed is None else f" train_seed={c.entry.train_seed}"
             print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
                   f"seed={c.seed} n={suite.samples}{ts}")
-        print(f"{len(checked.cells)} cells; prompts {suite.prompts!r} (first {suite.samples}); checks passed; "
+        print(f"{len(checked.cells)} cells; protocol {protocols.resolve(suite.evaluators).name}; prompts "
+              f"{suite.prompts!r} (first {suite.samples}); checks passed; "
               "nothing written (dry run)")
         return None
     stamp = dist.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
@@ -301,22 +303,89 @@ def start(ctx: RunContext, truncated: dict) -> None:
         faults.maybe_raise("setup", 0)
         if opts.shard is None:  # a shard's values are measured by `flashbench merge`, against the reference there
             measurement(ctx)
+        elif opts.shard[0] == 0 and teacher_referenced(suite):  # ... which finds the teacher's samples in the cache
+            teacher_reference(ctx)
     if d.main:
         ctx.protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
                                            opts.device, config["versions"].get("torchmetrics"),
-                                           ctx.evaluators.num_features if "fid" in suite.metrics else None)
+                                           ctx.evaluators.num_features if "fid" in suite.metrics else None,
+                                           protocols.resolve(suite.evaluators))
     d.barrier()
 
 
 def measurement(ctx: RunContext) -> None:
-    """The FID reference (cached by content hash) and the real-vs-real floor, when the suite measures FID."""
+    """The FID reference (cached by content hash) and the real-vs-real floor, when the suite measures FID: the
+    evaluators' (renders, an image folder, the drawn COCO images) or, for ``teacher-fid``, the teacher's samples."""
     if "fid" in ctx.suite.metrics:
-        ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
+        if teacher_referenced(ctx.suite):
+            ctx.reference = teacher_reference(ctx)
+        else:
+            ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
         if not ctx.rundir.has_floor():
             floor = ctx.evaluators.floor(ctx.prompts, ctx.reference)
             if floor is not None:
                 ctx.rundir.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
                                         "what": "renders of the same prompts with other nuisance draws vs the reference"})
+
+
+def teacher_referenced(suite: Suite) -> bool:
+    """Whether the suite's FID reference is the teacher's own samples (protocol ``teacher-fid``)."""
+    return "fid" in suite.metrics and protocols.resolve(suite.evaluators).reference == "teacher-samples"
+
+
+def teacher_reference_key(spec: dict, teacher: dict, prompts: list, evaluators: dict) -> tuple[str, dict]:
+    """(cache key, source) of a ``teacher-fid`` reference: a content hash of the teacher's identity, the reference
+    entry's method and settings, its steps, the prompts' sha256, the noise seed and the evaluators' identity."""
+    entry, steps = spec["reference_entry"], spec["reference_steps"]
+    seed = spec.get("reference_seed", protocols.TEACHER_REFERENCE_SEED)
+    source = {"kind": "the teacher's own samples of the prompts", "paired": True, "label": entry["label"],
+              "method": entry["name"], "settings": entry["settings"], "steps": steps, "seed": seed,
+              "teacher_sha256": io.content_hash(teacher), "prompts_sha256": prompts_sha256(prompts)}
+    return io.content_hash({**source, "evaluators": evaluators}), source
+
+
+def check_teacher_reference(suite: Suite, prompts: list, evaluators, teacher: dict, cache: Path | None) -> None:
+    """For `merge` and `evaluate`, which have no teacher to sample: a ``teacher-fid`` suite's reference must be in
+    the cache already, or a UserError says how to make it (checked before their run directory is created)."""
+    if not teacher_referenced(suite):
+        return
+    key, source = teacher_reference_key(suite.evaluators, teacher, prompts, evaluators.identity())
+    if reference_cached(Path(cache or default_cache()) / "metrics", key) is None:
+        raise UserError(f"the teacher-fid reference ({source['label']} at {source['steps']} steps) is not in the "
+                        f"cache {cache or default_cache()}; run the suite (or its shard 0) with this --cache first")
+
+
+def teacher_reference(ctx: RunContext):
+    """The ``teacher-fid`` reference: FID features of the reference entry's samples of every prompt at
+    ``reference_steps`` (noise seed ``reference_seed``), sampled before the cells and cached by content
+    (``teacher_reference_key``). Without a teacher (``merge``, ``evaluate``) it is read from the cache."""
+    spec = ctx.suite.evaluators
+    teacher = ctx.backbone.identity() if ctx.backbone is not None else ctx.rundir.config()["teacher"]
+    key, source = teacher_reference_key(spec, teacher, ctx.prompts, ctx.evaluators.identity())
+    cache = ctx.cache / "metrics"
+    if ctx.backbone is None:
+        check_teacher_reference(ctx.suite, ctx.prompts, ctx.evaluators, teacher, ctx.cache)
+    return cached_reference(key, source, teacher_features(ctx, spec, source), ctx.evaluators.num_features, cache)
+
+
+def teacher_features(ctx: RunContext, spec: dict, source: dict):
+    """FID features [batch, D] of the reference entry's samples, batch by batch in prompt order (consumed only when
+    the reference is not cached). UserError when a sample is not finite."""
+    ref = spec["reference_entry"]
+    cls = registry.get(ref["name"])
+    config = cls.make_config(ref["settings"], ref["label"])
+    entry = Entry(ref["name"], ref["label"], ref["settings"], [cls.budget(config, steps=source["steps"])], config=config)
+    method = ctx.method(entry)
+    method.prepare(source["steps"])
+    for i in tqdm(range(0, len(ctx.prompts), ctx.suite.batch_size), desc="  teacher reference", leave=False,
+                  disable=not ctx.progress):
+        batch = ctx.prompts[i : i + ctx.suite.batch_size]
+        images, finite = to_8bit(method.sample([p.text for p in batch], [(p.id, source["seed"]) for p in batch],
+                                               source["steps"]).cpu())
+        if not finite.all():
+            raise UserError(f"the teacher-fid reference ({ref['label']} at {source['steps']} steps) has non-finite "
+                            f"samples (prompt {batch[int((~finite).nonzero()[0])].id}); choose other reference_steps")
+        yield ctx.evaluators.fid_features(images.to(ctx.evaluators.device))
 
 
 # --- 3. one cell ----------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
     name = "default"
     prompts = "shapes-eval"      # a shipped set or a prompt file
-    samples = 500                # the first N prompts of the set
+    samples = 500                # the first N prompts of the set (a protocol's own count when it has one)
     seeds = [0]
     batch_size = 250
     metrics = ["fid", "clip_score", "accuracy", "latency"]
@@ -11,6 +11,10 @@
     [backbone]                   # optional: the embedded teacher (kind = "shapes"; teacher = "vp", the
     kind = "shapes"              # default, or "flow") or a diffusers directory (kind = "diffusers", path = ...,
     teacher = "flow"             # and the settings of its family: methods.backbones)
+
+    [evaluators]                 # optional: the embedded evaluators (kind = "shapes", protocol "shapes-renders")
+    kind = "shapes"              # or Inception + open_clip (kind = "real") under a protocol such as
+                                 # "coco2014-30k" (bench/protocols.py, docs/protocols.md)
 
     [[methods]]
     name = "teacher"             # a registered method
@@ -33,6 +37,7 @@ import re
 import tomllib
 from pathlib import Path
 
+from bench import protocols
 from bench.shapes import TEACHER_CONVENTIONS, TEACHER_KINDS
 from core.errors import UserError, did_you_mean, unknown
 from methods import registry
@@ -43,7 +48,9 @@ METRICS = ("fid", "clip_score", "accuracy", "latency")
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
 BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backbones, with its own settings
-EVALUATOR_KEYS = {"shapes": set(), "real": {"inception_dir", "clip_model", "clip_pretrained", "reference", "dtype"}}
+EVALUATOR_KEYS = {"shapes": {"protocol"}, "real": {"inception_dir", "clip_model", "clip_pretrained", "dtype", "protocol",
+                                                  *protocols.INPUT_KEYS}}
+EVALUATOR_TYPES = {"reference_steps": int, "reference_seed": int}  # [evaluators] settings that are not strings
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 # a row label names files (grids, sample folders, shard values) and table rows: letters, digits, space and . _ + = , ( ) -,
@@ -157,8 +164,11 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     if not isinstance(prompts, str):
         raise UserError(f"{where}: prompts must be a set name or a file path, got {prompts!r}")
     evaluators = _component(raw.get("evaluators", {"kind": "shapes"}), "evaluators", EVALUATOR_KEYS, where)
-    # without a metrics list: everything the evaluators can measure (no attribute evaluator at real scale)
-    metrics = raw.get("metrics", list(METRICS) if evaluators["kind"] == "shapes" else ["fid", "clip_score", "latency"])
+    preset = protocols.resolve(evaluators)
+    # without a metrics list: everything the evaluators can measure (no attribute evaluator at real scale, no FID
+    # without a reference)
+    metrics = raw.get("metrics", list(METRICS) if evaluators["kind"] == "shapes" else
+                      ["fid", "clip_score", "latency"] if preset.measures_fid else ["clip_score", "latency"])
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
         raise UserError(f"{where}: metrics must be a list of names from {METRICS}")
     for m in metrics:
@@ -195,11 +205,18 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise UserError(f"{where}: method labels must be unique; {sorted(dup)[0]!r} appears twice (set label = ...)")
+    preset = protocols.check_suite(evaluators, raw.get("prompts"), metrics, labels, where)
+    if preset.prompts == "coco-captions":  # the prompts are the annotations' captions, drawn by the protocol
+        prompts = evaluators["annotations"]
+    if preset.reference == "teacher-samples":  # the entry as resolved here: --methods may leave it out of the cells
+        ref = next(e for e in entries if e.label == evaluators["reference_method"])
+        evaluators["reference_entry"] = {"name": ref.name, "label": ref.label, "settings": ref.settings}
+        registry.get(ref.name).budget(ref.config, steps=evaluators["reference_steps"])  # a budget it can sample
     return Suite(
         name=name,
         description=str(raw.get("description", "")),
         prompts=prompts,
-        samples=_positive_int(raw.get("samples", 500), "samples", where),
+        samples=_positive_int(raw.get("samples", preset.samples or 500), "samples", where),
         seeds=_int_list(raw.get("seeds", [0]), "seeds", where, allow_zero=True),
         batch_size=_positive_int(raw.get("batch_size", 250), "batch_size", where),
         metrics=list(metrics),
@@ -223,8 +240,9 @@ def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
     for k, v in value.items():
         if k != "kind" and k not in kinds[kind]:
             raise unknown(f"key in [{what}] ({kind}) of {where}", k, kinds[kind] or {"kind"})
-        if not isinstance(v, str):
-            raise UserError(f"{where}: [{what}] {k} must be a str, got {v!r}")
+        want = EVALUATOR_TYPES.get(k, str)
+        if not isinstance(v, want) or (want is int and isinstance(v, bool)):
+            raise UserError(f"{where}: [{what}] {k} must be a {want.__name__}, got {v!r}")
         if k == "dtype" and v not in DTYPE_NAMES:
             raise UserError(f"{where}: [{what}] dtype must be one of {DTYPE_NAMES}, got {v!r}")
     return {"kind": kind, **{k: v for k, v in value.items() if k != "kind"}}

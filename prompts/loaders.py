@@ -5,7 +5,8 @@ Formats:
   against the sha256 in ``prompts/data/manifest.json``;
 * PartiPrompts TSV (header ``Prompt  Category  Challenge  Note``);
 * GenEval metadata JSONL (``{"tag", "include", "prompt", ...}`` per line);
-* plain caption files (one prompt per line; blank lines and ``#`` comments skipped).
+* plain caption files (one prompt per line; blank lines and ``#`` comments skipped);
+* COCO captions JSON (``prompts.coco``): read only through a protocol's seeded draw, never as a plain file.
 A caller that knows a grammar (the shapes world) passes ``parse_caption``: caption lines it parses
 get their objects as ground truth, so accuracy can be measured. A malformed file raises
 PromptFileError naming the file and line.
@@ -210,6 +211,9 @@ def load_prompts(spec: str | Path, parse_caption: ParseCaption | None = None) ->
         return load_shipped(spec)
     if not path.exists():
         raise PromptFileError(f"prompts {spec!r}: neither a shipped set ({', '.join(prompt_sets())}) nor an existing file")
+    if path.suffix == ".json":  # COCO captions pair prompts with images: a protocol draws them (bench/protocols.py)
+        raise PromptFileError(f"{path.name}: a .json prompt file is read only by a COCO protocol; set [evaluators] "
+                              f"protocol = \"coco2014-30k\" and annotations = \"{path}\" instead of prompts = ...")
     if path.suffix == ".tsv":
         prompts = load_partiprompts(path)
     elif path.suffix == ".jsonl":

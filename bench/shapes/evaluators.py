@@ -224,8 +224,9 @@ class ShapesEvaluators(Evaluators):
         """FID reference: real renders of the same prompts (the world's exact ground truth)."""
         ids = [(p.id, p.scene_seed) for p in prompts]
         key = io.content_hash({"prompts": ids, "evaluators": self.identity(), "variant": 0,
-                               "resolution": world.RESOLUTION})
-        source = {"kind": "renders of the prompts' scenes", "variant": 0, "prompts_sha256": io.content_hash(ids)}
+                               "resolution": world.RESOLUTION, "paired": True})
+        source = {"kind": "renders of the prompts' scenes", "variant": 0, "prompts_sha256": io.content_hash(ids),
+                  "paired": True}  # render i is prompt i's scene: the FID bootstrap resamples the pairs
         chunks = (self.fid_features(real_images(prompts[i : i + REFERENCE_CHUNK]).to(self.device))
                   for i in range(0, len(prompts), REFERENCE_CHUNK))
         return cached_reference(key, source, chunks, FEATURE_DIM, cache_dir)
