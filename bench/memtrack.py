@@ -268,7 +268,7 @@ def measure(fn, autocast: torch.dtype | None = None, policy: str = "cuda") -> Us
     """`fn(tracker)` run under ``CudaKernels(autocast, policy)`` and a ``LiveBytes`` `tracker`: the bytes it allocated.
 
     Gradients `fn` leaves in ``.grad`` count in ``end``; clear them before measuring again."""
-    tracker = LiveBytes()
-    with CudaKernels(autocast, policy), tracker:
+    tracker, kernels = LiveBytes(), CudaKernels(autocast, policy)
+    with kernels, tracker:
         fn(tracker)
-    return Usage(tracker.peak, tracker.live)
+    return Usage(tracker.peak, tracker.live)  # read while `kernels` (its weight cache) is alive
