@@ -14,8 +14,17 @@ Reading order:
    taking the method's settings (one function per method, each citing the code it follows);
 3. ``Lab``: the meta networks, and the measured activations of each phase (memoised);
 4. ``plan_entry`` / ``plan_suite``: resident bytes + phase activations per phase, the peak over phases;
-5. ``check``: a plan over the device's memory is a one-line ``UserError`` naming the fix (``fixes`` tries them);
+5. ``verdict`` / ``check``: a plan over the device's memory is one line naming the fix (``changes`` lists them,
+   each re-planned), raised as a ``UserError`` by ``check``;
 6. ``render`` and ``main``: the Markdown table and the command.
+
+For ``flashbench run --dry-run`` (plain inputs: the suite's tables and entries):
+
+    setup = setup_from_suite(suite.backbone, suite.evaluators, suite.batch_size, suite.samples)
+    entries = [Entry(e.name, e.settings, tuple(b.steps for b in e.budgets), e.label) for e in suite.entries]
+    lab = Lab(setup)
+    plans = plan_suite(setup, entries, Options(ranks=world, device_memory=device_memory(spec)), lab)
+    print(render(lab, plans)); check(lab, plans)  # check: UserError (one line) naming the fix
 
 Bytes are bytes; tables print GiB (2**30). Data parallel: every rank holds full copies of every network; each rank
 samples its own shard of the prompts in batches of the suite's ``batch_size`` (``bench.runner.sample_and_measure``),
@@ -26,12 +35,15 @@ on its own ``batch_size`` per rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import logging
 import math
 import re
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -141,10 +153,11 @@ class Lab:
         return self._nets[key]
 
     def params(self, component: str) -> int:
-        return self._cached(("params", component), lambda: N.param_count(self.net(component, "bf16")))
+        """Parameters of "denoiser" or a component (counted on its meta network)."""
+        return self._cached(("params", component), lambda: N.param_count(self.net(component, self.setup.dtype)))
 
     def lora_params(self, rank: int) -> int:
-        return N.lora_param_count(self.net("denoiser", "bf16"), rank)
+        return N.lora_param_count(self.net("denoiser", self.setup.dtype), rank)
 
     def w_params(self, w_dim: int) -> int:
         """The w-embedding's parameters: UNet time_embedding.cond_proj (no bias), FlowNet.cond_proj (bias)."""
@@ -189,6 +202,7 @@ class Lab:
         return self._cached(("sample", batch), lambda: measure(run).peak)
 
     def decode(self, batch: int, slicing: bool, tile: int | None) -> int:
+        """The VAE decode of `batch` latents to float32 images, whole or sliced / in `tile`-pixel tiles."""
         def run(_):
             vae = self.net("vae", self.setup.vae_dtype)
             N.vae_tiles(vae, slicing, tile, self.arch.vae_factor)
@@ -228,7 +242,8 @@ class Lab:
 
                     if self.setup.clip_model not in open_clip.list_models():
                         raise UserError(f"unknown open_clip model {self.setup.clip_model!r} (e.g. ViT-B-32, ViT-L-14)")
-                    nets["clip"] = open_clip.create_model(self.setup.clip_model, pretrained=None, device="meta")
+                    with _root_log(logging.ERROR):  # "No pretrained weights loaded": none are wanted
+                        nets["clip"] = open_clip.create_model(self.setup.clip_model, pretrained=None, device="meta")
             return {k: m.to(dt).eval().requires_grad_(False) for k, m in nets.items()}
         return self._cached(("evaluators",), build)
 
@@ -295,14 +310,23 @@ def _disc_width() -> int:
 
 
 def _quiet() -> None:
-    import logging
-
+    """No library info logs (as bench.components.quiet_libraries): a plan's output is its table."""
     import diffusers
     import transformers
 
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
-    logging.getLogger().setLevel(logging.ERROR)  # open_clip: "No pretrained weights loaded" for a meta model
+
+
+@contextlib.contextmanager
+def _root_log(level: int):
+    root = logging.getLogger()
+    saved = root.level
+    root.setLevel(level)
+    try:
+        yield
+    finally:
+        root.setLevel(saved)
 
 
 class _Update:
@@ -420,7 +444,9 @@ def _measure_update(lab: Lab, t: Training) -> dict[str, int]:
         windows.update(u.windows)
 
     try:
-        usage = measure(run, autocast=lab.autocast)
+        with warnings.catch_warnings():  # rms_norm of a bf16 input with fp32 master weights: as on the device, not ours
+            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+            usage = measure(run, autocast=lab.autocast)
     finally:
         if t.checkpointing:
             student.disable_gradient_checkpointing()
@@ -440,16 +466,23 @@ class Phase:
     name: str
     resident: int
     activations: int
+    detail: str = ""  # the sub-step that peaks, when it is not the whole phase (an update's caption encoding)
 
     @property
     def total(self) -> int:
         return self.resident + self.activations
 
+    @property
+    def label(self) -> str:
+        return f"{self.name}: {self.detail}" if self.detail else self.name
+
 
 @dataclasses.dataclass
 class EntryPlan:
-    """A method entry's plan on one rank: `networks` (what, bytes) resident through the run, `training` (what, bytes)
-    resident while it trains, its phases, the per-rank sampling / training batches."""
+    """A method entry's plan on one rank: `networks` (what, bytes: the backbone, the evaluators, the copies kept by this
+    and earlier entries) on the device through the run (text encoders and VAE only in their phases when offloaded),
+    `training` (what, bytes) on it while the entry trains, its phases (bytes), the per-rank sampling / training
+    batches (samples, None without training)."""
 
     entry: Entry
     ranks: int
@@ -465,6 +498,19 @@ class EntryPlan:
     @property
     def peak(self) -> Phase:
         return max(self.phases, key=lambda p: p.total)
+
+
+def setup_from_suite(backbone: dict, evaluators: dict, batch_size: int, samples: int | None = None) -> Setup:
+    """The Setup of a suite's [backbone] table (kind "diffusers": path, dtype (default fp32, as the backbones),
+    resolution, max_sequence_length) and [evaluators] table (kind "real": clip_model, dtype), read from the
+    directory's config.json files only. UserError for an embedded (shapes) backbone: nothing at real scale to plan."""
+    if backbone.get("kind") != "diffusers" or "path" not in backbone:
+        raise UserError("a memory plan needs [backbone] kind = 'diffusers' with path = a local diffusers directory")
+    arch = N.arch_from_directory(backbone["path"], backbone.get("resolution"), backbone.get("max_sequence_length"))
+    real = evaluators.get("kind") == "real"
+    return Setup(arch, backbone.get("dtype", "fp32"), batch_size, samples,
+                 clip_model=evaluators.get("clip_model") if real else None, inception=real,
+                 eval_dtype=evaluators.get("dtype", "fp32") if real else "fp32")
 
 
 def sample_batch_per_rank(setup: Setup, ranks: int) -> int:
@@ -493,16 +539,16 @@ def plan_entry(lab: Lab, entry: Entry, options: Options, carried: list[tuple[str
     networks = [*always, *text, *vae]
     offload = options.offload == "model"
     sum_ = lambda items: sum(n for _, n in items)  # noqa: E731
-    on = lambda items, needed: 0 if offload and not needed else sum_(items)  # noqa: E731
+    held = lambda items: 0 if offload else sum_(items)  # noqa: E731  (offloaded: on the device in their own phase only)
 
     bs = sample_batch_per_rank(setup, options.ranks)
     tile = options.vae_tile if options.vae_tiling else None
     base = sum_(always)
     phases = [
-        Phase("text", base + sum_(text) + on(vae, False), lab.text(bs)),
-        Phase("sample", base + on(text, False) + on(vae, False), lab.sample(fp.sample_batch * bs)),
-        Phase("decode", base + on(text, False) + sum_(vae), lab.decode(bs, options.vae_slicing, tile)),
-        Phase("eval", base + on(text, False) + on(vae, False), lab.evaluate(bs) if evals else 0),
+        Phase("text", base + sum_(text) + held(vae), lab.text(bs)),
+        Phase("sample", base + held(text) + held(vae), lab.sample(fp.sample_batch * bs)),
+        Phase("decode", base + held(text) + sum_(vae), lab.decode(bs, options.vae_slicing, tile)),
+        Phase("eval", base + held(text) + held(vae), lab.evaluate(bs) if evals else 0),
     ]
     training = []
     if fp.training is not None:
@@ -511,10 +557,11 @@ def plan_entry(lab: Lab, entry: Entry, options: Options, carried: list[tuple[str
         m = lab.train(t)
         # the student being trained is not yet kept: one kept copy fewer while it trains
         during = base - (kept[-1][1] if kept else 0) + sum_(training)
-        phases.append(Phase("train", during + on(text, False) + on(vae, False), m["train"]))
+        phases.append(Phase("train", during + held(text) + held(vae), m["train"]))
         if offload:  # the encoders come on only for their own sub-step of the update
-            phases[-1] = max(phases[-1], Phase("train", during + sum_(text), m.get("text", 0)),
-                             Phase("train", during + sum_(vae), m.get("vae", 0)), key=lambda p: p.total)
+            phases[-1] = max(phases[-1], Phase("train", during + sum_(text), m.get("text", 0), "caption encoding"),
+                             Phase("train", during + sum_(vae), m.get("vae", 0), "image encoding"),
+                             key=lambda p: p.total)
     return EntryPlan(entry, options.ranks, bs, fp.training.batch if fp.training else None, networks, training, phases,
                      options, frozenset(n for n, _ in [*carried, *kept]), tuple(kept))
 
@@ -554,30 +601,38 @@ def budget(options: Options) -> int:
 Change = tuple[str, Entry, Options, Setup]  # (the setting as the message names it, and what it changes)
 
 
-def changes(lab: Lab, plan: EntryPlan) -> list[Change]:
-    """Single changes that lower the entry's peak phase, cheapest in run time first: switches (VAE slicing / tiling,
-    gradient checkpointing, offload, LoRA for a full student), then halved batches down to 1."""
+def changes(lab: Lab, plan: EntryPlan, over: set[str]) -> tuple[list[Change], list[list[Change]]]:
+    """The changes that lower the phases in `over` (their names): switches, cheapest in run time first (VAE slicing /
+    tiling, gradient checkpointing, offload, LoRA for a full student), and lists of halved batches down to 1 (the
+    training batch for "train", the suite's for the sampling phases), largest first."""
     e, o, s = plan.entry, plan.options, lab.setup
-    phase, out = plan.peak.name, []
-    if phase == "decode":
+    switches, batches = [], []
+    if "decode" in over:
         if not o.vae_slicing:
-            out.append(("vae_slicing = true", e, dataclasses.replace(o, vae_slicing=True), s))
+            switches.append(("vae_slicing = true", e, dataclasses.replace(o, vae_slicing=True), s))
         if not o.vae_tiling:
-            out.append((f"vae_tiling = true ({o.vae_tile} px tiles)", e, dataclasses.replace(o, vae_tiling=True), s))
-    t = footprint(lab, e).training if phase == "train" else None
+            switches.append((f"vae_tiling = true ({o.vae_tile} px tiles)", e, dataclasses.replace(o, vae_tiling=True), s))
+    t = footprint(lab, e).training if "train" in over else None
     if t is not None and not t.checkpointing:
-        out.append((f"{e.title}'s gradient_checkpointing = true", _with(e, gradient_checkpointing=True), o, s))
+        switches.append((f"{e.title}'s gradient_checkpointing = true", _with(e, gradient_checkpointing=True), o, s))
     if o.offload == "none":
-        out.append(("offload = \"model\"", e, dataclasses.replace(o, offload="model"), s))
+        switches.append(("offload = \"model\"", e, dataclasses.replace(o, offload="model"), s))
     if t is not None and t.student == "full":
-        out.append((f"{e.title}'s lora_rank = {LORA_RANK}", _with(e, lora_rank=LORA_RANK), o, s))
-    batch, n = (t.batch, t.batch // 2) if t is not None else (plan.sample_batch, plan.sample_batch // 2)
-    while n >= 1:
-        if t is not None:
-            out.append((f"{e.title}'s batch_size = {n}", _with(e, batch_size=n), o, s))
-        else:
-            out.append((f"the suite's batch_size = {n}", e, o, dataclasses.replace(s, batch_size=n)))
+        switches.append((f"{e.title}'s lora_rank = {LORA_RANK}", _with(e, lora_rank=LORA_RANK), o, s))
+    if t is not None:
+        batches.append([(f"{e.title}'s batch_size = {n}", _with(e, batch_size=n), o, s) for n in _halves(t.batch)])
+    if over - {"train"}:
+        batches.append([(f"the suite's batch_size = {n}", e, o, dataclasses.replace(s, batch_size=n))
+                        for n in _halves(plan.sample_batch)])
+    return switches, [b for b in batches if b]
+
+
+def _halves(n: int) -> list[int]:
+    """n/2, n/4, ... 1."""
+    out = []
+    while n > 1:
         n //= 2
+        out.append(n)
     return out
 
 
@@ -620,26 +675,27 @@ def verdict(lab: Lab, p: EntryPlan, carried=()) -> str | None:
     limit = budget(p.options)
     if p.peak.total <= limit:
         return None
+    phase = p.peak.name + (f" ({p.peak.detail})" if p.peak.detail else "")
     where = (f"{p.entry.title} ({p.ranks} rank{'s' if p.ranks > 1 else ''}) needs {_gib(p.peak.total):.1f} GiB per rank "
-             f"in its {p.peak.name} phase; the device has {_gib(p.options.device_memory):.1f} GiB less a "
+             f"in its {phase} phase; the device has {_gib(p.options.device_memory):.1f} GiB less a "
              f"{_gib(p.options.reserve):.1f} GiB reserve")
-    options = changes(lab, p)
-    switches = [c for c in options if "batch_size" not in c[0]]
-    batches = [c for c in options if "batch_size" in c[0]]  # halved batches, largest first
+    switches, batch_lists = changes(lab, p, {ph.name for ph in p.phases if ph.total > limit})
     for change in switches:
         q = _replan(lab, change, carried)
         if q.peak.total <= limit:
             return f"{where}; set {change[0]} ({_gib(q.peak.total):.1f} GiB)"
-    fits = _largest_fitting(lab, batches, carried, limit)  # the peak grows with the batch: bisect
-    if fits is not None:
-        return f"{where}; set {fits[0][0]} ({_gib(fits[1].peak.total):.1f} GiB)"
-    if not options:
+    for batches in batch_lists:
+        fits = _largest_fitting(lab, batches, carried, limit)  # the peak grows with the batch: bisect
+        if fits is not None:
+            return f"{where}; set {fits[0][0]} ({_gib(fits[1].peak.total):.1f} GiB)"
+    every = switches + [batches[-1] for batches in batch_lists]
+    if not every:
         return f"{where}; use a device with at least {_gib(p.peak.total + p.options.reserve):.0f} GiB"
-    every = _combined(switches + batches[-1:], p)
-    q = _replan(lab, every, carried)
+    together = _combined(every, p)
+    q = _replan(lab, together, carried)
     if q.peak.total <= limit:
-        return f"{where}; no single setting is enough, together {every[0]} are ({_gib(q.peak.total):.1f} GiB)"
-    return (f"{where}; even with {every[0]} it needs {_gib(q.peak.total):.1f} GiB: use a device with at least "
+        return f"{where}; no single setting is enough, together {together[0]} are ({_gib(q.peak.total):.1f} GiB)"
+    return (f"{where}; even with {together[0]} it needs {_gib(q.peak.total):.1f} GiB: use a device with at least "
             f"{_gib(q.peak.total + p.options.reserve):.0f} GiB")
 
 
@@ -683,11 +739,11 @@ def plans_table(plans: list[EntryPlan]) -> str:
         kept = [(n, b) for n, b in p.networks if n in p.kept]
         backbone = sum(b for n, b in p.networks if n not in p.kept)
         cells = [" · ".join(f"{n} {_gib(b):.2f}" for n, b in items) or "—" for items in (kept, p.training)]
-        acts = " · ".join(f"{ph.name} {_gib(ph.activations):.2f}" for ph in p.phases)
+        acts = " · ".join(f"{ph.label} {_gib(ph.activations):.2f}" for ph in p.phases)
         peak = p.peak
         fits = "—" if p.options.device_memory is None else ("yes" if peak.total <= budget(p.options) else "**no**")
         rows.append(f"| {p.entry.title} | {p.ranks} | {p.sample_batch}, {p.train_batch or '—'} | {_gib(backbone):.2f} | "
-                    f"{cells[0]} | {cells[1]} | {acts} | **{_gib(peak.total):.1f}** ({peak.name}) | {fits} |")
+                    f"{cells[0]} | {cells[1]} | {acts} | **{_gib(peak.total):.1f}** ({peak.label}) | {fits} |")
     return "\n".join(rows) + "\n"
 
 
@@ -760,8 +816,7 @@ def command(args) -> tuple[str, Lab, list[EntryPlan]]:
     """The plans `args` (``parser()``'s) ask for, and their Markdown (with ``--explain``, the verdicts after it)."""
     if not args.arch:
         raise UserError(f"give --arch: one of {', '.join(N.arch_names())}, or a local diffusers directory")
-    arch = N.load_arch(args.arch) if args.arch in N.arch_names() or "/" not in args.arch else \
-        N.arch_from_directory(args.arch)
+    arch = N.arch_from_directory(args.arch) if Path(args.arch).is_dir() else N.load_arch(args.arch)
     if args.resolution:
         arch = arch.with_(resolution=args.resolution)
     args.guidance = args.guidance or arch.guidance

@@ -357,3 +357,18 @@ def test_refresh_rewrites_only_plan_blocks(tmp_path, monkeypatch):
     assert doc.read_text() == "intro\n<!-- plan: --arch sd15 -->\nnew sd15\n<!-- end plan -->\noutro\n"
     with pytest.raises(UserError, match="does not exist"):
         P.refresh(str(tmp_path / "missing.md"))
+
+
+def test_a_suites_tables_give_the_setup(tmp_path):
+    """What the dry run calls: setup_from_suite reads a suite's [backbone] and [evaluators] tables."""
+    arch = N.load_arch("sd15")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    for name, comp in arch.components.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(comp.config))
+    setup = P.setup_from_suite({"kind": "diffusers", "path": str(tmp_path), "dtype": "bf16"},
+                               {"kind": "real", "clip_model": "ViT-L-14"}, batch_size=8, samples=100)
+    assert (setup.dtype, setup.batch_size, setup.samples, setup.clip_model, setup.arch.resolution) == \
+        ("bf16", 8, 100, "ViT-L-14", 512)
+    with pytest.raises(UserError, match="kind = 'diffusers'"):
+        P.setup_from_suite({"kind": "shapes"}, {"kind": "shapes"}, 8)
