@@ -275,7 +275,7 @@ class Lab:
         frozen teacher, also the fake score's shapes) or "student" (the fp32 student, weights cast on every use)."""
         def run(_):
             net = self.student(rank) if role == "student" else self.net("denoiser", self.setup.dtype)
-            with torch.no_grad():
+            with torch.no_grad(), _mixed_dtype_quiet():
                 N.denoiser_call(self.arch, net, batch)
         return self._cached(("nograd", role, batch, rank), lambda: measure(run, autocast=self.autocast).peak)
 
@@ -316,6 +316,15 @@ def _quiet() -> None:
 
     for lib in (diffusers, transformers):
         lib.utils.logging.set_verbosity_error()
+
+
+@contextlib.contextmanager
+def _mixed_dtype_quiet():
+    """Without torch's warning that rms_norm got a bf16 input and fp32 (master) weights: the student does, on the
+    device too; the plan's output is its table."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        yield
 
 
 @contextlib.contextmanager
@@ -444,8 +453,7 @@ def _measure_update(lab: Lab, t: Training) -> dict[str, int]:
         windows.update(u.windows)
 
     try:
-        with warnings.catch_warnings():  # rms_norm of a bf16 input with fp32 master weights: as on the device, not ours
-            warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
+        with _mixed_dtype_quiet():
             usage = measure(run, autocast=lab.autocast)
     finally:
         if t.checkpointing:
