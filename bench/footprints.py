@@ -5,7 +5,8 @@ turns a footprint into bytes (its ``Lab`` gives the parameter counts, ``lab`` be
 A planned method follows its own file: the student is a copy of the teacher's denoiser trained in fp32 master
 weights (``methods.student.DistilledMethod.prepare``: ``.float()``, LoRA adapters of rank ``LORA_RANK`` on a frozen
 fp32 base above ``LORA_THRESHOLD`` parameters unless ``lora_rank`` says otherwise), AdamW keeps two states per
-trainable parameter in its dtype, and a trained student is kept in the backbone dtype for the rest of the run.
+trainable parameter in its dtype, and a trained student is kept in the backbone dtype until the runner releases the
+method after its last cell.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class Training:
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-    """What a method entry adds to the backbone: `kept` (copies it holds from creation to the end of the run: students
+    """What a method entry adds to the backbone: `kept` (copies it holds from creation until its last cell: students
     in the sampling dtype, a checkpoint), `sample_batch` (the denoiser's batch per sampled prompt: 2 for a batched
     [uncond; cond] call), `training` (None for training-free methods)."""
 

@@ -88,6 +88,11 @@ class Arch:
         return self.components["vae"]
 
     @property
+    def clip_tokens(self) -> int:
+        """Tokens a CLIP prompt is padded to: the first text encoder's context (77 for every released CLIP)."""
+        return int(self.text_encoders[0].config.get("max_position_embeddings", CLIP_TOKENS))
+
+    @property
     def vae_factor(self) -> int:
         return 2 ** (len(self.vae.config.get("block_out_channels", [0] * 4)) - 1)
 
@@ -229,7 +234,7 @@ def denoiser_call(arch: Arch, net: torch.nn.Module, batch: int, resolution: int 
     cfg = arch.denoiser.config
     if arch.layout == "unet":
         t = torch.full((batch,), 999, device="meta", dtype=torch.long)
-        states = _meta(batch, CLIP_TOKENS, cfg["cross_attention_dim"], dtype=dt)
+        states = _meta(batch, arch.clip_tokens, cfg["cross_attention_dim"], dtype=dt)
         added = None
         if cfg.get("addition_embed_type") == "text_time":
             pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
@@ -238,7 +243,7 @@ def denoiser_call(arch: Arch, net: torch.nn.Module, batch: int, resolution: int 
     t = torch.full((batch,), 500.0, device="meta", dtype=dt)
     seq = int(arch.max_sequence_length or 256)
     if arch.layout == "sd3":
-        states = _meta(batch, CLIP_TOKENS + seq, cfg["joint_attention_dim"], dtype=dt)
+        states = _meta(batch, arch.clip_tokens + seq, cfg["joint_attention_dim"], dtype=dt)
         pooled = _meta(batch, cfg["pooled_projection_dim"], dtype=dt)
         return net(hidden_states=x, timestep=t, encoder_hidden_states=states, pooled_projections=pooled,
                    return_dict=False)[0].float()
@@ -256,21 +261,20 @@ def denoiser_call(arch: Arch, net: torch.nn.Module, batch: int, resolution: int 
 
 
 def text_call(arch: Arch, component: Component, net: torch.nn.Module, batch: int) -> torch.Tensor:
-    """One text encoder on `batch` prompts: CLIP at 77 tokens with every hidden state kept (the backbones read the
-    penultimate one), T5 at the arch's max_sequence_length."""
+    """One text encoder on `batch` prompts: CLIP at its context (77 tokens) with every hidden state kept (the backbones
+    read the penultimate one), T5 at the arch's max_sequence_length."""
     if component.class_name.startswith("T5"):
         ids = torch.zeros(batch, int(arch.max_sequence_length or 256), device="meta", dtype=torch.long)
         return net(ids).last_hidden_state
-    ids = torch.zeros(batch, CLIP_TOKENS, device="meta", dtype=torch.long)
+    ids = torch.zeros(batch, int(component.config.get("max_position_embeddings", CLIP_TOKENS)), device="meta",
+                      dtype=torch.long)
     return net(ids, output_hidden_states=True).hidden_states[-2]
 
 
-def vae_tiles(vae: torch.nn.Module, slicing: bool, tile: int | None, factor: int) -> None:
-    """Slicing (one sample at a time) and tiling (`tile` pixels, diffusers' 25 % overlap) switched on a VAE."""
-    vae.use_slicing = slicing
-    vae.use_tiling = tile is not None
-    if tile is not None:
-        vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // factor
+def vae_modes(vae: torch.nn.Module, slicing: bool, tiling: bool) -> None:
+    """diffusers' AutoencoderKL slicing (one sample at a time) and tiling (its own tile: the config's sample_size,
+    25 % overlap) switched on or off, as ``[backbone] vae_slicing / vae_tiling`` (enable_slicing / enable_tiling)."""
+    vae.use_slicing, vae.use_tiling = slicing, tiling
 
 
 def decode_call(arch: Arch, vae: torch.nn.Module, batch: int, resolution: int | None = None) -> torch.Tensor:

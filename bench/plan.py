@@ -21,15 +21,18 @@ Reading order:
 For ``flashbench run --dry-run`` (plain inputs: the suite's tables and entries):
 
     setup = setup_from_suite(suite.backbone, suite.evaluators, suite.batch_size, suite.samples)
-    entries = [Entry(e.name, e.settings, tuple(b.steps for b in e.budgets), e.label) for e in suite.entries]
+    options = options_from_suite(suite.backbone, ranks=world, device_memory=device_memory(spec))
+    entries = [Entry(e.name, dataclasses.asdict(e.config), tuple(b.steps for b in e.budgets), e.label)
+               for e in suite.entries]  # the settings as the method sees them (the family's conventions filled)
     lab = Lab(setup)
-    plans = plan_suite(setup, entries, Options(ranks=world, device_memory=device_memory(spec)), lab)
+    plans = plan_suite(setup, entries, options, lab)
     print(render(lab, plans)); check(lab, plans)  # check: UserError (one line) naming the fix
 
 Bytes are bytes; tables print GiB (2**30). Data parallel: every rank holds full copies of every network; each rank
 samples its own shard of the prompts in batches of the suite's ``batch_size`` (``bench.runner.sample_and_measure``),
 so ranks shrink the per-rank sampling batch only when a shard is smaller than a batch; a distilled method trains
-on its own ``batch_size`` per rank.
+on its own ``batch_size`` per rank. An entry's plan holds only what it loads: the runner releases each method after
+its last cell.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ class Setup:
     clip_model: str | None = "ViT-B-32"
     inception: bool = True
     eval_dtype: str = "fp32"
+    vae: str | None = None  # [backbone] vae_dtype; None: the family's rule
 
     def __post_init__(self):
         for name in ("dtype", "eval_dtype"):
@@ -96,22 +100,25 @@ class Setup:
 
     @property
     def vae_dtype(self) -> str:
-        """The VAE's: fp32 when an fp16 SD/SDXL VAE would overflow (force_upcast, as DiffusersBackbone), else dtype."""
-        upcast = self.arch.layout == "unet" and self.dtype == "fp16" and self.arch.vae.config.get("force_upcast")
+        """The VAE's: `vae` when set, else the family's rule (SDXL: fp32 where an fp16 VAE would overflow, its config's
+        force_upcast; every other family: the backbone dtype; methods/backbones/*.default_vae_dtype)."""
+        if self.vae:
+            return self.vae
+        upcast = self.arch.pipeline == "StableDiffusionXLPipeline" and self.dtype == "fp16" and \
+            self.arch.vae.config.get("force_upcast")
         return "fp32" if upcast else self.dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """What may change to make a plan fit. `offload` "model": text encoders and VAE stay on the CPU until their phase
-    (as diffusers' enable_model_cpu_offload; not a bench setting yet); `vae_slicing` / `vae_tiling`: decode one sample
-    / `vae_tile`-pixel tiles at a time (diffusers' AutoencoderKL switches); `device_memory` and `reserve`: bytes."""
+    """What may change to make a plan fit: data-parallel `ranks`, and the ``[backbone]`` settings ``offload`` ("model":
+    text encoders and VAE on the CPU until their phase, the denoiser resident), ``vae_slicing`` / ``vae_tiling``
+    (diffusers' AutoencoderKL switches); `device_memory` and `reserve`: bytes."""
 
     ranks: int = 1
     offload: str = "none"
     vae_slicing: bool = False
     vae_tiling: bool = False
-    vae_tile: int = 512
     device_memory: int | None = None
     reserve: int = RESERVE
 
@@ -120,6 +127,10 @@ class Options:
             raise UserError(f"ranks must be >= 1, got {self.ranks}")
         if self.offload not in OFFLOAD:
             raise UserError(f"offload must be one of {', '.join(OFFLOAD)}, got {self.offload!r}")
+        if self.device_memory is not None and self.device_memory <= self.reserve:
+            raise UserError(f"device memory {self.device_memory / GiB:.1f} GiB leaves nothing beside the "
+                            f"{self.reserve / GiB:.1f} GiB reserve for CUDA's context and workspaces; give the device's "
+                            "size, e.g. 80GB")
 
 
 # --- 3. the meta networks and their measured activations (2. is bench.footprints) ------------------------------------
@@ -201,17 +212,17 @@ class Lab:
                 N.denoiser_call(self.arch, self.net("denoiser", self.setup.dtype), batch)
         return self._cached(("sample", batch), lambda: measure(run).peak)
 
-    def decode(self, batch: int, slicing: bool, tile: int | None) -> int:
-        """The VAE decode of `batch` latents to float32 images, whole or sliced / in `tile`-pixel tiles."""
+    def decode(self, batch: int, slicing: bool, tiling: bool) -> int:
+        """The VAE decode of `batch` latents to float32 images, whole, sliced or tiled."""
         def run(_):
             vae = self.net("vae", self.setup.vae_dtype)
-            N.vae_tiles(vae, slicing, tile, self.arch.vae_factor)
+            N.vae_modes(vae, slicing, tiling)
             try:
                 with torch.no_grad():
                     N.decode_call(self.arch, vae, batch)
             finally:
-                N.vae_tiles(vae, False, None, self.arch.vae_factor)
-        return self._cached(("decode", batch, slicing, tile), lambda: measure(run).peak)
+                N.vae_modes(vae, False, False)
+        return self._cached(("decode", batch, slicing, tiling), lambda: measure(run).peak)
 
     def evaluate(self, batch: int) -> int:
         """Inception at 299² and the CLIP image and text towers at `batch` (the evaluators' dtype), one at a time."""
@@ -500,8 +511,7 @@ class EntryPlan:
     training: list[tuple[str, int]]
     phases: list[Phase]
     options: Options
-    kept: frozenset[str] = frozenset()  # the names in `networks` that are copies kept by this or earlier entries
-    own: tuple[tuple[str, int], ...] = ()  # the copies this entry keeps (what later entries carry)
+    kept: tuple[tuple[str, int], ...] = ()  # the copies of the denoiser this entry keeps (students, a checkpoint)
 
     @property
     def peak(self) -> Phase:
@@ -510,7 +520,7 @@ class EntryPlan:
 
 def setup_from_suite(backbone: dict, evaluators: dict, batch_size: int, samples: int | None = None) -> Setup:
     """The Setup of a suite's [backbone] table (kind "diffusers": path, dtype (default fp32, as the backbones),
-    resolution, max_sequence_length) and [evaluators] table (kind "real": clip_model, dtype), read from the
+    vae_dtype, resolution, max_sequence_length) and [evaluators] table (kind "real": clip_model, dtype), read from the
     directory's config.json files only. UserError for an embedded (shapes) backbone: nothing at real scale to plan."""
     if backbone.get("kind") != "diffusers" or "path" not in backbone:
         raise UserError("a memory plan needs [backbone] kind = 'diffusers' with path = a local diffusers directory")
@@ -518,7 +528,14 @@ def setup_from_suite(backbone: dict, evaluators: dict, batch_size: int, samples:
     real = evaluators.get("kind") == "real"
     return Setup(arch, backbone.get("dtype", "fp32"), batch_size, samples,
                  clip_model=evaluators.get("clip_model") if real else None, inception=real,
-                 eval_dtype=evaluators.get("dtype", "fp32") if real else "fp32")
+                 eval_dtype=evaluators.get("dtype", "fp32") if real else "fp32", vae=backbone.get("vae_dtype"))
+
+
+def options_from_suite(backbone: dict, ranks: int = 1, device_memory: int | None = None) -> Options:
+    """The Options a suite's [backbone] table sets (offload, vae_slicing, vae_tiling) for `ranks` processes and a
+    device of `device_memory` bytes."""
+    return Options(ranks=ranks, offload=backbone.get("offload", "none"), vae_slicing=bool(backbone.get("vae_slicing")),
+                   vae_tiling=bool(backbone.get("vae_tiling")), device_memory=device_memory)
 
 
 def sample_batch_per_rank(setup: Setup, ranks: int) -> int:
@@ -532,9 +549,9 @@ def _gib(n: int) -> float:
     return n / GiB
 
 
-def plan_entry(lab: Lab, entry: Entry, options: Options, carried: list[tuple[str, int]] = ()) -> EntryPlan:
-    """The entry's phases on one rank. `carried`: networks earlier entries keep resident (the runner keeps every
-    method, and so its students, for the whole run: bench.runner.RunContext.methods)."""
+def plan_entry(lab: Lab, entry: Entry, options: Options) -> EntryPlan:
+    """The entry's phases on one rank. Nothing of an earlier entry remains: the runner releases each method after its
+    last cell (bench.runner.RunContext.release), so an entry holds the backbone, the evaluators and its own copies."""
     setup, arch = lab.setup, lab.arch
     fp = footprint(lab, entry)
     b = BYTES[setup.dtype]
@@ -543,19 +560,18 @@ def plan_entry(lab: Lab, entry: Entry, options: Options, carried: list[tuple[str
     vae = [(f"vae ({setup.vae_dtype})", BYTES[setup.vae_dtype] * lab.params("vae"))]
     evals = [(f"{k} ({setup.eval_dtype})", BYTES[setup.eval_dtype] * n) for k, n in lab.evaluator_params().items()]
     kept = [(f"{c.role} ({c.dtype})", BYTES[c.dtype] * (p_den + c.extra)) for c in fp.kept]
-    always = [(f"teacher {arch.denoiser.name} ({setup.dtype})", b * p_den), *evals, *carried, *kept]
+    always = [(f"teacher {arch.denoiser.name} ({setup.dtype})", b * p_den), *evals, *kept]
     networks = [*always, *text, *vae]
     offload = options.offload == "model"
     sum_ = lambda items: sum(n for _, n in items)  # noqa: E731
     held = lambda items: 0 if offload else sum_(items)  # noqa: E731  (offloaded: on the device in their own phase only)
 
     bs = sample_batch_per_rank(setup, options.ranks)
-    tile = options.vae_tile if options.vae_tiling else None
     base = sum_(always)
     phases = [
         Phase("text", base + sum_(text) + held(vae), lab.text(bs)),
         Phase("sample", base + held(text) + held(vae), lab.sample(fp.sample_batch * bs)),
-        Phase("decode", base + held(text) + sum_(vae), lab.decode(bs, options.vae_slicing, tile)),
+        Phase("decode", base + held(text) + sum_(vae), lab.decode(bs, options.vae_slicing, options.vae_tiling)),
         Phase("eval", base + held(text) + held(vae), lab.evaluate(bs) if evals else 0),
     ]
     training = []
@@ -571,23 +587,13 @@ def plan_entry(lab: Lab, entry: Entry, options: Options, carried: list[tuple[str
                              Phase("train", during + sum_(vae), m.get("vae", 0), "image encoding"),
                              key=lambda p: p.total)
     return EntryPlan(entry, options.ranks, bs, fp.training.batch if fp.training else None, networks, training, phases,
-                     options, frozenset(n for n, _ in [*carried, *kept]), tuple(kept))
-
-
-def kept_networks(plan: EntryPlan) -> list[tuple[str, int]]:
-    """The copies an entry leaves resident for later entries (its students / checkpoint), labelled with the entry."""
-    return [(f"{plan.entry.title}: {name}", n) for name, n in plan.own]
+                     options, tuple(kept))
 
 
 def plan_suite(setup: Setup, entries: list[Entry], options: Options, lab: Lab | None = None) -> list[EntryPlan]:
-    """Every entry's plan in suite order, each with the copies earlier entries keep (bench.runner keeps them all)."""
+    """Every entry's plan, in suite order."""
     lab = lab or Lab(setup)
-    plans, carried = [], []
-    for e in entries:
-        p = plan_entry(lab, e, options, carried)
-        plans.append(p)
-        carried = carried + kept_networks(p)
-    return plans
+    return [plan_entry(lab, e, options) for e in entries]
 
 
 def device_memory(spec: str | None) -> int:
@@ -617,18 +623,20 @@ def changes(lab: Lab, plan: EntryPlan, over: set[str]) -> tuple[list[Change], li
     switches, batches = [], []
     if "decode" in over:
         if not o.vae_slicing:
-            switches.append(("vae_slicing = true", e, dataclasses.replace(o, vae_slicing=True), s))
+            switches.append(("[backbone] vae_slicing = true", e, dataclasses.replace(o, vae_slicing=True), s))
         if not o.vae_tiling:
-            switches.append((f"vae_tiling = true ({o.vae_tile} px tiles)", e, dataclasses.replace(o, vae_tiling=True), s))
+            switches.append(("[backbone] vae_tiling = true", e, dataclasses.replace(o, vae_tiling=True), s))
     t = footprint(lab, e).training if "train" in over else None
     if t is not None and not t.checkpointing:
-        switches.append((f"{e.title}'s gradient_checkpointing = true", _with(e, gradient_checkpointing=True), o, s))
+        switches.append((f"{e.title} settings: gradient_checkpointing = true", _with(e, gradient_checkpointing=True),
+                         o, s))
     if o.offload == "none":
-        switches.append(("offload = \"model\"", e, dataclasses.replace(o, offload="model"), s))
+        switches.append(("[backbone] offload = \"model\"", e, dataclasses.replace(o, offload="model"), s))
     if t is not None and t.student == "full":
-        switches.append((f"{e.title}'s lora_rank = {LORA_RANK}", _with(e, lora_rank=LORA_RANK), o, s))
+        switches.append((f"{e.title} settings: lora_rank = {LORA_RANK}", _with(e, lora_rank=LORA_RANK), o, s))
     if t is not None:
-        batches.append([(f"{e.title}'s batch_size = {n}", _with(e, batch_size=n), o, s) for n in _halves(t.batch)])
+        batches.append([(f"{e.title} settings: batch_size = {n}", _with(e, batch_size=n), o, s)
+                        for n in _halves(t.batch)])
     if over - {"train"}:
         batches.append([(f"the suite's batch_size = {n}", e, o, dataclasses.replace(s, batch_size=n))
                         for n in _halves(plan.sample_batch)])
@@ -659,17 +667,17 @@ def _combined(changes_: list[Change], plan: EntryPlan) -> Change:
     return ", ".join(w for w, *_ in changes_), e, o, s
 
 
-def _replan(lab: Lab, change: Change, carried) -> EntryPlan:
+def _replan(lab: Lab, change: Change) -> EntryPlan:
     _, e, o, s = change
-    return plan_entry(lab if s == lab.setup else Lab.sharing(lab, s), e, o, carried)
+    return plan_entry(lab if s == lab.setup else Lab.sharing(lab, s), e, o)
 
 
-def _largest_fitting(lab: Lab, batches: list[Change], carried, limit: int) -> tuple[Change, EntryPlan] | None:
+def _largest_fitting(lab: Lab, batches: list[Change], limit: int) -> tuple[Change, EntryPlan] | None:
     """The largest of `batches` (largest first) whose plan fits under `limit` bytes, by bisection; None if none does."""
     lo, hi, best = 0, len(batches) - 1, None
     while lo <= hi:
         mid = (lo + hi) // 2
-        q = _replan(lab, batches[mid], carried)
+        q = _replan(lab, batches[mid])
         if q.peak.total <= limit:
             best, hi = (batches[mid], q), mid - 1
         else:
@@ -677,7 +685,7 @@ def _largest_fitting(lab: Lab, batches: list[Change], carried, limit: int) -> tu
     return best
 
 
-def verdict(lab: Lab, p: EntryPlan, carried=()) -> str | None:
+def verdict(lab: Lab, p: EntryPlan) -> str | None:
     """None when the plan fits the device's memory less the reserve; else one line: what it needs, and the first single
     change (``changes``) that makes it fit, else every change together, else the device it would need."""
     limit = budget(p.options)
@@ -689,18 +697,18 @@ def verdict(lab: Lab, p: EntryPlan, carried=()) -> str | None:
              f"{_gib(p.options.reserve):.1f} GiB reserve")
     switches, batch_lists = changes(lab, p, {ph.name for ph in p.phases if ph.total > limit})
     for change in switches:
-        q = _replan(lab, change, carried)
+        q = _replan(lab, change)
         if q.peak.total <= limit:
             return f"{where}; set {change[0]} ({_gib(q.peak.total):.1f} GiB)"
     for batches in batch_lists:
-        fits = _largest_fitting(lab, batches, carried, limit)  # the peak grows with the batch: bisect
+        fits = _largest_fitting(lab, batches, limit)  # the peak grows with the batch: bisect
         if fits is not None:
             return f"{where}; set {fits[0][0]} ({_gib(fits[1].peak.total):.1f} GiB)"
     every = switches + [batches[-1] for batches in batch_lists]
     if not every:
         return f"{where}; use a device with at least {_gib(p.peak.total + p.options.reserve):.0f} GiB"
     together = _combined(every, p)
-    q = _replan(lab, together, carried)
+    q = _replan(lab, together)
     if q.peak.total <= limit:
         return f"{where}; no single setting is enough, together {together[0]} are ({_gib(q.peak.total):.1f} GiB)"
     return (f"{where}; even with {together[0]} it needs {_gib(q.peak.total):.1f} GiB: use a device with at least "
@@ -709,12 +717,10 @@ def verdict(lab: Lab, p: EntryPlan, carried=()) -> str | None:
 
 def check(lab: Lab, plans: list[EntryPlan]) -> None:
     """UserError (one line, ``verdict``) for the first of a suite's plans (in order, one rank count) that does not fit."""
-    carried = []
     for p in plans:
-        line = verdict(lab, p, carried)
+        line = verdict(lab, p)
         if line:
             raise UserError(f"plan does not fit: {line}")
-        carried = carried + kept_networks(p)
 
 
 # --- 6. the table and the command -----------------------------------------------------------------------------------
@@ -739,14 +745,13 @@ def networks_table(lab: Lab) -> str:
 
 def plans_table(plans: list[EntryPlan]) -> str:
     """One row per (entry, ranks): batches, the backbone's bytes (teacher denoiser, text encoders, VAE, evaluators:
-    the networks table), the copies this and earlier entries keep, the training state, activations by phase, the
-    peak and its phase, and whether it fits the device less the reserve."""
+    the networks table), the copies the entry keeps, the training state, activations by phase, the peak and its
+    phase, and whether it fits the device less the reserve."""
     rows = ["| entry | ranks | batch / rank (sample, train) | backbone, GiB | kept copies, GiB | training state, GiB | "
             "activations by phase, GiB | peak / rank, GiB | fits |", "|---|---|---|---|---|---|---|---|---|"]
     for p in plans:
-        kept = [(n, b) for n, b in p.networks if n in p.kept]
-        backbone = sum(b for n, b in p.networks if n not in p.kept)
-        cells = [" · ".join(f"{n} {_gib(b):.2f}" for n, b in items) or "—" for items in (kept, p.training)]
+        backbone = sum(b for _, b in p.networks) - sum(b for _, b in p.kept)
+        cells = [" · ".join(f"{n} {_gib(b):.2f}" for n, b in items) or "—" for items in (p.kept, p.training)]
         acts = " · ".join(f"{ph.label} {_gib(ph.activations):.2f}" for ph in p.phases)
         peak = p.peak
         fits = "—" if p.options.device_memory is None else ("yes" if peak.total <= budget(p.options) else "**no**")
@@ -838,12 +843,7 @@ def command(args) -> tuple[str, Lab, list[EntryPlan]]:
         plans += plan_suite(setup, entries, options, lab)
     text = render(lab, plans)
     if args.explain and memory is not None:
-        lines, carried = [], {}
-        for p in plans:
-            line = verdict(lab, p, carried.get(p.ranks, []))
-            carried[p.ranks] = carried.get(p.ranks, []) + kept_networks(p)
-            if line:
-                lines.append(f"- {line}")
+        lines = [f"- {line}" for line in map(lambda p: verdict(lab, p), plans) if line]
         text += "\n" + ("\n".join(lines) if lines else "Every entry fits.") + "\n"
     return text, lab, plans
 

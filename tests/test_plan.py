@@ -261,7 +261,7 @@ def test_a_plan_over_the_device_is_refused_naming_the_fix(sd15_lab):
     with pytest.raises(UserError) as e:
         P.check(sd15_lab, plans)
     msg = str(e.value)
-    assert "\n" not in msg and "decode phase" in msg and "set vae_slicing = true" in msg
+    assert "\n" not in msg and "decode phase" in msg and "set [backbone] vae_slicing = true" in msg
     fixed = P.plan_suite(sd15_lab.setup, [teacher], P.Options(vae_slicing=True, device_memory=options.device_memory,
                                                               reserve=0), sd15_lab)
     P.check(sd15_lab, fixed)  # and the named setting does fit
@@ -274,7 +274,7 @@ def test_a_training_plan_over_the_device_names_a_fix_that_fits(sd15_lab):
     assert plans[0].peak.name == "train"
     with pytest.raises(UserError) as e:
         P.check(sd15_lab, plans)
-    m = re.search(r"set lcm's (batch_size = (\d+)|gradient_checkpointing = true) \(", str(e.value))
+    m = re.search(r"set lcm settings: (batch_size = (\d+)|gradient_checkpointing = true) \(", str(e.value))
     assert m, str(e.value)
     fixed = Entry("lcm", {"batch_size": int(m[2])} if m[2] else {"gradient_checkpointing": True})
     P.check(sd15_lab, P.plan_suite(sd15_lab.setup, [fixed], options, sd15_lab))
@@ -322,6 +322,8 @@ def test_bad_input_is_one_line():
     with pytest.raises(UserError, match="did you mean 'sdxl'"):
         N.load_arch("sdx")
     assert P.main(["--arch", "sdxl", "--device-memory", "lots"]) == 2
+    with pytest.raises(UserError, match="leaves nothing beside the 2.0 GiB reserve"):
+        P.Options(device_memory=P.parse_bytes("1GB"))
 
 
 def test_a_diffusers_directory_plans_like_the_shipped_arch(tmp_path):
@@ -366,9 +368,36 @@ def test_a_suites_tables_give_the_setup(tmp_path):
     for name, comp in arch.components.items():
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps(comp.config))
-    setup = P.setup_from_suite({"kind": "diffusers", "path": str(tmp_path), "dtype": "bf16"},
-                               {"kind": "real", "clip_model": "ViT-L-14"}, batch_size=8, samples=100)
-    assert (setup.dtype, setup.batch_size, setup.samples, setup.clip_model, setup.arch.resolution) == \
-        ("bf16", 8, 100, "ViT-L-14", 512)
+    backbone = {"kind": "diffusers", "path": str(tmp_path), "dtype": "fp16", "vae_dtype": "fp32", "offload": "model",
+                "vae_slicing": True}
+    setup = P.setup_from_suite(backbone, {"kind": "real", "clip_model": "ViT-L-14"}, batch_size=8, samples=100)
+    assert (setup.dtype, setup.vae_dtype, setup.batch_size, setup.samples, setup.clip_model, setup.arch.resolution) == \
+        ("fp16", "fp32", 8, 100, "ViT-L-14", 512)
+    options = P.options_from_suite(backbone, ranks=4)
+    assert (options.ranks, options.offload, options.vae_slicing, options.vae_tiling) == (4, "model", True, False)
     with pytest.raises(UserError, match="kind = 'diffusers'"):
         P.setup_from_suite({"kind": "shapes"}, {"kind": "shapes"}, 8)
+
+
+def test_the_dry_run_recipe_plans_a_parsed_suite(tmp_path):
+    """bench.plan's docstring recipe on a suite as bench.suite parses it (a tiny SDXL directory written here): the
+    entries' Configs, with the family's conventions, plan as the methods see them; the plan measures the tiny nets."""
+    import dataclasses
+
+    from bench import suite as S
+    from tests import tiny_sd
+
+    pipe = tiny_sd.build(tmp_path / "sdxl", sdxl=True)
+    suite = S.parse({"prompts": "shapes-eval", "samples": 8, "batch_size": 4, "metrics": ["clip_score"],
+                     "backbone": {"kind": "diffusers", "path": str(pipe), "dtype": "bf16", "offload": "model"},
+                     "methods": [{"name": "teacher", "steps": [2]}, {"name": "lcm", "steps": [1, 2],
+                                                                      "settings": {"batch_size": 2}}]})
+    setup = P.setup_from_suite(suite.backbone, suite.evaluators, suite.batch_size, suite.samples)
+    options = P.options_from_suite(suite.backbone, ranks=2, device_memory=P.parse_bytes("4GB"))
+    entries = [Entry(e.name, dataclasses.asdict(e.config), tuple(b.steps for b in e.budgets), e.label)
+               for e in suite.entries]
+    lab = P.Lab(setup)
+    plans = P.plan_suite(setup, entries, options, lab)
+    assert [p.entry.name for p in plans] == ["teacher", "lcm"] and plans[0].sample_batch == 4  # 8 samples, 2 ranks
+    assert options.offload == "model" and plans[1].train_batch == 2 and plans[1].kept[0][0] == "student (bf16)"
+    P.check(lab, plans)  # tiny networks: kilobytes
