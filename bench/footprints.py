@@ -84,11 +84,12 @@ class Training:
 class Footprint:
     """What a method entry adds to the backbone: `kept` (copies it holds from creation until its last cell: students
     in the sampling dtype, a checkpoint), `sample_batch` (the denoiser's batch per sampled prompt: 2 for a batched
-    [uncond; cond] call), `training` (None for training-free methods)."""
+    [uncond; cond] call), `training` (None for training-free methods), `resolution` (pixels, None: the backbone's)."""
 
     kept: tuple[Copy, ...]
     sample_batch: int
     training: Training | None = None
+    resolution: int | None = None  # the image side it samples at (pixels), None: the backbone's
 
 
 def _config(entry: Entry):
@@ -145,16 +146,14 @@ def teacher_footprint(lab: Sizes, entry: Entry) -> Footprint:
 
 
 def pretrained_footprint(lab: Sizes, entry: Entry) -> Footprint:
-    """methods.pretrained: a checkpoint copy of the denoiser beside the teacher. An SD/SDXL UNet directory loads with
-    diffusers' default dtype, fp32 (no torch_dtype in Pretrained.prepare); a LoRA file is fused into new_unet(), a
-    copy in the backbone dtype; a flow transformer directory loads in the backbone dtype. Assumed: the checkpoint
-    has the teacher's architecture (Lightning, Turbo, Hyper-SD, DMD2 and LCM checkpoints do)."""
+    """methods.pretrained: the checkpoint (a directory, a single-file state dict, or a LoRA fused into new_net()) as a
+    copy of the denoiser in the backbone's dtype beside the teacher, sampled at its recipe's resolution (`resolution`,
+    None: the backbone's). Assumed: the checkpoint has the teacher's architecture (Lightning, Turbo, Hyper-SD, DMD2
+    and LCM checkpoints do); an LCM UNet's guidance embedding is counted."""
     cfg = _config(entry)
-    lora = str(cfg.path).endswith(".safetensors")
-    dtype = "fp32" if lab.layout == "unet" and not lora else lab.dtype
     w = lab.w_params(registry.get("lcm").w_dim) if cfg.guidance == "embedded" and lab.layout == "unet" else 0
-    return Footprint((Copy("checkpoint (LoRA fused)" if lora else "checkpoint", dtype, w),),
-                     2 if cfg.guidance == "cfg" else 1)
+    return Footprint((Copy("checkpoint", lab.dtype, w),), 2 if cfg.guidance == "cfg" else 1,
+                     resolution=getattr(cfg, "resolution", None))
 
 
 def lcm_footprint(lab: Sizes, entry: Entry) -> Footprint:

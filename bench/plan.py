@@ -205,24 +205,25 @@ class Lab:
                     N.text_call(self.arch, comp, self.net(comp.name, self.setup.dtype), batch)
         return self._cached(("text", batch), lambda: measure(run).peak)
 
-    def sample(self, batch: int) -> int:
-        """One denoiser evaluation at `batch` (a sampler's state and conditioning included: created in the call)."""
+    def sample(self, batch: int, resolution: int | None = None) -> int:
+        """One denoiser evaluation at `batch` (a sampler's state and conditioning included: created in the call), at
+        `resolution` pixels (None: the arch's)."""
         def run(_):
             with torch.no_grad():
-                N.denoiser_call(self.arch, self.net("denoiser", self.setup.dtype), batch)
-        return self._cached(("sample", batch), lambda: measure(run).peak)
+                N.denoiser_call(self.arch, self.net("denoiser", self.setup.dtype), batch, resolution)
+        return self._cached(("sample", batch, resolution), lambda: measure(run).peak)
 
-    def decode(self, batch: int, slicing: bool, tiling: bool) -> int:
-        """The VAE decode of `batch` latents to float32 images, whole, sliced or tiled."""
+    def decode(self, batch: int, slicing: bool, tiling: bool, resolution: int | None = None) -> int:
+        """The VAE decode of `batch` latents to float32 images, whole, sliced or tiled, at `resolution` pixels."""
         def run(_):
             vae = self.net("vae", self.setup.vae_dtype)
             N.vae_modes(vae, slicing, tiling)
             try:
                 with torch.no_grad():
-                    N.decode_call(self.arch, vae, batch)
+                    N.decode_call(self.arch, vae, batch, resolution)
             finally:
                 N.vae_modes(vae, False, False)
-        return self._cached(("decode", batch, slicing, tiling), lambda: measure(run).peak)
+        return self._cached(("decode", batch, slicing, tiling, resolution), lambda: measure(run).peak)
 
     def evaluate(self, batch: int) -> int:
         """Inception at 299² and the CLIP image and text towers at `batch` (the evaluators' dtype), one at a time."""
@@ -570,8 +571,9 @@ def plan_entry(lab: Lab, entry: Entry, options: Options) -> EntryPlan:
     base = sum_(always)
     phases = [
         Phase("text", base + sum_(text) + held(vae), lab.text(bs)),
-        Phase("sample", base + held(text) + held(vae), lab.sample(fp.sample_batch * bs)),
-        Phase("decode", base + held(text) + sum_(vae), lab.decode(bs, options.vae_slicing, options.vae_tiling)),
+        Phase("sample", base + held(text) + held(vae), lab.sample(fp.sample_batch * bs, fp.resolution)),
+        Phase("decode", base + held(text) + sum_(vae), lab.decode(bs, options.vae_slicing, options.vae_tiling,
+                                                                  fp.resolution)),
         Phase("eval", base + held(text) + held(vae), lab.evaluate(bs) if evals else 0),
     ]
     training = []

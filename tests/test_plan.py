@@ -302,13 +302,14 @@ def test_eight_ranks_shrink_the_sampling_batch_not_the_weights(sd15_lab):
 
 def test_footprints_follow_the_methods(sd15_lab):
     """LoRA above the threshold (SD1.5's 860 M), fp32 masters and an EMA for LCM, a fake score for DMD2, a checkpoint
-    directory in fp32 beside the teacher, every student kept (imagine-flash: one per step count)."""
+    in the backbone's dtype at its recipe's resolution, every student kept (imagine-flash: one per step count)."""
     lcm = footprint(sd15_lab, Entry("lcm")).training
     assert lcm.student == "lora" and lcm.rank == 64 and [s for s, _ in lcm.state][2] == "EMA copy (fp32)"
     assert footprint(sd15_lab, Entry("lcm", {"lora_rank": 0})).training.student == "full"
     assert footprint(sd15_lab, Entry("dmd2")).training.fake
-    assert footprint(sd15_lab, Entry("pretrained", {"path": "dir"})).kept[0].dtype == "fp32"
-    assert footprint(sd15_lab, Entry("pretrained", {"path": "x.safetensors"})).kept[0].dtype == "bf16"
+    assert footprint(sd15_lab, Entry("pretrained", {"path": "dir"})).kept[0].dtype == "bf16"
+    turbo = footprint(sd15_lab, Entry("pretrained", {"path": "x.safetensors", "recipe": "sd-turbo"}))
+    assert (turbo.sample_batch, turbo.resolution) == (1, 512)
     assert len(footprint(sd15_lab, Entry("imagine-flash", steps=(1, 2, 3))).kept) == 3
     with pytest.raises(UserError, match="unknown method to plan"):
         footprint(sd15_lab, Entry("nope"))
