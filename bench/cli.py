@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "$SLURM_ARRAY_TASK_ID/8); join the shards with `flashbench merge`")
     r.add_argument("--save-samples", action="store_true", help="write every sample as PNG (GenEval layout) under "
                    "RUN/samples/, for `flashbench evaluate`")
+    r.add_argument("--device-memory", metavar="SIZE", help="plan a real-scale suite for a device of SIZE (e.g. 80GB, "
+                   "79.6GiB; default the CUDA device's own) and refuse a plan that does not fit it")
 
     mg = sub.add_parser("merge", help="one run's results from the shards of a split run (--shard)")
     mg.add_argument("runs", nargs="+", type=Path, help="the shard run directories")
@@ -186,7 +188,8 @@ def cmd_run(args) -> int:
 
     opts = runner.Options(out=out, device=device, cache=args.cache, resume=resume,
                           progress=not args.no_progress, dry_run=args.dry_run,
-                          command=getattr(args, "command_line", None), shard=shard, save_samples=save_samples)
+                          command=getattr(args, "command_line", None), shard=shard, save_samples=save_samples,
+                          device_memory=args.device_memory)
     path = runner.run(s, opts)
     if path is not None and shard is None:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")

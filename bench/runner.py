@@ -66,6 +66,7 @@ class Options:
     study: str | None = None  # the study this run serves (bench/study.py), recorded in config.json
     shard: tuple[int, int] | None = None  # (i, n): sample only the i-th of n balanced prompt shards (merge later)
     save_samples: bool = False  # write every sample losslessly (PNG, GenEval layout) under samples/
+    device_memory: str | None = None  # the device's memory for the plan ("80GB"); default the CUDA device's total
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +187,7 @@ def check(suite: Suite, opts: Options) -> Checked:
     if opts.out is not None:
         RunDir(opts.out).check_new(opts.resume)
     cells = plan(suite)
+    memory_plan(suite, opts)
     backbone = components.load_backbone(suite.backbone, opts.device)
     # each entry against this teacher (a setting that does not fit it is a UserError); construction trains,
     # loads and writes nothing
@@ -197,6 +199,30 @@ def check(suite: Suite, opts: Options) -> Checked:
     truncated = {"teacher": {k: [prompts[i].id for i in v] for k, v in backbone.truncated(texts).items()},
                  "clip_score": [prompts[i].id for i in evaluators.clip_truncated(texts)]}
     return Checked(prompts, cells, backbone, evaluators, truncated)
+
+
+def memory_plan(suite: Suite, opts: Options) -> None:
+    """A real-scale suite's memory plan (``bench.plan``: every entry's resident networks and phase activations per
+    rank, from the directory's configs on the meta device, before any weight loads). A dry run prints it; a plan
+    over the device's memory (the CUDA device's, or ``--device-memory``) is refused with the setting that fits."""
+    if suite.backbone.get("kind") != "diffusers" or not (opts.dry_run or opts.device_memory
+                                                          or str(opts.device).startswith("cuda")):
+        return
+    from bench import plan as memory
+    from bench.footprints import Entry as PlanEntry
+
+    spec = opts.device_memory
+    size = memory.device_memory(spec) if spec or str(opts.device).startswith("cuda") else None
+    setup = memory.setup_from_suite(suite.backbone, suite.evaluators, suite.batch_size, suite.samples)
+    options = memory.options_from_suite(suite.backbone, ranks=int(os.environ.get("WORLD_SIZE", "1")), device_memory=size)
+    entries = [PlanEntry(e.name, dataclasses.asdict(e.config), tuple(b.steps for b in e.budgets), e.label)
+               for e in suite.entries]
+    lab = memory.Lab(setup)
+    plans = memory.plan_suite(setup, entries, options, lab)
+    if opts.dry_run:
+        print(memory.render(lab, plans))
+    if size is not None:
+        memory.check(lab, plans)
 
 
 def run(suite: Suite, opts: Options) -> Path | None:

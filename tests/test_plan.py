@@ -402,3 +402,31 @@ def test_the_dry_run_recipe_plans_a_parsed_suite(tmp_path):
     assert [p.entry.name for p in plans] == ["teacher", "lcm"] and plans[0].sample_batch == 4  # 8 samples, 2 ranks
     assert options.offload == "model" and plans[1].train_batch == 2 and plans[1].kept[0][0] == "student (bf16)"
     P.check(lab, plans)  # tiny networks: kilobytes
+
+
+def test_flashbench_run_plans_a_real_scale_suite_before_loading_and_refuses_what_does_not_fit(tmp_path):
+    """`flashbench run --dry-run` prints each entry's plan; a device too small for it is refused in one line naming a
+    fix, before any weight loads and with nothing written; a device it fits passes."""
+    from tests import tiny_sd
+    from tests.test_cli import flashbench_in_process
+
+    pipe = tiny_sd.build(tmp_path / "sdxl", sdxl=True)
+    ref, inc = tiny_sd.image_folder(tmp_path / "ref", 4), tiny_sd.fake_inception(tmp_path / "inc")
+    (tmp_path / "s.toml").write_text(f'name = "dr"\nprompts = "shapes-eval"\nsamples = 4\nbatch_size = 2\n'
+                                     f'metrics = ["clip_score"]\n[backbone]\nkind = "diffusers"\npath = "{pipe}"\n'
+                                     f'dtype = "bf16"\n[evaluators]\nkind = "real"\nclip_model = "ViT-B-32"\n'
+                                     f'reference = "{ref}"\ninception_dir = "{inc}"\n'
+                                     '[[methods]]\nname = "teacher"\nsteps = [4]\n[[methods]]\nname = "lcm"\nsteps = [2]\n')
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        from bench.cli import main
+
+        assert main(["run", str(tmp_path / "s.toml"), "--dry-run", "--device-memory", "80GB"]) == 0
+    assert "| teacher | 1 |" in out.getvalue() and "| lcm | 1 |" in out.getvalue() and "nothing written" in out.getvalue()
+    code, err = flashbench_in_process("run", tmp_path / "s.toml", "--out", tmp_path / "run", "--device-memory", "2.3GB",
+                                      cwd=tmp_path)
+    assert code == 2 and "plan does not fit: teacher (1 rank) needs" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
