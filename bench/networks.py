@@ -167,14 +167,26 @@ def arch_from_directory(path: Path | str, resolution: int | None = None, max_seq
 # --- building on the meta device ------------------------------------------------------------------------------------
 
 
-def build(component: Component, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The component's network on the meta device in `dtype`, frozen (no weights, no initialisation work)."""
+def build(component: Component, dtype: torch.dtype = torch.float32, device: str | torch.device = "meta") -> torch.nn.Module:
+    """The component's network in `dtype`, frozen: on the meta device (no weights, no initialisation work), or on a
+    real `device` with random weights initialised there in `dtype` (the GPU check's real-sized stand-ins)."""
     import diffusers
     import transformers
 
     name = component.class_name
     cfg = {k: v for k, v in component.config.items() if not k.startswith("_")}
-    with torch.device("meta"):
+    default = torch.get_default_dtype()
+    if str(device) != "meta":
+        torch.set_default_dtype(dtype)  # initialised in `dtype` where it is made: no fp32 copy of billions of weights
+    try:
+        net = _construct(component, name, cfg, device, diffusers, transformers)
+    finally:
+        torch.set_default_dtype(default)
+    return net.to(dtype).eval().requires_grad_(False)
+
+
+def _construct(component: Component, name: str, cfg: dict, device, diffusers, transformers) -> torch.nn.Module:
+    with torch.device(device):
         if "_class_name" in component.config:
             cls = getattr(diffusers, name, None)
             if cls is None:
@@ -185,7 +197,7 @@ def build(component: Component, dtype: torch.dtype = torch.float32) -> torch.nn.
             if cls is None:
                 raise UserError(f"{component.name}: transformers has no class {name!r}")
             net = cls(cls.config_class.from_dict(cfg))
-    return net.to(dtype).eval().requires_grad_(False)
+    return net
 
 
 def param_count(net: torch.nn.Module) -> int:
