@@ -311,8 +311,6 @@ def convert_checkpoint(src: Path, dst: Path) -> dict:
     missing or already safetensors, `dst` exists or is not .safetensors, or the file holds anything but a flat
     {str: tensor} mapping (a wrapped {"state_dict": ...}, a whole module, ...).
     """
-    import pickle
-
     from core.io import save_tensors
 
     src, dst = Path(src), Path(dst)
@@ -326,7 +324,7 @@ def convert_checkpoint(src: Path, dst: Path) -> dict:
         raise UserError(f"convert-checkpoint: {dst} already exists; choose another output path")
     try:
         state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
+    except (torch.serialization.pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as e:
         raise UserError(f"convert-checkpoint: {src.name} is not a plain tensor state dict that torch.load("
                         f"weights_only=True) reads ({str(e).splitlines()[0][:160]})") from None
     if not isinstance(state, dict) or not state:
