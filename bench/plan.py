@@ -250,12 +250,7 @@ class Lab:
                     nets["inception"] = torchvision.models.Inception3(num_classes=1008, aux_logits=False,
                                                                       transform_input=False, init_weights=False)
                 if self.setup.clip_model:
-                    import open_clip
-
-                    if self.setup.clip_model not in open_clip.list_models():
-                        raise UserError(f"unknown open_clip model {self.setup.clip_model!r} (e.g. ViT-B-32, ViT-L-14)")
-                    with _root_log(logging.ERROR):  # "No pretrained weights loaded": none are wanted
-                        nets["clip"] = open_clip.create_model(self.setup.clip_model, pretrained=None, device="meta")
+                    nets["clip"] = _clip_on_meta(self.setup.clip_model)
             return {k: m.to(dt).eval().requires_grad_(False) for k, m in nets.items()}
         return self._cached(("evaluators",), build)
 
@@ -310,6 +305,26 @@ class Lab:
         key = ("train", t.step, t.batch, t.student, t.rank, t.checkpointing, t.fake, t.real_images, t.teacher_calls,
                t.adversarial, t.r1)
         return self._cached(key, lambda: _measure_update(self, t))
+
+
+def _clip_on_meta(name: str) -> torch.nn.Module:
+    """The open_clip model `name` (a registered name, or "local-dir:FOLDER" with its open_clip_config.json) on the
+    meta device, without weights. UserError for a name open_clip does not know."""
+    import json
+
+    import open_clip
+
+    if name.startswith("local-dir:"):
+        cfg_path = Path(name[len("local-dir:"):]) / "open_clip_config.json"
+        try:
+            cfg = json.loads(cfg_path.read_text())["model_cfg"]
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"clip_model {name!r}: {cfg_path} is not an open_clip_config.json with model_cfg") from None
+        return open_clip.CLIP(**cfg)
+    if name not in open_clip.list_models():
+        raise UserError(f"unknown open_clip model {name!r} (e.g. ViT-B-32, ViT-L-14)")
+    with _root_log(logging.ERROR):  # "No pretrained weights loaded": none are wanted
+        return open_clip.create_model(name, pretrained=None, device="meta")
 
 
 def _disc_width() -> int:

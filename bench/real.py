@@ -219,8 +219,10 @@ class RealEvaluators(Evaluators):
         self.dtype_name = dtype
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         self.nets, self.protocol, self.images = nets, protocol, None if images is None else Path(images)
-        self.fid_net, self.clip = nets.fid_net.eval().requires_grad_(False), nets.clip
-        self.num_features = int(nets.fid_net.num_features)
+        self.fid_net, self.clip = nets.fid_net, nets.clip  # fid_net None: a protocol without FID (CLIP score only)
+        if self.fid_net is not None:
+            self.fid_net.eval().requires_grad_(False)
+        self.num_features = int(nets.fid_net.num_features) if nets.fid_net is not None else 0
         self.pre = protocol.preprocess if protocol.preprocess and protocol.preprocess.crop else None
         if protocol.reference == "image-folder":
             self.reference_dir = Path(folder)
@@ -310,7 +312,9 @@ def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretr
     """Inception FID + open_clip score under `protocol` (default ``unpaired-folder`` on `reference_dir`;
     `images_dir` for a COCO protocol). `fid_net` overrides the Inception network (tests use random weights)."""
     protocol = protocol or PRESETS["unpaired-folder"]
-    if fid_net is None:
+    if fid_net is None and inception_dir is None and not protocol.measures_fid:
+        feature_id = feature_sha = None  # CLIP score only: no Inception to load
+    elif fid_net is None:
         if inception_dir is None:
             raise UserError("real-scale FID needs inception_dir = a folder with clean-fid's inception-2015-12-05.pt")
         fid_net = inception(inception_dir, device)
