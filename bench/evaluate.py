@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench import components, protocols, provenance, runner
+from bench import components, runner
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir
@@ -97,9 +97,14 @@ def read_cell(name: str, parts: list[Path]) -> Cell:
     seeds = sorted(int(png.stem) for png in (folders[0] / "samples").glob("*.png") if png.stem.isdigit())
     if not seeds:
         raise UserError(f"{folders[0] / 'samples'}: no <seed:04d>.png samples")
+    sizes: dict[tuple[int, int], Path] = {}
     for d in folders:
         for seed in seeds:
-            check_png(d / "samples" / f"{seed:04d}.png")
+            png = d / "samples" / f"{seed:04d}.png"
+            sizes.setdefault(check_png(png), png)
+    if len(sizes) > 1:
+        (a, first), (b, other) = list(sizes.items())[:2]
+        raise UserError(f"cell {name}: {other} is {b[0]}x{b[1]}, {first} is {a[0]}x{a[1]}; one cell's samples share a size")
     info_files = [part / "cell.json" for part in parts if (part / "cell.json").is_file()]
     info = json.loads(info_files[0].read_text()) if info_files else {}
     return Cell(name, prompts, folders, seeds, info)
@@ -124,13 +129,14 @@ def read_prompt(d: Path, cell: str, index: int) -> Prompt:
     return Prompt(f"{cell}-{index:05d}", rec["prompt"], meta=meta)
 
 
-def check_png(path: Path) -> None:
-    """A sample that exists and opens as an image; UserError naming it otherwise."""
+def check_png(path: Path) -> tuple[int, int]:
+    """A sample that exists and decodes as an image; its (width, height). UserError naming it otherwise."""
     if not path.is_file():
         raise UserError(f"{path.parent.parent}: no sample {path.name} (every prompt needs every seed's PNG)")
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()  # decodes every byte: a cut file fails here, not while measuring
+            return im.size
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"{path}: not a readable image ({type(e).__name__}); remove or re-save it") from None
 
@@ -141,10 +147,6 @@ def read_images(cell: Cell, indices: range, seed: int) -> torch.Tensor:
     for i in indices:
         with Image.open(cell.folders[i] / "samples" / f"{seed:04d}.png") as im:
             out.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
-    shapes = {a.shape for a in out}
-    if len(shapes) > 1:
-        raise UserError(f"cell {cell.name}: samples of different sizes ({sorted(shapes)[:2]}); one cell's samples share "
-                        "a size")
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
 
 
@@ -163,23 +165,15 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
     evaluators = components.load_evaluators(suite.evaluators, device, prompts)
     teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
     runner.check_teacher_reference(suite, prompts, evaluators, teacher, cache)
-    rd = RunDir(out)
-    rd.create(resume=False)
-    try:
+    with RunDir(out).staged() as rd:
         ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
-        config = {"suite": suite.to_dict(), "evaluated": [c.name for c in cells], "versions": provenance.versions(),
-                  "git": provenance.git_hash(), "device": device, "teacher": teacher,
-                  "evaluators": evaluators.identity(), "prompts": {"set": where, "n": len(prompts),
-                                                                   "sha256": prompts_sha256(prompts),
-                                                                   "file_sha256": None},
-                  "started": dt.datetime.now().isoformat(timespec="seconds"),
-                  "command": shlex.join(["flashbench", "evaluate", *map(str, folders)])}
+        identity = {"set": where, "n": len(prompts), "sha256": prompts_sha256(prompts), "file_sha256": None}
+        config = ctx.config_block(teacher, identity, evaluated=[c.name for c in cells],
+                                  started=dt.datetime.now().isoformat(timespec="seconds"),
+                                  command=shlex.join(["flashbench", "evaluate", *map(str, folders)]))
         rd.write_config(config)
         runner.measurement(ctx)
-        protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, teacher, device,
-                                       config["versions"].get("torchmetrics"),
-                                       evaluators.num_features if "fid" in suite.metrics else None,
-                                       protocols.resolve(suite.evaluators))
+        protocol = ctx.protocol_of(config)
         rows = []
         for cell in cells:
             meta = cell.info
@@ -199,6 +193,4 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
         rd.write_summary({"wall_seconds_this_session": round(time.time() - t0, 1), "cells": len(rows),
                           "finished": dt.datetime.now().isoformat(timespec="seconds")})
         tables.write_all(rd.path)
-    finally:
-        rd.unlock()
-    return rd.path
+    return Path(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench import components, protocols, provenance, runner
+from bench import components, runner
 from bench.metrics.cell import CellMetrics
 from bench.results import tables
 from bench.rundir import RunDir, load_rows, read_config
@@ -24,6 +24,27 @@ from bench.suite import Suite, from_dict
 from core.errors import UserError
 
 SAME = ("suite", "source_sha256", "prompts", "teacher", "evaluators")  # what makes shards one run
+# the libraries whose versions move a number (the platform string and others may differ between nodes)
+VERSIONS = ("python", "torch", "diffusers", "torchmetrics", "open_clip_torch", "numpy")
+
+
+def device_class(config: dict) -> str:
+    """A shard's device class: "cpu", or "cuda" with the GPU's name."""
+    device = str(config.get("device", "cpu")).split(":")[0]
+    return device if device == "cpu" else f"{device} ({config.get('gpu') or 'GPU not recorded'})"
+
+
+def check_students(runs: list[Path], shard_rows: list[list[dict]]) -> None:
+    """Every shard sampled each cell with the same student or checkpoint (sha256): shards that trained their own
+    (another cache, kernels that are not deterministic) are not one run. UserError naming the first cell that
+    differs."""
+    for i, first in enumerate(shard_rows[0]):
+        digests = {(rows[i].get("train") or {}).get("checkpoint_sha256") for rows in shard_rows}
+        digests.discard(None)
+        if len(digests) > 1:
+            raise UserError(f"cell {first['label']} (NFE {first['nfe']}) was sampled with {len(digests)} different "
+                            f"students across the shards ({', '.join(sorted(d[:12] for d in digests))}); run one shard "
+                            "to the end first and give the others its --cache, so that every shard loads that student")
 
 
 def check_shards(runs: list[Path]) -> tuple[list[dict], list[Path]]:
@@ -37,10 +58,19 @@ def check_shards(runs: list[Path]) -> tuple[list[dict], list[Path]]:
     got = [configs[k]["shard"] for k in order]
     if got != [[i, n] for i in range(n)]:
         raise UserError(f"merge needs shards 0..{n - 1} of {n} exactly once each; got {[f'{i}/{k}' for i, k in got]}")
+    first = configs[order[0]]
     for k in order:
         for key in SAME:
-            if configs[k].get(key) != configs[order[0]].get(key):
+            if configs[k].get(key) != first.get(key):
                 raise UserError(f"{runs[k]} differs from {runs[order[0]]} in {key}; shards of one run share it")
+        libs = [v for v in VERSIONS if configs[k].get("versions", {}).get(v) != first.get("versions", {}).get(v)]
+        if libs:
+            v = libs[0]
+            raise UserError(f"{runs[k]} was made with {v} {configs[k]['versions'].get(v)}, {runs[order[0]]} with "
+                            f"{first['versions'].get(v)}; shards of one run share the library versions")
+        if device_class(configs[k]) != device_class(first):
+            raise UserError(f"{runs[k]} ran on {device_class(configs[k])}, {runs[order[0]]} on {device_class(first)}; "
+                            "shards of one run share the device class")
     if configs[order[0]]["source_sha256"] != source_hash():
         raise UserError("the shards were made by other code than this flashbench (numeric source "
                         f"{configs[order[0]]['source_sha256']}, here {source_hash()}); merge with the code that made them")
@@ -58,31 +88,30 @@ def merge(runs: list[Path], out: Path, cache: Path | None = None, device: str = 
         have = {runner.cell_key(x["label"], x["nfe"], x["seed"], x.get("train_seed")) for x in rows}
         if have != set(keys):
             raise UserError(f"{r} has other cells than {runs[0]} (an unfinished shard? resume it first)")
+    check_students(runs, shard_rows)
     prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
     evaluators = components.load_evaluators(suite.evaluators, device, prompts)
     runner.check_teacher_reference(suite, prompts, evaluators, configs[0]["teacher"], cache)
-    rd = RunDir(out)
-    rd.create(resume=False)
-    try:
+    shard_dirs = [RunDir(r) for r in runs]
+    for key in keys:  # every shard's values, read before anything is written (a cut or missing file is named)
+        for d in shard_dirs:
+            d.check_values(key)
+    with RunDir(out).staged() as rd:
         ctx = runner.RunContext.scoring(suite, rd, prompts, evaluators, out, device, cache)
         config = {k: v for k, v in configs[0].items() if k not in ("shard", "started", "command", "resumed")}
         config.update(merged_from=[r.name for r in runs], started=dt.datetime.now().isoformat(timespec="seconds"),
-                      command=f"flashbench merge {' '.join(r.name for r in runs)}")
+                      command=f"flashbench merge {' '.join(r.name for r in runs)}",
+                      shard_versions=[c["versions"] for c in configs])
         rd.write_config(config)
         runner.measurement(ctx)
-        protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
-                                       config["device"], config["versions"].get("torchmetrics"),
-                                       evaluators.num_features if "fid" in suite.metrics else None,
-                                       protocols.resolve(suite.evaluators))
-        rows = [merge_cell(ctx, [rows[i] for rows in shard_rows], [RunDir(r) for r in runs], key, protocol)
+        protocol = ctx.protocol_of(config)
+        rows = [merge_cell(ctx, [rows[i] for rows in shard_rows], shard_dirs, key, protocol)
                 for i, key in enumerate(keys)]
         rd.write_rows(rows)
         rd.write_summary({"wall_seconds_this_session": round(time.time() - t0, 1), "cells": len(rows),
                           "merged_shards": len(runs), "finished": dt.datetime.now().isoformat(timespec="seconds")})
         tables.write_all(rd.path)
-    finally:
-        rd.unlock()
-    return rd.path
+    return Path(out)
 
 
 def merge_cell(ctx: runner.RunContext, parts: list[dict], shard_dirs: list[RunDir], key: str, protocol: dict) -> dict:

@@ -15,9 +15,11 @@ killed run keeps every finished cell and ``--resume`` continues from them.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 
 from core import io
@@ -71,7 +73,15 @@ class RunDir:
         return self.path / RESULTS_FILE
 
     def check_new(self, resume: bool) -> None:
-        """UserError when a new run would overwrite a run, or a resume names something that is not one."""
+        """UserError when a new run would overwrite a run, or a resume names something that is not one, or the path
+        cannot hold a run (a file, a dangling link, under a file)."""
+        if self.path.is_symlink() and not self.path.exists():
+            raise UserError(f"--out {self.path} is a dangling symbolic link; remove it or choose another folder")
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"--out {self.path} is a file, not a folder; choose a folder path for the run")
+        blocked = next((a for a in self.path.parents if a.exists() and not a.is_dir()), None)
+        if blocked is not None:
+            raise UserError(f"--out {self.path} lies under {blocked}, which is a file; choose a folder path for the run")
         if self.path.exists() and not resume and any(self.path.iterdir()):
             raise UserError(f"run directory {self.path} already exists; choose a new --out, or --resume it")
         if resume and not (self.path / CONFIG_FILE).exists():
@@ -95,6 +105,33 @@ class RunDir:
         f.write(f"{os.getpid()}\n")
         f.flush()
         self._lock = f
+
+    @contextlib.contextmanager
+    def staged(self):
+        """A new run written whole or not at all (``merge``, ``evaluate``): yields a RunDir for a hidden sibling
+        ``.<name>.partial`` and renames it to this path when the block completes. A failure removes it; a killed
+        process leaves it, and the next attempt at the same path clears it (unless a live process holds its lock),
+        so a failed or killed merge can simply be run again. UserError when this path cannot take a new run."""
+        self.check_new(False)
+        stage = RunDir(self.path.parent / f".{self.path.name}.partial")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if stage.path.exists():
+            stage.lock()  # refuses while another process writes it; a dead one's lock is gone
+            stage.unlock()
+            shutil.rmtree(stage.path)
+        stage.path.mkdir()
+        stage.lock()
+        try:
+            yield stage
+        except BaseException:
+            stage.unlock()
+            shutil.rmtree(stage.path, ignore_errors=True)
+            raise
+        stage.unlock()
+        (stage.path / ".lock").unlink(missing_ok=True)
+        if self.path.exists():  # an empty folder given as --out
+            self.path.rmdir()
+        stage.path.rename(self.path)
 
     def unlock(self) -> None:
         if self._lock is not None:
@@ -140,6 +177,21 @@ class RunDir:
         if grid is not None:
             tensors["grid"] = grid
         io.save_tensors(self.values_path(key), tensors, {"parts": len(values), "start": start})
+
+    def check_values(self, key: str) -> None:
+        """UserError (one line) naming a cell's values file when it is missing or cannot be read whole."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.values_path(key)
+        if not path.is_file():
+            raise UserError(f"{path}: missing; the shard {self.path.name} did not finish cell {key} (resume it)")
+        try:
+            if not any(k.startswith("part") for k in load_file(str(path))):
+                raise ValueError("no values")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise UserError(f"{path}: cannot be read ({type(e).__name__}: a cut or corrupt copy?); copy the shard's "
+                            "values again, or re-run that shard") from None
 
     def read_values(self, key: str) -> tuple[list, object]:
         """(the parts' values, the grid images or None) that ``write_values`` stored for a cell."""

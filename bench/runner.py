@@ -136,6 +136,24 @@ class RunContext:
             self.methods[key] = registry.get(entry.name)(self.backbone, entry.config, ctx)
         return self.methods[key]
 
+    def config_block(self, teacher: dict, prompts: dict, **extra) -> dict:
+        """The config.json fields that say what made a run directory's numbers — the suite, code, versions, device,
+        teacher, evaluators and prompts — built here once for `run`, `merge` and `evaluate`; `extra` adds the rest."""
+        device = str(self.opts.device)
+        return {"suite": self.suite.to_dict(), "versions": provenance.versions(), "git": provenance.git_hash(),
+                "source_sha256": source_hash(), "device": device,
+                "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
+                "threads": torch.get_num_threads(), "teacher": teacher, "evaluators": self.evaluators.identity(),
+                "prompts": prompts, **extra}
+
+    def protocol_of(self, config: dict) -> dict:
+        """Every row's protocol (``provenance.protocol``) from a config block and this context's FID reference."""
+        suite = self.suite
+        return provenance.protocol(config["prompts"], config["evaluators"], self.reference, config["teacher"],
+                                   config["device"], config["versions"].get("torchmetrics"),
+                                   self.evaluators.num_features if "fid" in suite.metrics else None,
+                                   protocols.resolve(suite.evaluators))
+
     def release(self, entry: Entry) -> None:
         """Drop an entry's method and its networks (after its last cell): each row's memory is its own."""
         method = self.methods.pop(entry_key(entry), None)
@@ -292,23 +310,9 @@ def start(ctx: RunContext, truncated: dict) -> None:
     old = rd.config() if opts.resume else None
     # the cache location is a machine path: kept in a hidden local file (never in results) for --resume
     ctx.cache = Path(opts.cache or (rd.remembered_cache() if opts.resume else None) or default_cache())
-    config = {
-        "suite": suite.to_dict(),
-        "versions": provenance.versions(),
-        "git": provenance.git_hash(),
-        "source_sha256": source_hash(),
-        "device": opts.device,
-        "gpu": torch.cuda.get_device_name(opts.device) if str(opts.device).startswith("cuda") else None,
-        "threads": torch.get_num_threads(),
-        "teacher": ctx.backbone.identity(),
-        "evaluators": ctx.evaluators.identity(),
-        "prompts": prompt_identity(suite.prompts, ctx.prompts),
-        "truncated": truncated,
-        "processes": d.world,
-        "study": opts.study,
-        "shard": list(opts.shard) if opts.shard else None,
-        "save_samples": opts.save_samples,
-    }
+    config = ctx.config_block(ctx.backbone.identity(), prompt_identity(suite.prompts, ctx.prompts), truncated=truncated,
+                              processes=d.world, study=opts.study, shard=list(opts.shard) if opts.shard else None,
+                              save_samples=opts.save_samples)
     if old is not None:
         if old["suite"] != config["suite"]:
             raise UserError(f"cannot resume {rd.path}: its suite differs from the one given (run it with the original suite)")
@@ -332,10 +336,7 @@ def start(ctx: RunContext, truncated: dict) -> None:
         elif opts.shard[0] == 0 and teacher_referenced(suite):  # ... which finds the teacher's samples in the cache
             teacher_reference(ctx)
     if d.main:
-        ctx.protocol = provenance.protocol(config["prompts"], config["evaluators"], ctx.reference, config["teacher"],
-                                           opts.device, config["versions"].get("torchmetrics"),
-                                           ctx.evaluators.num_features if "fid" in suite.metrics else None,
-                                           protocols.resolve(suite.evaluators))
+        ctx.protocol = ctx.protocol_of(config)
     d.barrier()
 
 

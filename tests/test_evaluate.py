@@ -66,6 +66,7 @@ def test_every_shards_samples_together_equal_the_whole_run(runs):
     ("truncated-png", "not a readable image"),
     ("missing-png", "no sample 0000.png"),
     ("bad-metadata", "expected one JSON object"),
+    ("odd-size", "is 32x32, .* is 16x16; one cell's samples share a size"),
 ])
 def test_samples_that_do_not_fit_are_refused_before_out_exists(runs, tmp_path, damage, match):
     d = runs
@@ -82,9 +83,33 @@ def test_samples_that_do_not_fit_are_refused_before_out_exists(runs, tmp_path, d
         png.write_bytes(png.read_bytes()[:40])
     elif damage == "missing-png":
         (cell / "00002/samples/0000.png").unlink()
+    elif damage == "odd-size":
+        from PIL import Image
+
+        png = cell / "00002/samples/0000.png"
+        Image.open(png).resize((32, 32)).save(png)
     else:
         (cell / "00001/metadata.jsonl").write_text("{not json\n")
     code, err = flashbench_in_process("evaluate", *folders, d / "suite.toml", "--out", tmp_path / "out", cwd=tmp_path)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(match, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stray_png_is_ignored_and_a_mended_folder_scores_into_the_same_out(runs, tmp_path):
+    """An editor's backup copy beside a sample is not a seed; after a refusal, fixing the input and running the same
+    command again writes the run (nothing was left at --out)."""
+    d = runs
+    shutil.copytree(d / "whole/samples", tmp_path / "s")
+    cell = tmp_path / "s" / "teacher-ddim_nfe2"
+    shutil.copy(cell / "00000/samples/0000.png", cell / "00000/samples/0000 (copy).png")
+    good = (cell / "00003/samples/0000.png").read_bytes()
+    (cell / "00003/samples/0000.png").write_bytes(good[:60])
+    args = ("evaluate", tmp_path / "s", d / "suite.toml", "--out", tmp_path / "out")
+    code, err = flashbench_in_process(*args, cwd=tmp_path)
+    assert code == 2 and not (tmp_path / "out").exists()
+    (cell / "00003/samples/0000.png").write_bytes(good)
+    code, err = flashbench_in_process(*args, cwd=tmp_path)
+    assert code == 0, err
+    (row,) = [json.loads(x) for x in (tmp_path / "out/results.jsonl").read_text().splitlines()]
+    assert row["n_samples"] == 10 and row["seed"] == 0
