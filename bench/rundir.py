@@ -75,8 +75,10 @@ class RunDir:
     def check_new(self, resume: bool) -> None:
         """UserError when a new run would overwrite a run, or a resume names something that is not one, or the path
         cannot hold a run (a file, a dangling link, under a file)."""
-        if self.path.is_symlink() and not self.path.exists():
-            raise UserError(f"--out {self.path} is a dangling symbolic link; remove it or choose another folder")
+        dangling = next((a for a in (self.path, *self.path.parents) if a.is_symlink() and not a.exists()), None)
+        if dangling is not None:
+            raise UserError(f"--out {self.path}: {dangling} is a dangling symbolic link (its target is gone); remove it, "
+                            "recreate its target, or choose another folder")
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"--out {self.path} is a file, not a folder; choose a folder path for the run")
         blocked = next((a for a in self.path.parents if a.exists() and not a.is_dir()), None)

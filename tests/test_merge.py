@@ -97,11 +97,12 @@ def test_a_killed_or_failed_merge_is_run_again_into_the_same_out(shards, tmp_pat
     assert code == 2 and "already exists" in err
 
 
-@pytest.mark.parametrize("out", ["a-file", "dangling-link", "under-a-file"])
+@pytest.mark.parametrize("out", ["a-file", "dangling-link", "under-a-file", "under-a-dangling-link"])
 def test_out_that_cannot_be_a_run_directory_is_one_line(shards, tmp_path, out):
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "dangling-link").symlink_to(tmp_path / "nowhere")
-    target = tmp_path / "a-file" / "run" if out == "under-a-file" else tmp_path / out
+    target = {"under-a-file": tmp_path / "a-file" / "run",
+              "under-a-dangling-link": tmp_path / "dangling-link" / "run"}.get(out, tmp_path / out)
     for args in (["run", shards / "suite.toml", "--out", target, "--no-progress"],
                  ["merge", shards / "s0", shards / "s1", "--out", target]):
         code, err = flashbench_in_process(*args, cwd=tmp_path)
