@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import re
 import unicodedata
@@ -144,22 +145,39 @@ def split_tsv_line(line: str) -> list[str]:
         return line.split("\t")
 
 
+def tsv_rows(text: str) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of a TSV text. The whole text is read as CSV first, so a field a spreadsheet or pandas
+    quoted because it holds tabs, quotes or line breaks is one field; a text that is not valid quoted TSV (the
+    original PartiPrompts' `"G I G G L E" painted ...`) is split line by line (``split_tsv_line``)."""
+    try:
+        reader = csv.reader(io.StringIO(text), delimiter="\t", strict=True)
+        rows, start = [], 1
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+        return rows
+    except csv.Error:
+        return [(n, split_tsv_line(line) if line else []) for n, line in enumerate(text.split("\n"), 1)]
+
+
 def load_partiprompts(path: Path) -> list[Prompt]:
-    rows = [split_tsv_line(line) if line else [] for line in _read_text(path).split("\n")]
-    while rows and not rows[-1]:
+    rows = tsv_rows(_read_text(path))
+    while rows and not rows[-1][1]:
         rows.pop()
     header = ["Prompt", "Category", "Challenge", "Note"]
-    if not rows or rows[0][: len(header)] != header:
+    if rows and rows[0][1][:1] == [""] and rows[0][1][1:5] == header:  # pandas' index column (to_csv(index=True))
+        rows = [(n, row[1:]) for n, row in rows]
+    if not rows or rows[0][1][: len(header)] != header:
         raise PromptFileError(f"{path.name}:1: expected the PartiPrompts header {' / '.join(header)} (tab-separated)")
     out = []
-    for n, row in enumerate(rows[1:], 2):
+    for k, (n, row) in enumerate(rows[1:], 1):
         if not row:
             continue
         where = f"{path.name}:{n}"
         if len(row) != len(header):
             raise PromptFileError(f"{where}: expected {len(header)} tab-separated fields, got {len(row)}")
         meta = (("category", row[1]), ("challenge", row[2]))
-        out.append(Prompt(f"parti-{n - 1:05d}", _check_text(row[0], where), meta=meta))
+        out.append(Prompt(f"parti-{k:05d}", _check_text(row[0], where), meta=meta))
     return out
 
 

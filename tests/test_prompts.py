@@ -69,3 +69,21 @@ def test_shapes_jsonl_roundtrip(tmp_path):
     f.write_text("".join(json.dumps({"id": p.id, "text": p.text, "scene_seed": p.scene_seed,
                                      "objects": [o.__dict__ for o in p.objects]}) + "\n" for p in ev))
     assert load_prompts(f) == ev
+
+
+def test_a_tsv_written_by_pandas_with_tabs_quotes_and_line_breaks_in_prompts(tmp_path):
+    """pandas quotes a field holding a tab, a quote or a line break, across lines; with or without its index column,
+    each prompt is one prompt (its line break and tab read as spaces), and ids count records, not lines."""
+    import pandas as pd
+
+    from prompts import load_prompts
+
+    texts = ['a "quoted" cat', "two\tparts", "line one\nline two", "plain"]
+    df = pd.DataFrame({"Prompt": texts, "Category": ["A"] * 4, "Challenge": ["B"] * 4, "Note": [""] * 4})
+    for index in (False, True):
+        path = tmp_path / f"parti-{index}.tsv"
+        df.to_csv(path, sep="\t", index=index)
+        got = load_prompts(path)
+        assert [p.text for p in got] == ['a "quoted" cat', "two parts", "line one line two", "plain"]
+        assert [p.id for p in got] == [f"parti-{k:05d}" for k in range(1, 5)]
+        assert got[2].meta == (("category", "A"), ("challenge", "B"))
