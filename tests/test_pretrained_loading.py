@@ -219,3 +219,17 @@ def test_a_flow_transformer_state_dict_loads_as_a_single_file(tmp_path):
     out = m.sample(TEXTS, KEYS, 2)
     assert out.shape == (2, 3, 16, 16)
     assert all(torch.equal(m.denoiser.net.net.transformer.state_dict()[k], v) for k, v in tf.state_dict().items())
+
+
+def test_a_checkpoint_folder_holding_only_its_fp16_variant_loads(sdxl, tmp_path):
+    """A published UNet folder with only ``diffusion_pytorch_model.fp16.safetensors`` (no plain weights) loads as that
+    variant, in the backbone's dtype, and its file's sha256 is recorded."""
+    unet = perturbed(sdxl.new_net())
+    unet.to(torch.float16).save_pretrained(tmp_path / "lcm-like", variant="fp16", safe_serialization=True)
+    files = sorted(p.name for p in (tmp_path / "lcm-like").iterdir())
+    assert files == ["config.json", "diffusion_pytorch_model.fp16.safetensors"]
+    m = pretrained(sdxl, tmp_path, kind="unet", scheduler="euler", path=str(tmp_path / "lcm-like"),
+                   resolution=sdxl.resolution)
+    images = m.sample(TEXTS, KEYS, 2)
+    assert torch.isfinite(images).all() and m.info.checkpoint_sha256
+    assert all(p.dtype == sdxl.dtype for p in m.denoiser.net.net.parameters())
