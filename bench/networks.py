@@ -5,8 +5,8 @@ An ``Arch`` is a pipeline's component configs as diffusers / transformers read t
 parameter figure per network) or a user's local diffusers directory (``arch_from_directory``: ``unet/`` or
 ``transformer/``, ``text_encoder*/``, ``vae/`` config.json; no weights are read). ``build`` instantiates a
 component on the meta device (no memory, no initialisation cost), and the ``*_call`` functions run one
-forward with inputs of the shapes the bench's backbones give it (``methods.diffusers_backbone``,
-``methods.flow_backbone``), created inside the call so that ``bench.memtrack.measure`` counts them.
+forward with inputs of the shapes the bench's backbones give it (``methods.backbones.sd`` / ``sdxl``,
+``methods.backbones.flow``), created inside the call so that ``bench.memtrack.measure`` counts them.
 
 Shapes: denoiser latents [B, C, R/8, R/8] (R the resolution in pixels; FLUX packs 2×2 patches into tokens as
 ``FlowNet``), text states [B, 77, D] (SD/SDXL), [B, 77 + L, 4096] (SD3, L T5 tokens) or [B, L, 4096] (FLUX),
@@ -290,7 +290,7 @@ def vae_modes(vae: torch.nn.Module, slicing: bool, tiling: bool) -> None:
 
 
 def decode_call(arch: Arch, vae: torch.nn.Module, batch: int, resolution: int | None = None) -> torch.Tensor:
-    """``methods.diffusers_backbone.decode_latents``: latents [B, C, h, w] -> float32 images in [0, 1]."""
+    """``methods.backbones.directory.decode_latents``: latents [B, C, h, w] -> float32 images in [0, 1]."""
     c, s = arch.latent(resolution)
     z = _meta(batch, c, s, s)
     img = vae.decode(z.to(_param_dtype(vae))).sample
@@ -298,7 +298,7 @@ def decode_call(arch: Arch, vae: torch.nn.Module, batch: int, resolution: int | 
 
 
 def encode_call(arch: Arch, vae: torch.nn.Module, batch: int, resolution: int | None = None) -> torch.Tensor:
-    """``methods.diffusers_backbone.encode_images``: float32 images [B, 3, R, R] -> latents (the posterior mean)."""
+    """``methods.backbones.directory.encode_images``: float32 images [B, 3, R, R] -> latents (the posterior mean)."""
     r = int(resolution or arch.resolution)
     x = (_meta(batch, 3, r, r) * 2.0 - 1.0).to(_param_dtype(vae))
     return vae.encode(x).latent_dist.mean.float()
