@@ -111,19 +111,21 @@ def _lora_rank(cfg, denoiser_params: int) -> int:
 
 def _training(lab: Sizes, cfg, step: str, w_dim: int = 0, ema: bool = False, fake: bool = False, disc: bool = False,
               **kw) -> Training:
-    """A Training whose state follows methods.student.prepare: the student a fp32 copy (`.float()`, LoRA adapters on
-    a frozen fp32 base), AdamW (two fp32 states) on what trains; an EMA is a deepcopy of the student (methods.training
-    .EMA); a fake score a trainable copy in the backbone dtype with AdamW states in that dtype (methods.dmd2); the
-    discriminator's heads fp32 with AdamW and gradients (methods.discriminator)."""
+    """A Training whose state follows methods.student.prepare: the student a fp32 copy (`.float()`), or with LoRA a
+    frozen base in the backbone dtype with fp32 adapters (and w-embedding); AdamW (two fp32 states) on what trains; an
+    EMA is a deepcopy of the student (methods.training.EMA); a fake score a trainable copy in the backbone dtype with
+    AdamW states in that dtype (methods.dmd2); the discriminator's heads fp32 with AdamW and gradients
+    (methods.discriminator)."""
     p = lab.params("denoiser")
     rank = _lora_rank(cfg, p)
     w = lab.w_params(w_dim) if w_dim else 0
     lora = lab.lora_params(rank) if rank else 0
     trainable = (lora + w) if rank else (p + w)
-    student = p + lora + w
-    state = [("student fp32 masters", 4 * student), ("AdamW states (2 × fp32)", 8 * trainable)]
+    student_bytes = (BYTES[lab.dtype] * p + 4 * trainable) if rank else 4 * (p + w)
+    name = f"student ({lab.dtype} base, fp32 adapters)" if rank else "student fp32 masters"
+    state = [(name, student_bytes), ("AdamW states (2 × fp32)", 8 * trainable)]
     if ema:
-        state.append(("EMA copy (fp32)", 4 * student))
+        state.append(("EMA copy", student_bytes))
     if fake:
         b = BYTES[lab.dtype]
         state.append((f"fake score ({lab.dtype}) + AdamW states", 3 * b * p))

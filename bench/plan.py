@@ -260,14 +260,17 @@ class Lab:
         return None if self.setup.dtype == "fp32" else N.DTYPES[self.setup.dtype]
 
     def student(self, rank: int) -> torch.nn.Module:
-        """The student being trained: a fp32 copy of the denoiser (`.float()`), with rank-`rank` LoRA adapters (peft)
-        on a frozen base, or all of it trainable (rank 0). Built once per rank."""
+        """The student being trained, as methods.student.prepare makes it: all of it a trainable fp32 copy of the
+        denoiser (rank 0), or rank-`rank` LoRA adapters (peft) in fp32 on a frozen base in the backbone dtype. Built
+        once per rank."""
         def build():
-            net = N.build(self.arch.denoiser, torch.float32)
-            if rank:
-                N.add_lora(net, rank)
-            else:
-                net.requires_grad_(True)
+            if not rank:
+                return N.build(self.arch.denoiser, torch.float32).requires_grad_(True)
+            net = N.build(self.arch.denoiser, N.DTYPES[self.setup.dtype])
+            N.add_lora(net, rank)
+            for param in net.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
             return net
         return self._cached(("student", rank), build)
 

@@ -209,10 +209,17 @@ class DistilledMethod(Method):
         if grid in self.students:
             return self.train_info[grid]
         bb = self.backbone
-        # a student trains in fp32 master weights, under autocast to the teacher's dtype when that is lower
-        net = bb.new_net(self.w_dim).float()
+        # a student trains in fp32 master weights, under autocast to the teacher's dtype when that is lower; with LoRA
+        # only what trains is fp32 (the adapters, a w-embedding) and the frozen base stays in the teacher's dtype, as
+        # diffusers' LCM-LoRA scripts keep it (a fp32 copy of a 12B base would not fit an 80 GB GPU)
+        net = bb.new_net(self.w_dim)
         if self.lora_rank():
-            add_lora(net, self.lora_rank())
+            add_lora(net.to(bb.dtype), self.lora_rank())
+            for param in net.parameters():
+                if param.requires_grad:
+                    param.data = param.data.float()
+        else:
+            net = net.float()
         if self.config.gradient_checkpointing:
             net.enable_gradient_checkpointing()
 

@@ -241,3 +241,24 @@ def test_a_student_in_a_bf16_region_sees_every_update():
         a.sum().backward()
         opt.step()
         assert torch.equal(a, net(x))
+
+
+def test_a_lora_student_keeps_its_frozen_base_in_the_teachers_dtype(dirs, tmp_path, monkeypatch):
+    """With LoRA only what trains is fp32 (the adapters; LCM's w-embedding): the frozen base stays bf16 on a bf16
+    teacher, as diffusers' LCM-LoRA scripts keep it (a fp32 copy of a 12 B base does not fit an 80 GB GPU)."""
+    bb = backbones.load_dir(dirs["sd"], dtype="bf16", train_data=dirs["data"], train_workers=0)
+    cls = base.get("lcm")
+    m = cls(bb, cls.make_config({**cls.smoke_settings(), "lora_rank": 2}), base.Context(tmp_path, progress=False))
+    seen, train = {}, m.train_student
+
+    def spy(net, grid, ckpt):
+        seen.update({n: (p.dtype, p.requires_grad) for n, p in net.named_parameters()})
+        return train(net, grid, ckpt)
+
+    monkeypatch.setattr(m, "train_student", spy)
+    m.prepare(1)
+    frozen = [v for n, v in seen.items() if "lora_" not in n and "cond_proj" not in n]
+    trained = [v for n, v in seen.items() if "lora_" in n or "cond_proj" in n]
+    assert frozen and set(frozen) == {(torch.bfloat16, False)}
+    assert trained and set(trained) == {(torch.float32, True)}
+    assert all(p.dtype == torch.bfloat16 for n in m.networks() for p in n.parameters())  # it samples in bf16

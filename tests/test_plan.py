@@ -304,7 +304,7 @@ def test_footprints_follow_the_methods(sd15_lab):
     """LoRA above the threshold (SD1.5's 860 M), fp32 masters and an EMA for LCM, a fake score for DMD2, a checkpoint
     in the backbone's dtype at its recipe's resolution, every student kept (imagine-flash: one per step count)."""
     lcm = footprint(sd15_lab, Entry("lcm")).training
-    assert lcm.student == "lora" and lcm.rank == 64 and [s for s, _ in lcm.state][2] == "EMA copy (fp32)"
+    assert lcm.student == "lora" and lcm.rank == 64 and [s for s, _ in lcm.state][2] == "EMA copy"
     assert footprint(sd15_lab, Entry("lcm", {"lora_rank": 0})).training.student == "full"
     assert footprint(sd15_lab, Entry("dmd2")).training.fake
     assert footprint(sd15_lab, Entry("pretrained", {"path": "dir"})).kept[0].dtype == "bf16"
