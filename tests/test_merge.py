@@ -7,20 +7,8 @@ import shutil
 import pytest
 
 from tests.test_cli import flashbench_in_process
+from tests.test_evaluate import SUITE  # the tiny teacher suite shards are cut from
 
-SUITE = """
-name = "tiny"
-prompts = "shapes-eval"
-samples = 8
-seeds = [0]
-batch_size = 8
-metrics = ["clip_score", "accuracy"]
-[[methods]]
-name = "teacher"
-label = "teacher-ddim"
-steps = [1]
-settings = { solver = "ddim" }
-"""
 
 
 @pytest.fixture(scope="module")
