@@ -110,11 +110,6 @@ def settings(spec: dict, where: str = "[backbone]"):
     return cls, coerce_config(cls.Settings, given, f"{where} ({cls.family})")
 
 
-def setting_names() -> dict[str, set[str]]:
-    """family -> the [backbone] keys its Settings takes (for error messages and docs)."""
-    return {name: {f.name for f in dataclasses.fields(get(name).Settings)} for name in names()}
-
-
 def load(spec: dict, device: str = "cpu"):
     """The backbone a ``[backbone]`` table of kind "diffusers" names, loaded on `device` (UserError on bad input)."""
     cls, s = settings(spec)
