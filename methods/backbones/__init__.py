@@ -11,7 +11,6 @@ it is used. Adding a family is one file here.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import json
