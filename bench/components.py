@@ -53,37 +53,15 @@ def suite_prompts(spec: str, samples: int, evaluators: dict | None = None) -> li
     return prompts[:samples]
 
 
-def _ids(prompts: list, k: int = 5) -> str:
-    ids = [p.id for p in prompts]
-    return ", ".join(ids[:k]) + (f" and {len(ids) - k} more" if len(ids) > k else "")
-
 
 def check_metrics(metrics: list[str], prompts: list, spec: str, evaluators: str) -> None:
-    """Every metric the suite asks for can be measured on these prompts, or a UserError says why not.
+    """Every metric the suite asks for can be measured on these prompts (each metric's own ``check``), or a one-line
+    UserError says why not and what would do. A metric is never dropped silently."""
+    from bench.metrics import registry
 
-    FID needs >= 2 samples, and in the embedded world a ground-truth scene per prompt (its real
-    renders are the reference); accuracy needs the embedded world's attribute evaluator and each
-    prompt's ground-truth objects. A metric is never dropped silently.
-    """
-    n = len(prompts)
-    if "fid" in metrics:
-        if n < 2:
-            raise UserError(f"FID needs at least 2 samples (a covariance); samples = {n}: give --samples 2 or more, "
-                            "or remove \"fid\" from metrics")
-        lacking = [p for p in prompts if p.scene_seed is None or p.objects is None]
-        if evaluators == "shapes" and lacking:
-            raise UserError(f"fid in the embedded world compares with real renders of each prompt's scene, and "
-                            f"{len(lacking)} of {n} prompts of {spec!r} have no ground-truth scene ({_ids(lacking)}); "
-                            "use a shapes prompt set (shapes-eval, shapes-val) or remove \"fid\" from metrics")
-    if "accuracy" in metrics:
-        if evaluators != "shapes":
-            raise UserError("accuracy needs the embedded world's attribute evaluator ([evaluators] kind = \"shapes\"); "
-                            "remove \"accuracy\" from metrics at real scale")
-        lacking = [p for p in prompts if p.objects is None]
-        if lacking:
-            raise UserError(f"accuracy needs each prompt's ground-truth objects, and {len(lacking)} of {n} prompts of "
-                            f"{spec!r} have none ({_ids(lacking)}): write them in the shapes grammar (\"a large red "
-                            "circle at the top left\") or remove \"accuracy\" from metrics")
+    for name in metrics:
+        if name in registry.declared():
+            registry.get(name).check(prompts, spec, evaluators)
 
 
 def quiet_libraries() -> None:

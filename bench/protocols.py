@@ -136,8 +136,9 @@ def resolve(spec: dict) -> Protocol:
 def check_suite(spec: dict, prompts: str | None, metrics: list[str], labels: list[str], where: str) -> Protocol:
     """The protocol of a suite's ``[evaluators]`` when its inputs fit, else a one-line UserError saying what would.
 
-    `prompts`: the suite's ``prompts`` as written (None when absent); `metrics`: its metrics; `labels`: its method
-    labels (``reference_method`` must name one). Files are checked later, when they are read (``bench.components``).
+    `prompts`: the suite's ``prompts`` as written (None when absent); `metrics`: its metrics that need a set of real
+    images to compare with (FID, ...: ``bench.metrics.registry.needs``); `labels`: its method labels
+    (``reference_method`` must name one). Files are checked later, when they are read (``bench.components``).
     """
     p = resolve(spec)
     at = f"{where}: [evaluators] protocol = {p.name!r}"
@@ -155,9 +156,9 @@ def check_suite(spec: dict, prompts: str | None, metrics: list[str], labels: lis
                         f"remove prompts = {prompts!r}")
     if p.prompts == "partiprompts" and not str(prompts or "").endswith(".tsv"):
         raise UserError(f"{at} needs prompts = a PartiPrompts .tsv file, got {prompts!r}")
-    if "fid" in metrics and not p.measures_fid:
-        raise UserError(f"{at} has no FID reference (no real images for its prompts); remove \"fid\" from metrics "
-                        "or use protocol = \"teacher-fid\"")
+    if metrics and not p.measures_fid:
+        raise UserError(f"{at} has no FID reference (no real images for its prompts); remove "
+                        f"{', '.join(repr(m) for m in metrics)} from metrics or use protocol = \"teacher-fid\"")
     if p.reference == "teacher-samples":
         if spec["reference_method"] not in labels:
             raise unknown(f"reference_method (a [[methods]] label) in {where}", spec["reference_method"], labels)

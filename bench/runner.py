@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from bench import components, latency, protocols, provenance
 from bench.dist import Dist
+from bench.metrics import registry as metric_registry
 from bench.metrics.cell import CellMetrics, to_8bit
 from bench.metrics.fid import cached_reference, reference_cached
 from bench.results import tables
@@ -151,7 +152,7 @@ class RunContext:
         suite = self.suite
         return provenance.protocol(config["prompts"], config["evaluators"], self.reference, config["teacher"],
                                    config["device"], config["versions"].get("torchmetrics"),
-                                   self.evaluators.num_features if "fid" in suite.metrics else None,
+                                   self.evaluators.num_features if metric_registry.needs(suite.metrics, "reference") else None,
                                    protocols.resolve(suite.evaluators))
 
     def release(self, entry: Entry) -> None:
@@ -343,7 +344,7 @@ def start(ctx: RunContext, truncated: dict) -> None:
 def measurement(ctx: RunContext) -> None:
     """The FID reference (cached by content hash) and the real-vs-real floor, when the suite measures FID: the
     evaluators' (renders, an image folder, the drawn COCO images) or, for ``teacher-fid``, the teacher's samples."""
-    if "fid" in ctx.suite.metrics:
+    if metric_registry.needs(ctx.suite.metrics, "reference"):
         if teacher_referenced(ctx.suite):
             ctx.reference = teacher_reference(ctx)
         else:
@@ -357,7 +358,8 @@ def measurement(ctx: RunContext) -> None:
 
 def teacher_referenced(suite: Suite) -> bool:
     """Whether the suite's FID reference is the teacher's own samples (protocol ``teacher-fid``)."""
-    return "fid" in suite.metrics and protocols.resolve(suite.evaluators).reference == "teacher-samples"
+    return (metric_registry.needs(suite.metrics, "reference")
+            and protocols.resolve(suite.evaluators).reference == "teacher-samples")
 
 
 def teacher_reference_key(spec: dict, teacher: dict, prompts: list, evaluators: dict) -> tuple[str, dict]:
@@ -485,7 +487,7 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     processes), this process's images among the first ``suite.grid`` prompts, and timings (s).
     """
     suite, d = ctx.suite, ctx.dist
-    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, fid="fid" in suite.metrics)
+    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, suite.metrics)
     part = d.shard(len(ctx.sample_range))
     mine = ctx.sample_range[part.start : part.stop]  # this process's prompt indices
     want_grid = cell.seed == suite.seeds[0] and cell.entry.train_seed in (None, suite_first_train_seed(suite))

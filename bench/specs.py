@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +15,7 @@ class MetricSpec:
     key: str  # the results-row field
     header: str  # column header in the tables
     decimals: int
-    direction: str | None  # "lower" or "higher" is better; None: descriptive (colour statistics)
+    direction: str | None = None  # "lower" or "higher" is better; None: descriptive (colour statistics)
     show_ci: bool = False  # the main tables print "value [low, high]"
     gate_floor: float | None = None  # the regression gate's minimum tolerance (None: not gated)
     title: str = ""  # a plot's title
@@ -24,19 +25,19 @@ class MetricSpec:
         return self.direction == "lower"
 
 
+def metric_columns() -> list[dict]:
+    """Every registered metric's columns (``bench.metrics.registry``: each metric's decorator), read from the metric
+    files' source — tables never import metric code — in table order."""
+    from core.registry import decorated_classes
+
+    found = decorated_classes(Path(__file__).parent / "metrics", "register_metric", "bench.metrics")
+    ordered = sorted(found.items(), key=lambda kv: (kv[1].get("order", 50), kv[0]))
+    return [c for _, d in ordered for c in d.get("columns", ())]
+
+
+FIELDS = {f.name for f in dataclasses.fields(MetricSpec)}
 SPECS: dict[str, MetricSpec] = {s.key: s for s in (
-    MetricSpec("fid", "FID ↓", 2, "lower", True, 0.05, "FID ↓"),
-    MetricSpec("clip_score", "CLIP ↑", 2, "higher", True, 0.25, "CLIP score ↑"),
-    MetricSpec("accuracy", "Acc ↑", 3, "higher", True, 0.01, "compositional accuracy ↑"),
-    MetricSpec("acc_color", "colour", 3, "higher"),
-    MetricSpec("acc_shape", "shape", 3, "higher"),
-    MetricSpec("acc_size", "size", 3, "higher"),
-    MetricSpec("acc_position", "position", 3, "higher"),
-    MetricSpec("acc_count", "count", 3, "higher"),
-    MetricSpec("saturation", "sat.", 3, None),
-    MetricSpec("saturation_lowpass", "sat. 3×3", 3, None),
-    MetricSpec("contrast", "contrast", 3, None),
-    MetricSpec("brightness", "brightness", 3, None),
+    *(MetricSpec(**{k: v for k, v in c.items() if k in FIELDS}) for c in metric_columns()),
     MetricSpec("latency_ms", "latency ms (b=1)", 1, "lower"),
     MetricSpec("throughput", "img/s", 1, "higher"),
     MetricSpec("latency_text_ms", "text ms", 1, "lower"),
@@ -53,11 +54,10 @@ SPECS: dict[str, MetricSpec] = {s.key: s for s in (
 LATENCY_COLUMNS = ("latency_ms", "latency_text_ms", "latency_denoise_ms", "latency_step_ms", "latency_decode_ms",
                    "latency_eager_ms", "throughput", "peak_accelerator_mb", "peak_accelerator_sample_mb", "peak_rss_mb")
 
-# the metric columns of the main table, in order
-MAIN_COLUMNS = ("fid", "clip_score", "accuracy", "acc_color", "acc_shape", "acc_size", "acc_position", "acc_count",
-                "saturation", "saturation_lowpass", "contrast")
-# the quality metrics plotted against NFE and latency
-PLOTTED = ("fid", "clip_score", "accuracy")
+# the metric columns of the main table, in order (each metric's columns but those it marks "main": False)
+MAIN_COLUMNS = tuple(c["key"] for c in metric_columns() if c.get("main", True))
+# the quality metrics plotted against NFE and latency (the columns a metric marks "plot")
+PLOTTED = tuple(c["key"] for c in metric_columns() if c.get("plot"))
 # the metrics the regression gate checks
 GATED = tuple(k for k, s in SPECS.items() if s.gate_floor is not None)
 

@@ -38,13 +38,16 @@ import tomllib
 from pathlib import Path
 
 from bench import protocols
+from bench.metrics import registry as metric_registry
 from bench.shapes import TEACHER_CONVENTIONS, TEACHER_KINDS
 from core.errors import UserError, did_you_mean, unknown
 from methods import registry
 from methods.base import Budget
 
 SUITES_DIR = Path(__file__).parent / "suites"
-METRICS = ("fid", "clip_score", "accuracy", "latency")
+# a suite's metrics when it lists none: everything the embedded evaluators measure; at real scale FID (where the
+# protocol has a reference), CLIP score and latency. Any metric registered in bench/metrics may be listed.
+DEFAULT_METRICS = {"shapes": ("fid", "clip_score", "accuracy", "latency"), "real": ("fid", "clip_score", "latency")}
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
 BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backbones, with its own settings
@@ -167,13 +170,15 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     preset = protocols.resolve(evaluators)
     # without a metrics list: everything the evaluators can measure (no attribute evaluator at real scale, no FID
     # without a reference)
-    metrics = raw.get("metrics", list(METRICS) if evaluators["kind"] == "shapes" else
-                      ["fid", "clip_score", "latency"] if preset.measures_fid else ["clip_score", "latency"])
+    default = [m for m in DEFAULT_METRICS[evaluators["kind"]]
+               if preset.measures_fid or not metric_registry.needs([m], "reference")]
+    metrics = raw.get("metrics", default)
+    known = metric_registry.suite_names()
     if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-        raise UserError(f"{where}: metrics must be a list of names from {METRICS}")
+        raise UserError(f"{where}: metrics must be a list of names from {', '.join(known)}")
     for m in metrics:
-        if m not in METRICS:
-            raise unknown(f"metric in {where}", m, METRICS)
+        if m not in known:
+            raise unknown(f"metric in {where}", m, known)
     latency = {"warmup": 2, "repeats": 7, "throughput_batch": 64}
     lat_raw = raw.get("latency", {})
     if not isinstance(lat_raw, dict):
@@ -205,7 +210,8 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     dup = {x for x in labels if labels.count(x) > 1}
     if dup:
         raise UserError(f"{where}: method labels must be unique; {sorted(dup)[0]!r} appears twice (set label = ...)")
-    preset = protocols.check_suite(evaluators, raw.get("prompts"), metrics, labels, where)
+    compared = [m for m in metrics if metric_registry.needs([m], "reference")]
+    preset = protocols.check_suite(evaluators, raw.get("prompts"), compared, labels, where)
     if preset.prompts == "coco-captions":  # the prompts are the annotations' captions, drawn by the protocol
         prompts = evaluators["annotations"]
     if preset.reference == "teacher-samples":  # the entry as resolved here: --methods may leave it out of the cells

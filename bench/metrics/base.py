@@ -11,6 +11,7 @@ batch size or the number of processes, bit for bit.
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import torch
 
@@ -65,3 +66,40 @@ def in_fixed_chunks(fn, n: int, *batched, chunk: int) -> torch.Tensor:
             args.append(part)
         outs.append(fn(*args)[: j - i])
     return torch.cat(outs)
+
+
+def prompt_ids(prompts: list, k: int = 5) -> str:
+    """The first `k` prompt ids of a list, for error messages ("a, b, c and 12 more")."""
+    ids = [p.id for p in prompts]
+    return ", ".join(ids[:k]) + (f" and {len(ids) - k} more" if len(ids) > k else "")
+
+
+class Metric(Accumulator):
+    """One metric, declared once in its own file (``@register_metric``: its name, its results-row columns, what it
+    needs), measured as an accumulator: per-sample rows on every process, ``compute`` over every sample's rows.
+
+    ``check`` says before anything is written whether the metric can be measured on a suite's prompts (a UserError
+    naming why not and what would do); ``applies`` whether a metric measured always is measured in this cell;
+    ``protocol`` what moves its numbers, beside them in every row (None: the shared protocol says it all).
+    """
+
+    name: ClassVar[str]
+    columns: ClassVar[tuple[dict, ...]]  # bench.specs.MetricSpec fields of each results-row field it writes
+    needs: ClassVar[tuple[str, ...]]
+    always: ClassVar[bool]
+
+    def __init__(self, evaluators, prompts: list, reference=None):
+        super().__init__()
+        self.evaluators, self.prompts, self.reference = evaluators, prompts, reference
+
+    @classmethod
+    def check(cls, prompts: list, where: str, evaluators_kind: str) -> None:
+        """UserError (one line) when the suite asks for this metric and these prompts or evaluators cannot give it."""
+
+    @classmethod
+    def applies(cls, evaluators, prompts: list) -> bool:
+        """Whether the cell measures it (a metric measured always, where it can be)."""
+        return True
+
+    def protocol(self) -> dict | None:
+        return None

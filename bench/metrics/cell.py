@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from bench.metrics.fid import FID, Reference
-from bench.metrics.scores import Accuracy, CLIPScore, ColourStats
+from bench.metrics import registry
+from bench.metrics.fid import Reference
 
 
 def to_8bit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,22 +18,20 @@ def to_8bit(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CellMetrics:
-    """FID (when there is a reference), CLIP score, compositional accuracy (when every prompt has ground
-    truth and the evaluators can check it) and colour statistics, as accumulators.
+    """The metrics of one cell, as accumulators: those the suite's `metrics` list and those measured always (CLIP
+    score, colour statistics; compositional accuracy wherever every prompt has ground truth and the evaluators can
+    check it), from the metric registry (``bench.metrics.registry``).
 
     ``update(images, prompts)`` per batch (float32 [n, 3, H, W] in [0, 1]) on every process;
     ``gather(fn)`` on every process (a collective: `fn` maps this process's rows to every sample's rows
-    in sample order); ``compute(values)`` on the process that holds the reference. `fid` says whether
-    FID is measured; the reference itself is needed only where ``compute`` runs.
+    in sample order); ``compute(values)`` on the process that holds the reference. `metrics` default: FID when
+    a `reference` is given; the reference itself is needed only where ``compute`` runs.
     """
 
-    def __init__(self, evaluators, prompts: list, reference: Reference | None = None, fid: bool | None = None):
-        fid = reference is not None if fid is None else fid
-        self.parts = [FID(evaluators, reference)] if fid else []
-        self.parts.append(CLIPScore(evaluators))
-        if evaluators.attributes and all(p.objects is not None for p in prompts):
-            self.parts.append(Accuracy(evaluators, evaluators.attributes))
-        self.parts.append(ColourStats())
+    def __init__(self, evaluators, prompts: list, reference: Reference | None = None, metrics: list[str] | None = None):
+        metrics = (["fid"] if reference is not None else []) if metrics is None else metrics
+        self.parts = [cls(evaluators, prompts, reference) for cls in registry.measured(metrics)
+                      if cls.applies(evaluators, prompts)]
         self.device = evaluators.device
 
     def update(self, images: torch.Tensor, prompts: list) -> None:

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.metrics.base import Accumulator
+from bench.metrics.base import Metric, prompt_ids
+from bench.metrics.registry import register_metric
 from bench.metrics.bootstrap import BOOTSTRAP, BOOTSTRAP_SEED, index_chunks, percentile_ci
 from core import io
+from core.errors import UserError
 
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
@@ -316,16 +318,32 @@ def bootstrap_reference(paired: bool) -> str:
             else "resampled independently of the generated samples")
 
 
-class FID(Accumulator):
-    """FID of a cell's samples against a reference: per-sample features, then torchmetrics' FID."""
+@register_metric("fid", order=10, needs=("reference",), columns=(
+    {"key": "fid", "header": "FID ↓", "decimals": 2, "direction": "lower", "show_ci": True, "gate_floor": 0.05,
+     "title": "FID ↓", "plot": True},))
+class FID(Metric):
+    """FID of a cell's samples against a reference (Heusel et al. 2017): per-sample features of the evaluators'
+    feature network, then torchmetrics' FID; a bootstrap CI (``bootstrap_fid``)."""
 
     dtype = torch.float32
 
-    def __init__(self, evaluators, reference: Reference | None):
+    def __init__(self, evaluators, prompts: list, reference: Reference | None = None):
         """`reference` may be None on processes that only feed features (``compute`` needs it)."""
-        super().__init__()
-        self.evaluators, self.reference = evaluators, reference
+        super().__init__(evaluators, prompts, reference)
         self.width = evaluators.num_features
+
+    @classmethod
+    def check(cls, prompts, where, evaluators_kind):
+        n = len(prompts)
+        if n < 2:
+            raise UserError(f"FID needs at least 2 samples (a covariance); samples = {n}: give --samples 2 or more, "
+                            "or remove \"fid\" from metrics")
+        lacking = [p for p in prompts if p.scene_seed is None or p.objects is None]
+        if evaluators_kind == "shapes" and lacking:
+            raise UserError(f"fid in the embedded world compares with real renders of each prompt's scene, and "
+                            f"{len(lacking)} of {n} prompts of {where!r} have no ground-truth scene "
+                            f"({prompt_ids(lacking)}); use a shapes prompt set (shapes-eval, shapes-val) or remove "
+                            "\"fid\" from metrics")
 
     def per_sample(self, images, prompts):
         return self.evaluators.fid_features(images).float()

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from core.errors import UserError, unknown
-from methods.registry import decorated_classes
+from core.registry import decorated_classes
 
 _REGISTRY: dict[str, type] = {}
 # transformer pipelines diffusers has that no family here loads yet: named in the refusal

@@ -1,0 +1,23 @@
+"""CLIP score: 100·max(cos, 0) between each image and its prompt under the evaluators' CLIP model, averaged."""
+
+from __future__ import annotations
+
+from bench.metrics.base import Metric
+from bench.metrics.bootstrap import bootstrap_mean
+from bench.metrics.registry import register_metric
+
+
+@register_metric("clip_score", order=20, always=True, columns=(
+    {"key": "clip_score", "header": "CLIP ↑", "decimals": 2, "direction": "higher", "show_ci": True, "gate_floor": 0.25,
+     "title": "CLIP score ↑", "plot": True},))
+class CLIPScore(Metric):
+    """CLIP score 100·max(cos, 0) per image, averaged (Hessel et al. 2021; the evaluators' CLIP model), 95% CI."""
+
+    width = 1
+
+    def per_sample(self, images, prompts):
+        return self.evaluators.clip_score(images, [p.text for p in prompts]).double().view(-1, 1)
+
+    def compute(self, values):
+        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
+        return {"clip_score": m, "clip_score_ci_low": lo, "clip_score_ci_high": hi}
