@@ -178,7 +178,7 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
         for cell in cells:
             meta = cell.info
             for seed in cell.seeds:
-                meter = CellMetrics(evaluators, prompts, ctx.reference, suite.metrics)
+                meter = CellMetrics(evaluators, prompts, ctx.reference, suite.metrics, suite.metric_settings)
                 for i in range(0, len(prompts), suite.batch_size):
                     idx = range(i, min(i + suite.batch_size, len(prompts)))
                     meter.update(read_images(cell, idx, seed), prompts[idx.start : idx.stop])

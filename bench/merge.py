@@ -132,7 +132,8 @@ def merge_cell(ctx: runner.RunContext, parts: list[dict], shard_dirs: list[RunDi
     loaded = [d.read_values(key) for d in shard_dirs]
     values = [torch.cat([v[k] for v, _ in loaded]) for k in range(len(loaded[0][0]))]
     t0 = time.time()
-    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, ctx.suite.metrics)
+    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, ctx.suite.metrics,
+                        ctx.suite.metric_settings)
     row.update(meter.compute(values))
     row["eval_seconds"] = round(time.time() - t0, 2)
     grids = [g for _, g in loaded if g is not None]

@@ -487,7 +487,7 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
     processes), this process's images among the first ``suite.grid`` prompts, and timings (s).
     """
     suite, d = ctx.suite, ctx.dist
-    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, suite.metrics)
+    meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, suite.metrics, suite.metric_settings)
     part = d.shard(len(ctx.sample_range))
     mine = ctx.sample_range[part.start : part.stop]  # this process's prompt indices
     want_grid = cell.seed == suite.seeds[0] and cell.entry.train_seed in (None, suite_first_train_seed(suite))

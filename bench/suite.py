@@ -97,6 +97,7 @@ class Suite:
     source: str = ""
     backbone: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
     evaluators: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
+    metric_settings: dict = dataclasses.field(default_factory=dict)  # [metrics.<name>] settings of the metrics listed
 
     def to_dict(self) -> dict:
         """The resolved suite (stored in a run's config.json; ``from_dict`` reads it back for --resume)."""
@@ -172,13 +173,7 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     # without a reference)
     default = [m for m in DEFAULT_METRICS[evaluators["kind"]]
                if preset.measures_fid or not metric_registry.needs([m], "reference")]
-    metrics = raw.get("metrics", default)
-    known = metric_registry.suite_names()
-    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
-        raise UserError(f"{where}: metrics must be a list of names from {', '.join(known)}")
-    for m in metrics:
-        if m not in known:
-            raise unknown(f"metric in {where}", m, known)
+    metrics, metric_settings = metrics_spec(raw.get("metrics", default), where)
     latency = {"warmup": 2, "repeats": 7, "throughput_batch": 64}
     lat_raw = raw.get("latency", {})
     if not isinstance(lat_raw, dict):
@@ -226,6 +221,7 @@ def parse(raw: dict, where: str = "suite") -> Suite:
         seeds=_int_list(raw.get("seeds", [0]), "seeds", where, allow_zero=True),
         batch_size=_positive_int(raw.get("batch_size", 250), "batch_size", where),
         metrics=list(metrics),
+        metric_settings=metric_settings,
         entries=entries,
         grid=_positive_int(raw.get("grid", 16), "grid", where),
         latency=latency,
@@ -235,6 +231,32 @@ def parse(raw: dict, where: str = "suite") -> Suite:
         backbone=backbone,
         evaluators=evaluators,
     )
+
+
+def metrics_spec(value, where: str) -> tuple[list[str], dict[str, dict]]:
+    """(metric names, their settings) of a suite's ``metrics``: a list of names, or a ``[metrics]`` table of
+    ``name = { settings }`` (``[metrics.kid] subset_size = 50``). Names from the registry (or "latency"); every
+    metric's settings checked against its Config now."""
+    known = metric_registry.suite_names()
+    if isinstance(value, dict):
+        names, settings = list(value), {}
+        for name, s in value.items():
+            if not isinstance(s, dict):
+                raise UserError(f"{where}: [metrics] {name} must be a table of its settings ({{}} for none), got {s!r}")
+            if name in known and name not in metric_registry.TIMING:
+                metric_registry.get(name).make_config(s, f"{where} [metrics.{name}]")
+                if s:
+                    settings[name] = dict(s)
+            elif s:
+                raise UserError(f"{where}: [metrics] {name} takes no settings here (latency's are in [latency])")
+    elif isinstance(value, list) and all(isinstance(m, str) for m in value):
+        names, settings = list(value), {}
+    else:
+        raise UserError(f"{where}: metrics must be a list of names from {', '.join(known)}, or a [metrics] table")
+    for m in names:
+        if m not in known:
+            raise unknown(f"metric in {where}", m, known)
+    return names, settings
 
 
 def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:

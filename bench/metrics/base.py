@@ -87,10 +87,25 @@ class Metric(Accumulator):
     columns: ClassVar[tuple[dict, ...]]  # bench.specs.MetricSpec fields of each results-row field it writes
     needs: ClassVar[tuple[str, ...]]
     always: ClassVar[bool]
+    Config: ClassVar[type | None] = None  # its settings (a dataclass; a suite's [metrics.<name>] table), if any
 
-    def __init__(self, evaluators, prompts: list, reference=None):
+    def __init__(self, evaluators, prompts: list, reference=None, config=None):
         super().__init__()
         self.evaluators, self.prompts, self.reference = evaluators, prompts, reference
+        self.config = config if config is not None else self.make_config({}, self.name)
+
+    @classmethod
+    def make_config(cls, settings: dict, where: str):
+        """The metric's Config from a suite's [metrics.<name>] table (UserError on unknown keys, types or values);
+        None for a metric without settings (UserError when some were given)."""
+        from core.errors import UserError
+        from methods.base import coerce_config
+
+        if cls.Config is None:
+            if settings:
+                raise UserError(f"{where}: metric {cls.name!r} takes no settings, got {sorted(settings)}")
+            return None
+        return coerce_config(cls.Config, dict(settings), where)
 
     @classmethod
     def check(cls, prompts: list, where: str, evaluators_kind: str) -> None:

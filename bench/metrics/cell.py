@@ -28,10 +28,13 @@ class CellMetrics:
     a `reference` is given; the reference itself is needed only where ``compute`` runs.
     """
 
-    def __init__(self, evaluators, prompts: list, reference: Reference | None = None, metrics: list[str] | None = None):
+    def __init__(self, evaluators, prompts: list, reference: Reference | None = None, metrics: list[str] | None = None,
+                 settings: dict[str, dict] | None = None):
+        """`settings`: a suite's [metrics] tables (metric name -> its settings)."""
         metrics = (["fid"] if reference is not None else []) if metrics is None else metrics
-        self.parts = [cls(evaluators, prompts, reference) for cls in registry.measured(metrics)
-                      if cls.applies(evaluators, prompts)]
+        settings = settings or {}
+        self.parts = [cls(evaluators, prompts, reference, cls.make_config(settings.get(cls.name, {}), cls.name))
+                      for cls in registry.measured(metrics) if cls.applies(evaluators, prompts)]
         self.device = evaluators.device
 
     def update(self, images: torch.Tensor, prompts: list) -> None:
