@@ -29,9 +29,8 @@ class Accuracy(Metric):
     ground truth.
     """
 
-    def __init__(self, evaluators, prompts, reference=None):
-        super().__init__(evaluators, prompts, reference)
-        self.attributes = evaluators.attributes
+    def setup(self):
+        self.attributes = self.evaluators.attributes
         self.width = 2 * len(self.attributes) + 2  # correct per type, total per type, whole, two-object flag
 
     @classmethod

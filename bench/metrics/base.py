@@ -93,6 +93,10 @@ class Metric(Accumulator):
         super().__init__()
         self.evaluators, self.prompts, self.reference = evaluators, prompts, reference
         self.config = config if config is not None else self.make_config({}, self.name)
+        self.setup()
+
+    def setup(self) -> None:
+        """Per-instance set-up from the evaluators and the config (e.g. ``width``); runs at the end of __init__."""
 
     @classmethod
     def make_config(cls, settings: dict, where: str):

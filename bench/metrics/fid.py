@@ -327,10 +327,9 @@ class FID(Metric):
 
     dtype = torch.float32
 
-    def __init__(self, evaluators, prompts: list, reference: Reference | None = None):
-        """`reference` may be None on processes that only feed features (``compute`` needs it)."""
-        super().__init__(evaluators, prompts, reference)
-        self.width = evaluators.num_features
+    def setup(self):
+        """``reference`` may be None on processes that only feed features (``compute`` needs it)."""
+        self.width = self.evaluators.num_features
 
     @classmethod
     def check(cls, prompts, where, evaluators_kind):
