@@ -54,14 +54,16 @@ def suite_prompts(spec: str, samples: int, evaluators: dict | None = None) -> li
 
 
 
-def check_metrics(metrics: list[str], prompts: list, spec: str, evaluators: str) -> None:
-    """Every metric the suite asks for can be measured on these prompts (each metric's own ``check``), or a one-line
-    UserError says why not and what would do. A metric is never dropped silently."""
+def check_metrics(metrics: list[str], prompts: list, spec: str, evaluators: str, settings: dict | None = None) -> None:
+    """Every metric the suite asks for can be measured on these prompts with its settings (each metric's own
+    ``check``: `settings` are the suite's [metrics.<name>] tables), or a one-line UserError says why not and what
+    would do. A metric is never dropped silently."""
     from bench.metrics import registry
 
     for name in metrics:
         if name in registry.declared():
-            registry.get(name).check(prompts, spec, evaluators)
+            cls = registry.get(name)
+            cls.check(prompts, spec, evaluators, cls.make_config((settings or {}).get(name, {}), name))
 
 
 def quiet_libraries() -> None:

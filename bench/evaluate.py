@@ -161,7 +161,7 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
     cells = cells_in(folders)
     prompts = cells[0].prompts
     where = ", ".join(str(f) for f in folders)
-    components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"])
+    components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"], suite.metric_settings)
     evaluators = components.load_evaluators(suite.evaluators, device, prompts)
     teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
     runner.check_teacher_reference(suite, prompts, evaluators, teacher, cache)

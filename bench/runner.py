@@ -202,7 +202,7 @@ def check(suite: Suite, opts: Options) -> Checked:
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {opts.shard[0]}/{opts.shard[1]}")
     components.check_device(opts.device)
     prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
-    components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"])
+    components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"], suite.metric_settings)
     if opts.out is not None:
         RunDir(opts.out).check_new(opts.resume)
     cells = plan(suite)

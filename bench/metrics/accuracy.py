@@ -34,7 +34,7 @@ class Accuracy(Metric):
         self.width = 2 * len(self.attributes) + 2  # correct per type, total per type, whole, two-object flag
 
     @classmethod
-    def check(cls, prompts, where, evaluators_kind):
+    def check(cls, prompts, where, evaluators_kind, config=None):
         if evaluators_kind != "shapes":
             raise UserError("accuracy needs the embedded world's attribute evaluator ([evaluators] kind = \"shapes\"); "
                             "remove \"accuracy\" from metrics at real scale")

@@ -112,8 +112,9 @@ class Metric(Accumulator):
         return coerce_config(cls.Config, dict(settings), where)
 
     @classmethod
-    def check(cls, prompts: list, where: str, evaluators_kind: str) -> None:
-        """UserError (one line) when the suite asks for this metric and these prompts or evaluators cannot give it."""
+    def check(cls, prompts: list, where: str, evaluators_kind: str, config=None) -> None:
+        """UserError (one line) when the suite asks for this metric and these prompts, evaluators or settings
+        (`config`, from ``make_config``: e.g. a weights path that is not there) cannot give it."""
 
     @classmethod
     def applies(cls, evaluators, prompts: list) -> bool:

@@ -332,7 +332,7 @@ class FID(Metric):
         self.width = self.evaluators.num_features
 
     @classmethod
-    def check(cls, prompts, where, evaluators_kind):
+    def check(cls, prompts, where, evaluators_kind, config=None):
         n = len(prompts)
         if n < 2:
             raise UserError(f"FID needs at least 2 samples (a covariance); samples = {n}: give --samples 2 or more, "
