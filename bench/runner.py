@@ -379,7 +379,7 @@ def check_teacher_reference(suite: Suite, prompts: list, evaluators, teacher: di
     if not teacher_referenced(suite):
         return
     key, source = teacher_reference_key(suite.evaluators, teacher, prompts, evaluators.identity())
-    if reference_cached(Path(cache or default_cache()) / "metrics", key) is None:
+    if reference_cached(Path(cache or default_cache()) / "metrics", key, evaluators.feature_spaces()) is None:
         raise UserError(f"the teacher-fid reference ({source['label']} at {source['steps']} steps) is not in the "
                         f"cache {cache or default_cache()}; run the suite (or its shard 0) with this --cache first")
 
@@ -394,11 +394,12 @@ def teacher_reference(ctx: RunContext):
     cache = ctx.cache / "metrics"
     if ctx.backbone is None:
         check_teacher_reference(ctx.suite, ctx.prompts, ctx.evaluators, teacher, ctx.cache)
-    return cached_reference(key, source, teacher_features(ctx, spec, source), ctx.evaluators.num_features, cache)
+    return cached_reference(key, source, teacher_features(ctx, spec, source), ctx.evaluators.num_features, cache,
+                            ctx.evaluators.feature_spaces())
 
 
 def teacher_features(ctx: RunContext, spec: dict, source: dict):
-    """FID features [batch, D] of the reference entry's samples, batch by batch in prompt order (consumed only when
+    """Features {space: [batch, width]} (``Evaluators.all_features``) of the reference entry's samples, batch by batch in prompt order (consumed only when
     the reference is not cached). UserError when a sample is not finite."""
     ref = spec["reference_entry"]
     cls = registry.get(ref["name"])
@@ -414,7 +415,7 @@ def teacher_features(ctx: RunContext, spec: dict, source: dict):
         if not finite.all():
             raise UserError(f"the teacher-fid reference ({ref['label']} at {source['steps']} steps) has non-finite "
                             f"samples (prompt {batch[int((~finite).nonzero()[0])].id}); choose other reference_steps")
-        yield ctx.evaluators.fid_features(images.to(ctx.evaluators.device))
+        yield ctx.evaluators.all_features(images.to(ctx.evaluators.device))
 
 
 # --- 3. one cell ----------------------------------------------------------------------------------

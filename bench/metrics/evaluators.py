@@ -41,6 +41,34 @@ class Evaluators(abc.ABC):
         with self._autocast():
             return in_fixed_chunks(self._fid_features, len(images), images, chunk=CHUNK).float()
 
+    def feature_spaces(self) -> dict[str, dict]:
+        """Every feature space these evaluators embed images in: name -> {"width", "network", "sha256"}.
+
+        ``fid`` is the FID network's (where there is one: ``fid_features``); ``clip`` the CLIP image tower's
+        (L2-normalised embeddings); others (``dinov2``) where the evaluators were given their weights. Distribution
+        metrics (KID, CMMD, FD, precision/recall) name the space they are computed in; the reference holds every space.
+        """
+        return {"fid": {"width": self.num_features, "network": self._identity()["fid_feature"],
+                        "sha256": self._identity()["fid_feature_sha256"]}} if self.num_features else {}
+
+    def features(self, space: str, images: torch.Tensor) -> torch.Tensor:
+        """Features float32 [n, width] of images float32 [n, 3, H, W] in [0, 1] in one of ``feature_spaces()``
+        (fixed-size chunks: a sample's features do not depend on its batch). KeyError for a space not there."""
+        if space == "fid":
+            return self.fid_features(images)
+        if space not in self.feature_spaces():
+            raise KeyError(f"{type(self).__name__} has no feature space {space!r}; it has {sorted(self.feature_spaces())}")
+        with self._autocast():
+            return in_fixed_chunks(lambda x: self._features(space, x), len(images), images, chunk=CHUNK).float()
+
+    def all_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{space: features [n, width]} in every feature space (what a reference stores)."""
+        return {space: self.features(space, images) for space in self.feature_spaces()}
+
+    def _features(self, space: str, images: torch.Tensor) -> torch.Tensor:
+        """Features of one chunk in a space other than ``fid`` (subclasses that have one)."""
+        raise KeyError(space)
+
     def clip_score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """CLIP score 100·max(cos, 0) per image, float32 [n] in [0, 100]."""
         with self._autocast():

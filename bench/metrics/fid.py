@@ -62,7 +62,17 @@ class Reference:
     key: str
     source: dict
     states: dict[str, torch.Tensor]
-    features: torch.Tensor  # [n, D] float64
+    features: torch.Tensor  # [n, D] float64: the FID network's features
+    spaces: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # the same images in other spaces
+
+    def features_in(self, space: str) -> torch.Tensor:
+        """The reference images' features [n, width] (float64) in one of the evaluators' feature spaces
+        (``Evaluators.feature_spaces``); KeyError for a space the reference was not built in."""
+        if space == "fid":
+            return self.features
+        if space not in self.spaces:
+            raise KeyError(f"the reference has no {space!r} features (it has fid, {', '.join(sorted(self.spaces))})")
+        return self.spaces[space]
 
     @property
     def n(self) -> int:
@@ -80,32 +90,43 @@ class Reference:
         return {"key": self.key, "n": self.n, **self.source}
 
 
-def cached_reference(key: str, source: dict, feature_chunks: Iterable[torch.Tensor], num_features: int,
-                     cache_dir: Path | None) -> Reference:
-    """The reference for `key`: loaded from ``cache_dir/fid-ref`` when its sha256 checks, else built from
-    `feature_chunks` (an iterable of real-image features [n, D], consumed only when building) and cached.
-    A cache entry whose sha256 does not match is rebuilt, never used."""
+def cached_reference(key: str, source: dict, feature_chunks: Iterable[torch.Tensor | dict[str, torch.Tensor]],
+                     num_features: int, cache_dir: Path | None, spaces: Iterable[str] = ()) -> Reference:
+    """The reference for `key`: loaded from ``cache_dir/fid-ref`` when its sha256 checks and it holds every one of
+    `spaces`, else built from `feature_chunks` (consumed only when building) and cached. A chunk is the real images'
+    FID features [n, D], or {space: features [n, width]} with ``"fid"`` among them (``Evaluators.all_features``).
+    A cache entry whose sha256 does not match, or that lacks a space, is rebuilt, never used. The FID statistics do
+    not depend on the other spaces."""
     path = None if cache_dir is None else Path(cache_dir) / "fid-ref" / f"{key}.safetensors"
-    ref = reference_cached(cache_dir, key)
+    ref = reference_cached(cache_dir, key, spaces)
     if ref is not None:
         return ref
     fid = new_fid(num_features)
-    feats = []
+    feats: dict[str, list[torch.Tensor]] = {}
     for f in feature_chunks:
-        fid.update(f, real=True)
-        feats.append(f.double().cpu())
+        parts = f if isinstance(f, dict) else {"fid": f}
+        fid.update(parts["fid"], real=True)
+        for space, x in parts.items():
+            feats.setdefault(space, []).append(x.double().cpu())
     states = {k: v.detach().cpu().clone() for k, v in fid.metric_state.items() if k in REAL_STATES}
-    ref = Reference(key, dict(source), states, torch.cat(feats))
+    others = {s: torch.cat(x) for s, x in feats.items() if s != "fid"}
+    ref = Reference(key, dict(source), states, torch.cat(feats["fid"]), others)
     if path is not None:
-        digest = io.save_tensors(path, {**states, "features": ref.features})
-        io.write_json(path.with_suffix(".json"), {"sha256": digest, "key": key, "n": ref.n, "source": source})
+        digest = io.save_tensors(path, {**states, "features": ref.features,
+                                        **{f"features.{s}": x for s, x in others.items()}})
+        io.write_json(path.with_suffix(".json"), {"sha256": digest, "key": key, "n": ref.n, "source": source,
+                                                  "spaces": ["fid", *sorted(others)]})
     return ref
 
 
-def reference_cached(cache_dir: Path | None, key: str) -> Reference | None:
-    """The reference cached under `key` in ``cache_dir/fid-ref`` when present and its sha256 checks, else None."""
+def reference_cached(cache_dir: Path | None, key: str, spaces: Iterable[str] = ()) -> Reference | None:
+    """The reference cached under `key` in ``cache_dir/fid-ref`` when present, its sha256 checks and it holds every
+    one of `spaces`, else None."""
     path = None if cache_dir is None else Path(cache_dir) / "fid-ref" / f"{key}.safetensors"
-    return _load_reference(path, key) if path is not None and path.exists() else None
+    ref = _load_reference(path, key) if path is not None and path.exists() else None
+    if ref is None or any(s != "fid" and s not in ref.spaces for s in spaces):
+        return None
+    return ref
 
 
 def _load_reference(path: Path, key: str) -> Reference | None:
@@ -117,7 +138,8 @@ def _load_reference(path: Path, key: str) -> Reference | None:
         if meta.get("sha256") != io.sha256_file(path):
             return None
         t = load_file(str(path))
-        return Reference(key, meta["source"], {k: t[k] for k in REAL_STATES}, t["features"])
+        spaces = {k.split(".", 1)[1]: v for k, v in t.items() if k.startswith("features.")}
+        return Reference(key, meta["source"], {k: t[k] for k in REAL_STATES}, t["features"], spaces)
     except (OSError, ValueError, KeyError):
         return None
 

@@ -207,6 +207,17 @@ class ShapesEvaluators(Evaluators):
     def _fid_features(self, images):
         return self.attr(images)
 
+    def feature_spaces(self):
+        return {**super().feature_spaces(),
+                "clip": {"width": int(self.clip.model.text_projection.shape[1]),
+                         "network": "open_clip.CLIP(tiny shapes config).encode_image, L2-normalised",
+                         "sha256": self.cards["clip"]["sha256"]}}
+
+    def _features(self, space, images):
+        if space == "clip":
+            return self.clip.encode_image(images)
+        return super()._features(space, images)
+
     def _clip_score(self, images, texts):
         return self.clip.score(images, texts)
 
@@ -227,9 +238,9 @@ class ShapesEvaluators(Evaluators):
                                "resolution": world.RESOLUTION, "paired": True})
         source = {"kind": "renders of the prompts' scenes", "variant": 0, "prompts_sha256": io.content_hash(ids),
                   "paired": True}  # render i is prompt i's scene: the FID bootstrap resamples the pairs
-        chunks = (self.fid_features(real_images(prompts[i : i + REFERENCE_CHUNK]).to(self.device))
+        chunks = (self.all_features(real_images(prompts[i : i + REFERENCE_CHUNK]).to(self.device))
                   for i in range(0, len(prompts), REFERENCE_CHUNK))
-        return cached_reference(key, source, chunks, FEATURE_DIM, cache_dir)
+        return cached_reference(key, source, chunks, FEATURE_DIM, cache_dir, self.feature_spaces())
 
     def floor(self, prompts, reference: Reference) -> dict:
         """Real-vs-real: renders of the same prompts with other nuisance draws, against the reference."""
