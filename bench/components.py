@@ -54,15 +54,20 @@ def suite_prompts(spec: str, samples: int, evaluators: dict | None = None) -> li
 
 
 
-def check_metrics(metrics: list[str], prompts: list, spec: str, evaluators: str, settings: dict | None = None) -> None:
+def check_metrics(metrics: list[str], prompts: list, spec: str, evaluators: str, settings: dict | None = None,
+                  grouped: str | None = None) -> None:
     """Every metric the suite asks for can be measured on these prompts with its settings (each metric's own
     ``check``: `settings` are the suite's [metrics.<name>] tables), or a one-line UserError says why not and what
-    would do. A metric is never dropped silently."""
+    would do. `grouped`: why this command cannot sample several seeds per prompt (None: it can), refusing the metrics
+    that need them. A metric is never dropped silently."""
     from bench.metrics import registry
 
     for name in metrics:
         if name in registry.declared():
             cls = registry.get(name)
+            if grouped is not None and "groups" in cls.needs:
+                raise UserError(f"metric {name!r} samples several seeds per prompt within `flashbench run`, and "
+                                f"{grouped}; remove {name!r} from metrics (or run without --shard)")
             cls.check(prompts, spec, evaluators, cls.make_config((settings or {}).get(name, {}), name))
 
 

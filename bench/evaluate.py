@@ -161,7 +161,8 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
     cells = cells_in(folders)
     prompts = cells[0].prompts
     where = ", ".join(str(f) for f in folders)
-    components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"], suite.metric_settings)
+    components.check_metrics(suite.metrics, prompts, where, suite.evaluators["kind"], suite.metric_settings,
+                             grouped="`flashbench evaluate` scores one saved sample per prompt")
     evaluators = components.load_evaluators(suite.evaluators, device, prompts)
     teacher = cells[0].info.get("teacher", {"backbone": "unknown (samples from outside)"})
     runner.check_teacher_reference(suite, prompts, evaluators, teacher, cache)
@@ -187,7 +188,7 @@ def evaluate(folders: list[Path] | Path, suite: Suite, out: Path, cache: Path | 
                        "nfe": meta.get("nfe"), "seed": seed, "train_seed": meta.get("train_seed"),
                        "n_samples": len(prompts), "protocol": protocol, "status": "ok", "error": None,
                        "scored_from": cell.name}
-                row.update(meter.compute())
+                row.update(meter.row(None, protocol))
                 rows.append(row)
         rd.write_rows(rows)
         rd.write_summary({"wall_seconds_this_session": round(time.time() - t0, 1), "cells": len(rows),

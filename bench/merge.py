@@ -134,7 +134,7 @@ def merge_cell(ctx: runner.RunContext, parts: list[dict], shard_dirs: list[RunDi
     t0 = time.time()
     meter = CellMetrics(ctx.evaluators, ctx.prompts, ctx.reference, ctx.suite.metrics,
                         ctx.suite.metric_settings)
-    row.update(meter.compute(values))
+    row.update(meter.row(values, row["protocol"]))
     row["eval_seconds"] = round(time.time() - t0, 2)
     grids = [g for _, g in loaded if g is not None]
     if grids:

@@ -202,7 +202,8 @@ def check(suite: Suite, opts: Options) -> Checked:
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {opts.shard[0]}/{opts.shard[1]}")
     components.check_device(opts.device)
     prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
-    components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"], suite.metric_settings)
+    components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"], suite.metric_settings,
+                             grouped=None if opts.shard is None else "a shard's samples are measured by `flashbench merge`")
     if opts.out is not None:
         RunDir(opts.out).check_new(opts.resume)
     cells = plan(suite)
@@ -350,7 +351,7 @@ def measurement(ctx: RunContext) -> None:
         else:
             ctx.reference = ctx.evaluators.reference(ctx.prompts, ctx.cache / "metrics")
         if not ctx.rundir.has_floor():
-            floor = ctx.evaluators.floor(ctx.prompts, ctx.reference)
+            floor = ctx.evaluators.floor(ctx.prompts, ctx.reference, ctx.suite.metrics, ctx.suite.metric_settings)
             if floor is not None:
                 ctx.rundir.write_floor({"real_vs_real": floor, "n": len(ctx.prompts),
                                         "what": "renders of the same prompts with other nuisance draws vs the reference"})
@@ -463,7 +464,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
             return {**row, "status": "failed",
                     "error": f"{sampled['bad']} of {len(ctx.prompts)} samples are not finite (NaN/Inf)"}
         else:  # 3. metrics, from every sample's values in sample order
-            row.update(sampled["meter"].compute(values))
+            row.update(sampled["meter"].row(values, row["protocol"]))
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0 of the first shard; once per method and budget, the same for every seed)
         if "latency" in ctx.suite.metrics and (ctx.opts.shard is None or ctx.opts.shard[0] == 0):
@@ -513,6 +514,12 @@ def sample_and_measure(ctx: RunContext, cell: Cell, method) -> dict:
             grid += [(i + j, images[j]) for j in range(len(batch)) if i + j < suite.grid]
         t_sample, t_eval = t_sample + t1 - t0, t_eval + time.time() - t1
     counted, n, bad = d.sum([method.counted_nfe(), len(mine), bad])
+    if meter.groups and d.main and ctx.opts.shard is None:  # several seeds of some prompts (diversity), on process 0
+
+        def sample(texts, keys):
+            return to_8bit(method.sample(texts, keys, cell.budget.steps).cpu())[0]
+
+        meter.sample_groups(sample, cell.seed)
     return {"meter": meter, "nfe_counted": counted / n if n else None, "bad": int(bad),
             "grid": grid if want_grid else None, "sample_seconds": round(t_sample, 2), "eval_seconds": t_eval}
 

@@ -56,6 +56,8 @@ LATENCY_COLUMNS = ("latency_ms", "latency_text_ms", "latency_denoise_ms", "laten
 
 # the metric columns of the main table, in order (each metric's columns but those it marks "main": False)
 MAIN_COLUMNS = tuple(c["key"] for c in metric_columns() if c.get("main", True))
+# the other metrics' columns (distribution, diversity, preference, GenEval): tables/metrics.md, where a run has them
+MORE_COLUMNS = tuple(c["key"] for c in metric_columns() if not c.get("main", True) and c["key"] != "brightness")
 # the quality metrics plotted against NFE and latency (the columns a metric marks "plot")
 PLOTTED = tuple(c["key"] for c in metric_columns() if c.get("plot"))
 # the metrics the regression gate checks

@@ -41,6 +41,14 @@ def tiny_any(request, tiny, tiny_flow):
     return tiny if request.param == "vp" else tiny_flow
 
 
+@pytest.fixture(scope="session")
+def shapes_eval():
+    """The shipped embedded evaluators (attribute network, tiny CLIP) on the CPU."""
+    from bench.shapes.evaluators import load_evaluators
+
+    return load_evaluators()
+
+
 @pytest.fixture
 def cache(tmp_path):
     return tmp_path / "cache"

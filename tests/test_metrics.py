@@ -113,11 +113,6 @@ def test_bootstrap_ci_brackets_the_estimate():
     assert bootstrap.bootstrap_mean(x) == (m, lo, hi)  # fixed resampling seed
 
 
-@pytest.fixture(scope="module")
-def shapes_eval():
-    return load_evaluators()
-
-
 def test_reference_cache_roundtrip_and_corruption(tmp_path, shapes_eval):
     ps = load_prompts("shapes-val")[:50]
     ref = shapes_eval.reference(ps, tmp_path)

@@ -93,9 +93,15 @@ class Evaluators(abc.ABC):
     def reference(self, prompts: list, cache_dir: Path | None) -> Reference:
         """The FID reference for these prompts (cached under cache_dir by content hash). Never changes identity()."""
 
-    def floor(self, prompts: list, reference: Reference) -> dict | None:
-        """Every metric of other real images of the same prompts against the reference (the real-vs-real
-        floor), or None where the world cannot make them."""
+    def real_variants(self, prompt, k: int) -> torch.Tensor | None:
+        """k real images float32 [k, 3, H, W] in [0, 1] of one prompt (the diversity metric's real spread), or None
+        where the world cannot make several real images of a caption."""
+        return None
+
+    def floor(self, prompts: list, reference: Reference, metrics: list[str] | None = None,
+              settings: dict | None = None) -> dict | None:
+        """Every metric (a suite's `metrics` and [metrics] `settings`; default FID) of other real images of the same
+        prompts against the reference (the real-vs-real floor), or None where the world cannot make them."""
         return None
 
     @abc.abstractmethod

@@ -4,7 +4,8 @@
 The decorator's literal arguments are the metric's whole declaration: the name a suite's ``metrics`` lists, the
 results-row fields it writes and how tables print them (``columns``: dicts of ``bench.specs.MetricSpec`` fields, read
 from the source by ``bench.specs`` so that tables never import metric code), what it needs (``needs``:
-``"reference"`` a set of real images to compare with, ``"ground_truth"`` each prompt's objects), and whether it is
+``"reference"`` a set of real images to compare with, ``"ground_truth"`` each prompt's objects, ``"groups"`` several
+samples of some prompts, made by ``flashbench run`` itself), and whether it is
 measured whatever the suite lists (``always``). ``get`` imports a metric's module only when it is used.
 """
 
@@ -18,7 +19,7 @@ from core.errors import unknown
 from core.registry import decorated_classes
 
 _REGISTRY: dict[str, type] = {}
-NEEDS = ("reference", "ground_truth")  # what a metric may need besides the samples and their prompts
+NEEDS = ("reference", "ground_truth", "groups")  # what a metric may need besides the samples and their prompts
 TIMING = ("latency",)  # what a suite's metrics may name that the runner times rather than measures on samples
 
 

@@ -14,7 +14,7 @@ import pandas as pd
 from bench.results import claims
 from bench.results.select import teacher_row
 from bench.rundir import load_floor, load_rows
-from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, PLOTTED, SPECS, fmt, missing
+from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, MORE_COLUMNS, PLOTTED, SPECS, fmt, missing
 from core import io
 
 
@@ -49,7 +49,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
         train_seeds = ok["train_seed"].dropna().unique()
         r["n_train_seeds"] = len(train_seeds)
-        for key in (*MAIN_COLUMNS, "brightness", *LATENCY_COLUMNS):
+        for key in (*MAIN_COLUMNS, "brightness", *MORE_COLUMNS, *LATENCY_COLUMNS):
             for suffix in ("", "_ci_low", "_ci_high", "_iqr_ms"):
                 col = key + suffix
                 if col in ok and all_ok and ok[col].notna().any():
@@ -71,12 +71,12 @@ def _cell(r: dict, key: str, with_ci: bool) -> str:
 
 
 def display_table(agg: pd.DataFrame, floor: dict | None = None, with_ci: bool = True,
-                  columns=MAIN_COLUMNS) -> pd.DataFrame:
-    """The human table: method, steps, NFE, each metric (with CI), latency and throughput."""
+                  columns=MAIN_COLUMNS, timing: bool = True) -> pd.DataFrame:
+    """The human table: method, steps, NFE, each metric (with CI), latency and throughput (`timing`)."""
     recs = []
     for r in agg.to_dict("records"):
         rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
-        for key in (*columns, "latency_ms", "throughput"):
+        for key in (*columns, *(("latency_ms", "throughput") if timing else ())):
             rec[SPECS[key].header] = _cell(r, key, with_ci)
         recs.append(rec)
     if floor is not None:
@@ -84,7 +84,8 @@ def display_table(agg: pd.DataFrame, floor: dict | None = None, with_ci: bool = 
         rec = {"method": "real renders (floor)", "steps": "—", "NFE": "—"}
         for key in columns:
             rec[SPECS[key].header] = _cell(f, key, with_ci)
-        rec[SPECS["latency_ms"].header] = rec[SPECS["throughput"].header] = "—"
+        if timing:
+            rec[SPECS["latency_ms"].header] = rec[SPECS["throughput"].header] = "—"
         recs.append(rec)
     return pd.DataFrame(recs)
 
@@ -175,6 +176,10 @@ def write_all(run: Path) -> None:
     if lat is not None:
         io.write_text(tdir / "latency.md", lat.to_markdown(index=False) + "\n")
     io.write_text(tdir / "main.csv", agg.to_csv(index=False))
+    more = [k for k in MORE_COLUMNS if k in agg and agg[k].notna().any()]
+    if more:  # the metrics beside the main table's: distribution, diversity, preference, GenEval
+        io.write_text(tdir / "metrics.md", display_table(agg, floor, columns=more, timing=False).to_markdown(index=False)
+                      + "\n")
     io.write_text(tdir / "main.tex", display_table(agg, floor, with_ci=False).to_latex(index=False))
     if not agg.empty and reference_row(agg) is not None:
         a, b = table_a(agg), table_b(agg)

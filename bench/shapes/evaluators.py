@@ -242,11 +242,16 @@ class ShapesEvaluators(Evaluators):
                   for i in range(0, len(prompts), REFERENCE_CHUNK))
         return cached_reference(key, source, chunks, FEATURE_DIM, cache_dir, self.feature_spaces())
 
-    def floor(self, prompts, reference: Reference) -> dict:
+    def real_variants(self, prompt, k):
+        """Renders of the prompt's scene with k nuisance draws (variants 0..k-1): k real images of one caption."""
+        scene = world.scene_of(prompt)
+        return None if scene is None else torch.cat([world.render([scene], variant=v) for v in range(k)])
+
+    def floor(self, prompts, reference: Reference, metrics=None, settings=None) -> dict:
         """Real-vs-real: renders of the same prompts with other nuisance draws, against the reference."""
         chunks = (real_images(prompts[i : i + REFERENCE_CHUNK], variant=1)
                   for i in range(0, len(prompts), REFERENCE_CHUNK))
-        return measure(self, reference, prompts, chunks, REFERENCE_CHUNK)
+        return measure(self, reference, prompts, chunks, REFERENCE_CHUNK, metrics, settings)
 
 
 def load_evaluators(device: str | torch.device = "cpu", assets: Path = ASSETS) -> ShapesEvaluators:
