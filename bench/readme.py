@@ -123,8 +123,29 @@ def backbones_table() -> str:
     return "\n".join(rows + sorted(set(own_rows))) + "\n"
 
 
+def metrics_table() -> str:
+    """Every registered metric (``bench.metrics.registry``, read from the source): its name as a suite lists it, its
+    columns, what it needs, its definition (its class's first docstring line), source, weights and their license."""
+    from bench.metrics import registry
+
+    rows = ["| metric | columns | needs | definition | source | weights | license |", "|---|---|---|---|---|---|---|"]
+    for name, d in registry.declared().items():
+        cols = ", ".join(f"`{c['key']}`" for c in d["columns"])
+        needs = (", ".join(d["needs"]) or "—") + ("; measured always, where it applies" if d["always"] else "")
+        cells = [f"`{name}`", cols, needs, d["description"].replace("``", "`"), d.get("source", ""), d.get("weights", ""),
+                 d.get("license", "")]
+        rows.append("| " + " | ".join(c.replace("|", "/") or "—" for c in cells) + " |")
+    rows += ["", "Settings (a suite's `[metrics.<name>]` table):", "", "| metric: setting | default | meaning |",
+             "|---|---|---|"]
+    for name in registry.declared():
+        cls = registry.get(name)
+        if cls.Config is not None:
+            rows += [r.replace("| `", f"| `{name}`: `", 1) for r in settings_rows(cls.Config)]
+    return "\n".join(rows) + "\n"
+
+
 GENERATED = {"generated:recipes": recipes_table, "generated:families": families_table,
-             "generated:backbones": backbones_table}
+             "generated:backbones": backbones_table, "generated:metrics": metrics_table}
 
 
 def run_of(include: str, root: Path = ROOT) -> Path | None:

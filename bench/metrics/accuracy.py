@@ -11,7 +11,12 @@ from bench.metrics.registry import register_metric
 from core.errors import UserError
 
 
-@register_metric("accuracy", order=30, always=True, needs=("ground_truth",), columns=(
+@register_metric(
+    "accuracy", order=30, always=True, needs=("ground_truth",),
+    source="this project's embedded world (exact ground truth; GenEval's check kinds, Ghosh et al. 2023)",
+    weights="embedded: the shipped attribute network",
+    license="this repository's (Apache-2.0)",
+    columns=(
     {"key": "accuracy", "header": "Acc ↑", "decimals": 3, "direction": "higher", "show_ci": True, "gate_floor": 0.01,
      "title": "compositional accuracy ↑", "plot": True},
     {"key": "acc_color", "header": "colour", "decimals": 3, "direction": "higher"},

@@ -7,7 +7,13 @@ from bench.metrics.bootstrap import bootstrap_mean
 from bench.metrics.registry import register_metric
 
 
-@register_metric("clip_score", order=20, always=True, columns=(
+@register_metric(
+    "clip_score", order=20, always=True,
+    source="Hessel et al. 2021 (CLIPScore; w = 100, as torchmetrics CLIPScore)",
+    weights="real scale: an open_clip model from a local file (e.g. ViT-g-14 laion2b_s12b_b42k); embedded: the shipped "
+            "tiny open_clip CLIP",
+    license="LAION open_clip weights: MIT; embedded: this repository's (Apache-2.0)",
+    columns=(
     {"key": "clip_score", "header": "CLIP ↑", "decimals": 2, "direction": "higher", "show_ci": True, "gate_floor": 0.25,
      "title": "CLIP score ↑", "plot": True},))
 class CLIPScore(Metric):

@@ -28,7 +28,11 @@ def colour_stats(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([saturation(x), saturation(low), lum.std((1, 2)), lum.mean((1, 2))], 1)
 
 
-@register_metric("colour", order=90, always=True, columns=(
+@register_metric(
+    "colour", order=90, always=True,
+    source="Imagine Flash (Kohler et al. 2024), the noise-correction claim; HSV saturation, Rec. 601 luminance",
+    weights="none", license="—",
+    columns=(
     {"key": "saturation", "header": "sat.", "decimals": 3},
     {"key": "saturation_lowpass", "header": "sat. 3×3", "decimals": 3},
     {"key": "contrast", "header": "contrast", "decimals": 3},

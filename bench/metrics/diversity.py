@@ -71,7 +71,12 @@ class DiversityConfig:
             raise ValueError(f"seeds must be >= 2 (a spread needs two samples), got {self.seeds}")
 
 
-@register_metric("diversity", order=70, needs=("groups",), columns=(
+@register_metric(
+    "diversity", order=70, needs=("groups",),
+    source="Friedman & Dieng 2023 (The Vendi Score, TMLR), eq. 2, q = 1; mean pairwise cosine distance",
+    weights="the evaluators' feature space: embedded, the shipped tiny CLIP; real scale, the CLIP model (or DINOv2)",
+    license="as the feature network's",
+    columns=(
     {"key": "vendi", "header": "Vendi ↑", "decimals": 2, "direction": "higher", "show_ci": True, "main": False,
      "title": "Vendi score of k seeds per prompt ↑"},
     {"key": "vendi_real", "header": "Vendi (real)", "decimals": 2, "show_ci": True, "main": False},

@@ -340,7 +340,14 @@ def bootstrap_reference(paired: bool) -> str:
             else "resampled independently of the generated samples")
 
 
-@register_metric("fid", order=10, needs=("reference",), columns=(
+@register_metric(
+    "fid", order=10, needs=("reference",),
+    source="Heusel et al. 2017 (TTUR, NeurIPS); torchmetrics FrechetInceptionDistance; clean-fid's resize (Parmar et al. "
+           "2022)",
+    weights="real scale: clean-fid's Inception (inception-2015-12-05.pt, pool3, 2048-d); embedded: the shipped attribute "
+            "network's penultimate layer (64-d)",
+    license="Inception: Apache-2.0 (TensorFlow models); embedded: this repository's (Apache-2.0)",
+    columns=(
     {"key": "fid", "header": "FID ↓", "decimals": 2, "direction": "lower", "show_ci": True, "gate_floor": 0.05,
      "title": "FID ↓", "plot": True},))
 class FID(Metric):

@@ -35,9 +35,11 @@ def declared() -> dict[str, dict]:
     return dict(sorted(out.items(), key=lambda kv: (kv[1]["order"], kv[0])))
 
 
-def register_metric(name: str, columns: tuple = (), needs: tuple[str, ...] = (), always: bool = False, order: int = 50):
+def register_metric(name: str, columns: tuple = (), needs: tuple[str, ...] = (), always: bool = False, order: int = 50,
+                    source: str = "", weights: str = "", license: str = ""):
     """Class decorator: the metric `name` (its declaration is read from the source: give literals only); `order`
-    places its columns in the tables (lower first)."""
+    places its columns in the tables (lower first); `source` (paper and reference code), `weights` (the networks it
+    runs, at each scale) and `license` (of those weights) fill the metric table of docs/metrics.md."""
 
     def deco(cls):
         if name not in declared():
