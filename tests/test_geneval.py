@@ -376,3 +376,17 @@ def test_check_refuses_in_one_line(stubs, tmp_path):
     with pytest.raises(UserError) as e:
         cls.check(shapes, "suite", "real", None)
     assert "\n" not in str(e.value)
+
+
+def test_suite_settings_reach_check_and_tables_read_the_columns(stubs):
+    """A suite's [metrics.geneval] table goes through the shared metric check; the columns are declared for the
+    tables (read from source) and kept out of the main table."""
+    from bench import components, specs
+
+    prompts = load_geneval(METADATA)[:2]
+    components.check_metrics(["geneval"], prompts, "geneval.jsonl", "real", {"geneval": stubs})
+    with pytest.raises(UserError, match="is not a folder"):
+        components.check_metrics(["geneval"], prompts, "geneval.jsonl", "real", {"geneval": {"detector": "/no"}})
+    keys = ["geneval", *(f"geneval_{t}" for t in geneval.TAGS)]
+    assert all(specs.SPECS[k].direction == "higher" for k in keys)
+    assert not set(keys) & set(specs.MAIN_COLUMNS)
