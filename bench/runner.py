@@ -26,14 +26,12 @@ import shutil
 import time
 from pathlib import Path
 
-from io import BytesIO
 
 import torch
 import torchvision
-from PIL import Image
 from tqdm import tqdm
 
-from bench import components, latency, protocols, provenance
+from bench import components, geneval, latency, protocols, provenance
 from bench.dist import Dist
 from bench.metrics import registry as metric_registry
 from bench.metrics.cell import CellMetrics, to_8bit
@@ -529,8 +527,9 @@ def cell_folder(label: str, nfe: int, train_seed: int | None) -> str:
 
 
 class SampleSaver:
-    """Every sample of a cell as a lossless PNG, in the GenEval folder layout that `flashbench evaluate` reads:
-    samples/<label>_nfe<NFE>[_train<seed>]/<index:05d>/metadata.jsonl and .../samples/<seed:04d>.png."""
+    """Every sample of a cell as a lossless PNG, in GenEval's folder layout (``bench.geneval.write_sample``), which
+    `flashbench evaluate` and GenEval's official scorer read: samples/<label>_nfe<NFE>[_train<seed>]/ is an image
+    folder, <index:05d>/metadata.jsonl and .../samples/<seed:04d>.png."""
 
     def __init__(self, ctx: RunContext, cell: Cell):
         e = cell.entry
@@ -543,13 +542,8 @@ class SampleSaver:
 
     def save(self, start: int, prompts: list, images: torch.Tensor) -> None:
         for j, (p, img) in enumerate(zip(prompts, images)):
-            folder = self.root / f"{start + j:05d}"
-            if not (folder / "metadata.jsonl").exists():
-                io.write_text(folder / "metadata.jsonl", json.dumps(prompt_record(p), sort_keys=True) + "\n")
             png = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-            buf = BytesIO()
-            Image.fromarray(png).save(buf, format="PNG")
-            io.write_bytes(folder / "samples" / f"{self.seed:04d}.png", buf.getvalue())
+            geneval.write_sample(self.root, start + j, self.seed, png, prompt_record(p))
 
 
 def prompt_record(p) -> dict:
