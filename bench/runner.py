@@ -398,8 +398,8 @@ def teacher_reference(ctx: RunContext):
 
 
 def teacher_features(ctx: RunContext, spec: dict, source: dict):
-    """Features {space: [batch, width]} (``Evaluators.all_features``) of the reference entry's samples, batch by batch in prompt order (consumed only when
-    the reference is not cached). UserError when a sample is not finite."""
+    """Features {space: [batch, width]} (``Evaluators.all_features``) of the reference entry's samples, batch by batch
+    in prompt order (consumed only when the reference is not cached). UserError when a sample is not finite."""
     ref = spec["reference_entry"]
     cls = registry.get(ref["name"])
     config = cls.make_config(ref["settings"], ref["label"])

@@ -58,6 +58,8 @@ LATENCY_COLUMNS = ("latency_ms", "latency_text_ms", "latency_denoise_ms", "laten
 MAIN_COLUMNS = tuple(c["key"] for c in metric_columns() if c.get("main", True))
 # the other metrics' columns (distribution, diversity, preference, GenEval): tables/metrics.md, where a run has them
 MORE_COLUMNS = tuple(c["key"] for c in metric_columns() if not c.get("main", True) and c["key"] != "brightness")
+# of those, what Table A adds after its own columns where a run has them (GenEval's per-task scores)
+TABLE_A_MORE = tuple(c["key"] for c in metric_columns() if c.get("table_a"))
 # the quality metrics plotted against NFE and latency (the columns a metric marks "plot")
 PLOTTED = tuple(c["key"] for c in metric_columns() if c.get("plot"))
 # the metrics the regression gate checks

@@ -1,14 +1,13 @@
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from bench.metrics import bootstrap, fid
 from bench.metrics.cell import CellMetrics, measure
 from bench.metrics.colour import COLOUR_STATS, colour_stats
 from bench.shapes import world
-from bench.shapes.evaluators import attribute_correctness, load_evaluators, real_images
+from bench.shapes.evaluators import attribute_correctness, real_images
 from prompts import Prompt, load_prompts
 
 

@@ -41,15 +41,28 @@ def is_geneval(prompt) -> bool:
     return meta.get("tag") in geneval.TAGS and "include" in meta
 
 
-@register_metric("geneval", order=40, columns=(
-    {"key": "geneval", "header": "GenEval ↑", "decimals": 3, "direction": "higher", "show_ci": True, "main": False,
-     "title": "GenEval overall ↑"},
-    {"key": "geneval_single_object", "header": "single obj.", "decimals": 3, "direction": "higher", "main": False},
-    {"key": "geneval_two_object", "header": "two obj.", "decimals": 3, "direction": "higher", "main": False},
-    {"key": "geneval_counting", "header": "counting", "decimals": 3, "direction": "higher", "main": False},
-    {"key": "geneval_colors", "header": "colours", "decimals": 3, "direction": "higher", "main": False},
-    {"key": "geneval_position", "header": "position", "decimals": 3, "direction": "higher", "main": False},
-    {"key": "geneval_color_attr", "header": "colour attr.", "decimals": 3, "direction": "higher", "main": False}))
+@register_metric(
+    "geneval", order=40,
+    source="Ghosh et al. 2023 (GenEval, NeurIPS D&B), djghosh13/geneval evaluation/evaluate_images.py and "
+           "summary_scores.py (rules, thresholds, task means)",
+    weights="a local object detector (transformers AutoModelForObjectDetection; GenEval's own is mmdet Mask2Former) and "
+            "a local open_clip model for colours",
+    license="as the detector's and CLIP's weights; GenEval metadata: MIT",
+    columns=(
+        {"key": "geneval", "header": "GenEval ↑", "decimals": 3, "direction": "higher", "show_ci": True,
+         "main": False, "table_a": True, "title": "GenEval overall ↑"},
+        {"key": "geneval_single_object", "header": "single obj.", "decimals": 3, "direction": "higher",
+         "main": False, "table_a": True},
+        {"key": "geneval_two_object", "header": "two obj.", "decimals": 3, "direction": "higher", "main": False,
+         "table_a": True},
+        {"key": "geneval_counting", "header": "counting", "decimals": 3, "direction": "higher", "main": False,
+         "table_a": True},
+        {"key": "geneval_colors", "header": "colours", "decimals": 3, "direction": "higher", "main": False,
+         "table_a": True},
+        {"key": "geneval_position", "header": "position", "decimals": 3, "direction": "higher", "main": False,
+         "table_a": True},
+        {"key": "geneval_color_attr", "header": "colour attr.", "decimals": 3, "direction": "higher", "main": False,
+         "table_a": True}))
 class GenEval(Metric):
     """GenEval's score: per image, whether a local detector's boxes (and a colour judge on their crops) satisfy
     the prompt's metadata under GenEval's rules (``bench.geneval``); ``geneval_<tag>`` the share of correct images
