@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default $FLASHBENCH_CACHE or ~/.cache/flashbench)")
     r.add_argument("--dry-run", action="store_true", help="validate and print the plan; write nothing")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's, one per core); "
+                   "recorded with every latency")
     r.add_argument("--shard", metavar="I/N", help="sample only the I-th of N prompt shards (0-based; e.g. "
                    "$SLURM_ARRAY_TASK_ID/8); join the shards with `flashbench merge`")
     r.add_argument("--save-samples", action="store_true", help="write every sample as PNG (GenEval layout) under "
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     device = suite_mod.check_device_name(args.device or "cpu")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be 1 or more, got {args.threads}")
     save_samples = args.save_samples
     if args.resume is not None:
         config = read_config(args.resume)
@@ -189,7 +193,7 @@ def cmd_run(args) -> int:
     opts = runner.Options(out=out, device=device, cache=args.cache, resume=resume,
                           progress=not args.no_progress, dry_run=args.dry_run,
                           command=getattr(args, "command_line", None), shard=shard, save_samples=save_samples,
-                          device_memory=args.device_memory)
+                          device_memory=args.device_memory, threads=getattr(args, "threads", None))
     path = runner.run(s, opts)
     if path is not None and shard is None:
         print(f"results: {path}/results.jsonl\ntable:   {path}/tables/main.md")

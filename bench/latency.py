@@ -15,6 +15,8 @@ peak host resident memory of a whole cell (``cell_memory``: Linux's VmHWM, reset
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +76,7 @@ def stage_timer(backbone, device: str):
 def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup: int = 2, repeats: int = 7) -> dict:
     """Per-image latency at batch 1 (ms, whole and by stage), throughput at batch `batch` (images/s), and peak
     accelerator memory (MB) at `steps` sampler steps. With a compiled UNet, also the eager latency."""
+    load = machine_load()
     p1 = prompts[:1]
     pb = (prompts * (batch // max(1, len(prompts)) + 1))[:batch]
     one_call = lambda: method.sample([p.text for p in p1], [(p.id, 0) for p in p1], steps)  # noqa: E731
@@ -113,7 +116,27 @@ def measure(method, prompts, steps: int, batch: int, device: str = "cpu", warmup
     }
     if eager is not None:
         out["latency_eager_ms"] = 1000 * eager["median_s"]
+    out.update(latency_load_average=load["load_average_1m"], latency_other_load=load["other_load"])
+    if load["loaded"] and not cuda:
+        print(f"warning: latency of {method.name} at {steps} steps measured on a loaded machine (1-min load average "
+              f"{load['load_average_1m']:.1f} on {load['cpus']} CPUs, {load['other_load']:.1f} beyond this run's "
+              f"{load['threads']} threads): its latency and throughput are not comparable with an idle machine's",
+              file=sys.stderr, flush=True)
     return out
+
+
+def machine_load() -> dict:
+    """The CPU load around a measurement: Linux's 1-minute load average, the CPUs, this process's torch threads, the
+    load beyond them (``other_load`` = load − min(threads, CPUs), ≥ 0) and ``loaded``: other work held at least half
+    a CPU, so CPU timings share the machine (None values where the platform has no load average)."""
+    cpus, threads = os.cpu_count() or 1, torch.get_num_threads()
+    try:
+        load1 = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return {"load_average_1m": None, "other_load": None, "cpus": cpus, "threads": threads, "loaded": False}
+    other = max(0.0, load1 - min(threads, cpus))
+    return {"load_average_1m": round(load1, 2), "other_load": round(other, 2), "cpus": cpus, "threads": threads,
+            "loaded": other >= 0.5}
 
 
 @contextlib.contextmanager

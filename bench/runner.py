@@ -23,7 +23,10 @@ import gc
 import json
 import os
 import shutil
+import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -66,6 +69,7 @@ class Options:
     shard: tuple[int, int] | None = None  # (i, n): sample only the i-th of n balanced prompt shards (merge later)
     save_samples: bool = False  # write every sample losslessly (PNG, GenEval layout) under samples/
     device_memory: str | None = None  # the device's memory for the plan ("80GB"); default the CUDA device's total
+    threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +113,7 @@ class RunContext:
     methods: dict = dataclasses.field(default_factory=dict)  # label -> Method, built once
     latency: dict = dataclasses.field(default_factory=dict)  # (label, nfe) -> latency fields
     failed_training: dict = dataclasses.field(default_factory=dict)  # (label, steps) -> failure fields
+    stage: Callable[[str], None] = lambda what: None  # tells the progress bar what the current cell is doing
 
     @classmethod
     def scoring(cls, suite: Suite, rundir: RunDir, prompts: list, evaluators, out: Path, device: str,
@@ -198,6 +203,8 @@ def check(suite: Suite, opts: Options) -> Checked:
     the run directory, the teacher's and the evaluators' files (loaded), the reference folder."""
     if opts.shard is not None and not 0 <= opts.shard[0] < opts.shard[1]:
         raise UserError(f"--shard must be i/n with 0 <= i < n, got {opts.shard[0]}/{opts.shard[1]}")
+    if opts.threads is not None and opts.threads < 1:
+        raise UserError(f"--threads must be 1 or more, got {opts.threads}")
     components.check_device(opts.device)
     prompts = components.suite_prompts(suite.prompts, suite.samples, suite.evaluators)
     components.check_metrics(suite.metrics, prompts, suite.prompts, suite.evaluators["kind"], suite.metric_settings,
@@ -217,6 +224,92 @@ def check(suite: Suite, opts: Options) -> Checked:
     truncated = {"teacher": {k: [prompts[i].id for i in v] for k, v in backbone.truncated(texts).items()},
                  "clip_score": [prompts[i].id for i in evaluators.clip_truncated(texts)]}
     return Checked(prompts, cells, backbone, evaluators, truncated)
+
+
+def cell_work(suite: Suite, cell: Cell) -> int:
+    """A cell's sampling work in network evaluations x samples: NFE x (its samples + the samples of the metrics that
+    draw several seeds per prompt)."""
+    extra = 0
+    for name in suite.metrics:
+        if name in metric_registry.declared() and "groups" in metric_registry.declared()[name]["needs"]:
+            cls = metric_registry.get(name)
+            cfg = cls.make_config(suite.metric_settings.get(name, {}), name)
+            extra += cfg.prompts * cfg.seeds
+    return cell.budget.nfe * (suite.samples + extra)
+
+
+def student_plan(suite: Suite, opts: Options, checked: Checked) -> dict[tuple, tuple[str, str, str]]:
+    """(label, train_seed, steps) -> ("loads" (its student is in the cache) or "trains", the student's cache stem, the
+    method), for the distilled entries (a shared multi-step student has one stem for all its step counts)."""
+    cache = Path(opts.cache or default_cache()) / "students"
+    probe = base.Context(cache_dir=cache, progress=False)
+    out = {}
+    for entry in suite.entries:
+        method = registry.get(entry.name)(checked.backbone, entry.config, probe)
+        if not hasattr(method, "cache_stem"):
+            continue
+        for b in entry.budgets:
+            stem = method.cache_stem(b.steps)
+            out[(entry.label, entry.train_seed, b.steps)] = (
+                "loads" if (cache / f"{stem}.safetensors").exists() else "trains", stem, entry.name)
+    return out
+
+
+def train_seconds_seen(cache: Path, method: str) -> float | None:
+    """The median training wall time (s) of the students of `method` in the cache (their cards), None if none."""
+    seen = []
+    for card in cache.glob(f"{method}-*.json"):
+        try:
+            seen.append(float(json.loads(card.read_text())["info"]["wall_seconds"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return statistics.median(seen) if seen else None
+
+
+def print_plan(suite: Suite, opts: Options, checked: Checked) -> None:
+    """The dry run's plan: each cell (NFE, samples, whether its student trains or loads from the cache), then the
+    totals and a time estimate: sampling from one timed teacher batch (embedded teachers only), training from the
+    cache's earlier students of each method."""
+    students = student_plan(suite, opts, checked)
+    cache = Path(opts.cache or default_cache()) / "students"
+    for c in checked.cells:
+        ts = "" if c.entry.train_seed is None else f" train_seed={c.entry.train_seed}"
+        st = students.get((c.entry.label, c.entry.train_seed, c.budget.steps))
+        print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
+              f"seed={c.seed} n={suite.samples}{ts}" + (f"  student: {st[0]}" if st else ""))
+    work = sum(cell_work(suite, c) for c in checked.cells)
+    to_train = sorted({(stem, name) for status, stem, name in students.values() if status == "trains"})
+    loaded = {stem for status, stem, _ in students.values() if status == "loads"}
+    per_nfe = sampling_seconds_per_nfe(suite, checked)
+    estimate = [f"sampling ≈ {work * per_nfe / 60:.1f} min" if per_nfe is not None else
+                "sampling not estimated (a diffusers teacher is not run in a dry run)"]
+    if to_train:
+        seen = [train_seconds_seen(cache, name) for _, name in to_train]
+        known = [s for s in seen if s is not None]
+        estimate.append(f"training ≈ {sum(known) / 60:.1f} min for {len(known)} of {len(to_train)} students (the median "
+                        "of this cache's earlier students of each method)" if known else
+                        f"training of {len(to_train)} students not estimated (none of their methods in this cache)")
+    print(f"{len(checked.cells)} cells; {work:,} NFE x samples; students: {len(to_train)} to train, "
+          f"{len(loaded)} loaded from the cache; estimate: {'; '.join(estimate)} "
+          "(metrics and latency not included)")
+    print(f"protocol {protocols.resolve(suite.evaluators).name}; prompts {suite.prompts!r} (first {suite.samples}); "
+          "checks passed; nothing written (dry run)")
+
+
+def sampling_seconds_per_nfe(suite: Suite, checked: Checked) -> float | None:
+    """Seconds per network evaluation per sample of the embedded teacher, from one timed batch at 1 step (None for a
+    diffusers teacher, which a dry run does not run)."""
+    if suite.backbone.get("kind") == "diffusers":
+        return None
+    teacher = registry.get("teacher")
+    method = teacher(checked.backbone, teacher.make_config({}), base.Context(cache_dir=None, progress=False))
+    batch = checked.prompts[: suite.batch_size]
+    budget = teacher.budget(method.config, steps=1)
+    with torch.no_grad():
+        method.sample([p.text for p in batch], [(p.id, 0) for p in batch], 1)  # warm-up
+        t0 = time.perf_counter()
+        method.sample([p.text for p in batch], [(p.id, 0) for p in batch], 1)
+    return (time.perf_counter() - t0) / (budget.nfe * len(batch))
 
 
 def memory_plan(suite: Suite, opts: Options) -> None:
@@ -247,17 +340,13 @@ def run(suite: Suite, opts: Options) -> Path | None:
     """Run a suite; returns the run directory (None for a dry run). Bad input raises UserError before
     anything is written; a failure while the run is being set up removes the new run directory."""
     t_start = time.time()
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     dist = Dist(opts.device)  # before anything loads: under several CUDA processes each loads onto its own GPU
     opts = dataclasses.replace(opts, device=dist.run_device)
     checked = check(suite, opts)
     if opts.dry_run:
-        for c in checked.cells:
-            ts = "" if c.entry.train_seed is None else f" train_seed={c.entry.train_seed}"
-            print(f"{c.entry.label:32s} method={c.entry.name:14s} steps={c.budget.steps:<3d} nfe={c.budget.nfe:<3d} "
-                  f"seed={c.seed} n={suite.samples}{ts}")
-        print(f"{len(checked.cells)} cells; protocol {protocols.resolve(suite.evaluators).name}; prompts "
-              f"{suite.prompts!r} (first {suite.samples}); checks passed; "
-              "nothing written (dry run)")
+        print_plan(suite, opts, checked)
         return None
     stamp = dist.broadcast_object(dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     rd = RunDir(opts.out or Path("results") / f"{suite.name}-{stamp}")
@@ -270,6 +359,8 @@ def run(suite: Suite, opts: Options) -> Path | None:
     error = dist.broadcast_object(error)
     if error:
         raise UserError(error)
+    if dist.main:
+        print(f"run directory: {rd.path}", file=sys.stderr, flush=True)
     try:
         ctx = RunContext(suite, opts, rd, checked.prompts, checked.backbone, checked.evaluators, dist)
         try:
@@ -282,18 +373,21 @@ def run(suite: Suite, opts: Options) -> Path | None:
         rows = rd.rows() if dist.main else []
         done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"], r.get("train_seed")) for r in rows})
         t_cells = time.time()
-        bar = tqdm(total=len(checked.cells), desc=f"run {suite.name}", disable=not ctx.progress)
         cells = checked.cells
+        # the bar counts sampling network evaluations (NFE x samples, the diversity groups' included): its estimate
+        # follows the cells' cost rather than their number; the postfix names the cell and its stage
+        bar = tqdm(total=sum(cell_work(suite, c) for c in cells), desc=f"run {suite.name}", unit="NFE·sample",
+                   unit_scale=True, disable=not ctx.progress)
         for k, cell in enumerate(cells):
             if cell.key not in done:
-                bar.set_postfix_str(cell.key)
+                ctx.stage = lambda what, key=cell.key: bar.set_postfix_str(f"{key}: {what}")
                 row = run_cell(ctx, cell)
                 if dist.main:
                     rows.append(row)
                     rd.write_rows(rows)
             if k + 1 == len(cells) or entry_key(cells[k + 1].entry) != entry_key(cell.entry):
                 ctx.release(cell.entry)  # its last cell: free its networks before the next method loads
-            bar.update(1)
+            bar.update(cell_work(suite, cell))
         bar.close()
         finish(ctx, len(checked.cells), t_start, t_cells)
         return rd.path
@@ -436,12 +530,14 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
     try:
         # 1. train or load (cached by a hash of what makes the student)
         try:
+            ctx.stage("training or loading the student")
             row["train"] = method.prepare(budget.steps).to_dict()
         except DivergenceError as e:
             failed = {"status": "failed", "error": f"training diverged: {e}", "failed_step": e.step}
             ctx.failed_training[(entry.label, entry.train_seed, budget.steps)] = failed
             return {**row, **failed}
         # 2. sample this process's shard into the metric accumulators, counting network evaluations
+        ctx.stage("sampling")
         with latency.cell_memory(ctx.opts.device) as memory:
             sampled = sample_and_measure(ctx, cell, method)
         row.update(memory)
@@ -462,12 +558,14 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
             return {**row, "status": "failed",
                     "error": f"{sampled['bad']} of {len(ctx.prompts)} samples are not finite (NaN/Inf)"}
         else:  # 3. metrics, from every sample's values in sample order
+            ctx.stage("metrics and their CIs")
             row.update(sampled["meter"].row(values, row["protocol"]))
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0 of the first shard; once per method and budget, the same for every seed)
         if "latency" in ctx.suite.metrics and (ctx.opts.shard is None or ctx.opts.shard[0] == 0):
             key = (entry.label, budget.nfe)  # the same network sizes for every seed: timed once
             if key not in ctx.latency:
+                ctx.stage("latency")
                 lat = ctx.suite.latency
                 ctx.latency[key] = latency.measure(method, ctx.prompts, budget.steps, lat["throughput_batch"],
                                                    ctx.opts.device, lat["warmup"], lat["repeats"])
