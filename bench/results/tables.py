@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -194,7 +195,7 @@ def write_all(run: Path) -> None:
         io.write_text(tdir / "table_b.tex", b.to_latex(index=False))
     if not agg.empty and (agg["status"] == "ok").any():
         plot_quality(agg, run / "plots")
-        overview(agg, run / "grids")
+        overview(agg, run / "grids", prompts=grid_prompts(run))
         claims.write(run, agg)
 
 
@@ -210,29 +211,60 @@ def _plt():
     return plt
 
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def series_style(i: int) -> dict:
+    """The i-th series' matplotlib style: a colour (tab10, then tab20's light shades), and a marker and line style of
+    its own (12 markers × 4 line styles), so that no two methods of a figure look alike, even in grey."""
+    import matplotlib
+
+    colour = matplotlib.colormaps["tab10"](i) if i < 10 else matplotlib.colormaps["tab20"]((2 * (i - 10) + 1) % 20)
+    return {"color": colour, "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[(i // len(MARKERS)) % len(LINESTYLES)]}
+
+
 def plot_quality(agg: pd.DataFrame, out: Path) -> None:
+    """plots/quality_vs_nfe.png and quality_vs_latency.png: each plotted metric (with its CI) against NFE and latency,
+    one series per method (its own colour, marker and line style); the legend below the panels, NFE ticks at the
+    budgets measured."""
     plt = _plt()
+    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
     ok = agg[agg["status"] == "ok"]
     keys = [k for k in PLOTTED if k in ok]
+    labels = list(dict.fromkeys(ok["label"]))
     for x, name, xlabel in (("nfe", "quality_vs_nfe", "NFE per image"),
                             ("latency_ms", "quality_vs_latency", "latency per image at batch 1 (ms)")):
-        if x not in ok or not keys:
+        if x not in ok or not keys or ok[x].isna().all():
             continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-        axes = [axes] if len(keys) == 1 else axes
+        fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys), 3.6), squeeze=False)
+        axes = list(axes[0])
         for ax, key in zip(axes, keys):
             for label, g in ok.groupby("label", sort=False):
-                g = g.sort_values(x)
+                g = g.dropna(subset=[x, key]).sort_values(x)
+                if g.empty:
+                    continue
                 yerr = None
                 if f"{key}_ci_low" in g:
                     yerr = [(g[key] - g[f"{key}_ci_low"]).clip(lower=0), (g[f"{key}_ci_high"] - g[key]).clip(lower=0)]
-                ax.errorbar(g[x], g[key], yerr=yerr, marker="o", ms=3, capsize=2, label=label)
+                ax.errorbar(g[x], g[key], yerr=yerr, ms=4, capsize=2, label=label, lw=1.2,
+                            **series_style(labels.index(label)))
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            if x == "nfe":  # ticks at the budgets measured, thinned so that their labels never touch
+                ticks = sorted({int(v) for v in ok["nfe"].dropna()})
+                kept = [t for i, t in enumerate(ticks) if i == 0 or t >= 1.35 * ticks[i - 1]]
+                ax.xaxis.set_major_locator(FixedLocator(kept))
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.tick_params(axis="x", labelsize=8)
             ax.set_xlabel(xlabel)
             ax.set_title(SPECS[key].title)
             ax.grid(alpha=0.3)
-        axes[-1].legend(fontsize=7)
-        fig.tight_layout()
+        handles, names = axes[0].get_legend_handles_labels()
+        fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 + 0.045 * ((len(names) - 1) // 4), 1, 1))
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / f".{name}.tmp.png"
         fig.savefig(tmp, dpi=110)
@@ -240,8 +272,27 @@ def plot_quality(agg: pd.DataFrame, out: Path) -> None:
         tmp.replace(out / f"{name}.png")
 
 
-def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, size: int = 16) -> None:
-    """One figure: the first row of every cell's grid (same prompts, same seeds), labelled."""
+def grid_prompts(run: Path) -> list[str] | None:
+    """The texts of a run's prompts in order (its grids show the first ones), when its prompt set is a shipped set or
+    a file that still reads the same (its sha256); None otherwise."""
+    from prompts import load_prompts
+    from prompts.loaders import prompts_sha256
+
+    try:
+        ident = json.loads((Path(run) / "config.json").read_text())["prompts"]
+        prompts = load_prompts(ident["set"])
+    except Exception:  # a drawn protocol, a moved file: the grid goes without its captions
+        return None
+    prompts = prompts[: ident.get("n", len(prompts))]
+    return [p.text for p in prompts] if prompts_sha256(prompts) == ident.get("sha256") else None
+
+
+def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, size: int = 16,
+             prompts: list[str] | None = None) -> None:
+    """grids/overview.png: the first row of every cell's grid (the same prompts and seeds), a row per cell labelled
+    with its method and NFE, each column headed by its prompt's text (`prompts`, when known)."""
+    import textwrap
+
     import matplotlib.image as mpimg
 
     plt = _plt()
@@ -249,14 +300,19 @@ def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, si
     if not cells:
         return
     h = 2 + size * upscale + 2
-    fig, axes = plt.subplots(len(cells), 1, figsize=(8, 0.95 * len(cells) + 0.3), squeeze=False)
+    head = 0.9 if prompts else 0.0  # inches of captions above the first row
+    fig, axes = plt.subplots(len(cells), 1, figsize=(8, 0.95 * len(cells) + 0.3 + head), squeeze=False)
     for ax, (label, nfe) in zip(axes[:, 0], cells):
         img = mpimg.imread(grids / f"{label}_nfe{nfe}.png")[:h]
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(f"{label}\nNFE {nfe}", rotation=0, ha="right", va="center", fontsize=7)
-    fig.tight_layout()
+    if prompts:
+        step = size * upscale + 2
+        for j, text in enumerate(prompts[:nrow]):
+            axes[0, 0].text(2 + j * step + step / 2, -3, textwrap.fill(text, 15), ha="center", va="bottom", fontsize=5)
+    fig.tight_layout(rect=(0, 0, 1, 1 - head / (0.95 * len(cells) + 0.3 + head)))
     tmp = grids / ".overview.tmp.png"
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
