@@ -87,3 +87,31 @@ def test_a_dry_run_prints_the_cost_and_which_students_it_trains(tmp_path, capsys
     assert "student: trains" in out and "1 to train, 0 loaded" in out
     assert "NFE x samples" in out and "sampling ≈" in out
     assert not (tmp_path / "cache" / "students").exists() or not any((tmp_path / "cache" / "students").iterdir())
+
+
+def test_no_two_methods_of_a_plot_share_a_style():
+    from bench.results.tables import series_style
+
+    styles = [series_style(i) for i in range(40)]
+    assert len({(tuple(s["color"]), s["marker"], s["linestyle"]) for s in styles}) == 40
+    assert len({s["marker"] for s in styles[:12]}) == 12  # the first dozen differ by marker alone
+
+
+def test_the_overview_grid_is_captioned_with_the_runs_prompts(tmp_path):
+    import pandas as pd
+    import torch
+
+    from bench.results import tables
+    from bench.runner import save_grid
+    from prompts import load_prompts
+    from prompts.loaders import prompts_sha256
+
+    prompts = load_prompts("shapes-eval")[:8]
+    (tmp_path / "config.json").write_text(json.dumps({"prompts": {"set": "shapes-eval", "n": 8,
+                                                                  "sha256": prompts_sha256(prompts)}}))
+    assert tables.grid_prompts(tmp_path) == [p.text for p in prompts]
+    save_grid(torch.rand(8, 3, 16, 16), tmp_path / "grids" / "a_nfe2.png")
+    tables.overview(pd.DataFrame([{"label": "a", "nfe": 2}]), tmp_path / "grids", prompts=tables.grid_prompts(tmp_path))
+    assert (tmp_path / "grids" / "overview.png").stat().st_size > 0
+    (tmp_path / "config.json").write_text(json.dumps({"prompts": {"set": "shapes-eval", "n": 8, "sha256": "other"}}))
+    assert tables.grid_prompts(tmp_path) is None  # a set that no longer reads the same: no captions rather than wrong ones
