@@ -38,6 +38,7 @@ from bench.dist import Dist
 from bench.metrics import registry as metric_registry
 from bench.metrics.cell import CellMetrics, to_8bit
 from bench.metrics.fid import cached_reference, reference_cached
+from bench.metrics.preference import reward_flags
 from bench.results import tables
 from bench.rundir import RunDir
 from bench.source import source_hash
@@ -463,6 +464,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
                     "error": f"{sampled['bad']} of {len(ctx.prompts)} samples are not finite (NaN/Inf)"}
         else:  # 3. metrics, from every sample's values in sample order
             row.update(sampled["meter"].compute(values))
+            row.update(reward_flags(row["settings"], ctx.suite.metrics))  # trained on the reward it is measured with?
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0 of the first shard; once per method and budget, the same for every seed)
         if "latency" in ctx.suite.metrics and (ctx.opts.shard is None or ctx.opts.shard[0] == 0):

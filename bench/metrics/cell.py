@@ -52,6 +52,8 @@ class CellMetrics:
         row = {}
         for part, v in zip(self.parts, values):
             row.update(part.compute(v))
+            if (proto := part.protocol()) is not None:  # what moves this metric's numbers (weights' sha256, ...)
+                row.setdefault("metric_protocols", {})[part.name] = proto
         return row
 
 
