@@ -39,6 +39,7 @@ from bench.dist import Dist
 from bench.metrics import registry as metric_registry
 from bench.metrics.cell import CellMetrics, to_8bit
 from bench.metrics.fid import cached_reference, reference_cached
+from bench.metrics.preference import reward_flags
 from bench.results import tables
 from bench.rundir import RunDir
 from bench.source import source_hash
@@ -560,6 +561,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
         else:  # 3. metrics, from every sample's values in sample order
             ctx.stage("metrics and their CIs")
             row.update(sampled["meter"].row(values, row["protocol"]))
+            row.update(reward_flags(row["settings"], ctx.suite.metrics))  # trained on the reward it is measured with?
         row["eval_seconds"] = round(sampled["eval_seconds"] + time.time() - t0, 2)
         # 4. latency (process 0 of the first shard; once per method and budget, the same for every seed)
         if "latency" in ctx.suite.metrics and (ctx.opts.shard is None or ctx.opts.shard[0] == 0):

@@ -88,8 +88,19 @@ def load_cards(path: Path = CARDS_FILE) -> dict[str, dict]:
         problems += [f for f in [card.get("checkpoint", {}).get("format")] if f not in FORMATS]
         if problems or card["kind"] not in KINDS or card["recipe"] in cards:
             raise RuntimeError(f"{path}: card {card.get('recipe')!r} is malformed ({problems or card['kind']})")
+        rewards = card.get("trained_on_rewards", [])
+        if not isinstance(rewards, list) or not all(isinstance(r, str) for r in rewards) or (
+                rewards and not card.get("trained_on_rewards_source")):
+            raise RuntimeError(f"{path}: card {card['recipe']!r}: trained_on_rewards must be a list of reward names with "
+                               "a trained_on_rewards_source saying where the card or paper says so")
         cards[card["recipe"]] = card
     return cards
+
+
+def trained_on_rewards(recipe: str) -> tuple[str, ...]:
+    """The reward models a published checkpoint was trained with, as its card records them (``trained_on_rewards``:
+    names a preference metric declares as its ``reward``); () for no recipe or a card that records none."""
+    return tuple(CARDS[recipe].get("trained_on_rewards", ())) if recipe in CARDS else ()
 
 
 def recipe_from_card(card: dict) -> dict:

@@ -87,6 +87,7 @@ class Metric(Accumulator):
     columns: ClassVar[tuple[dict, ...]]  # bench.specs.MetricSpec fields of each results-row field it writes
     needs: ClassVar[tuple[str, ...]]
     always: ClassVar[bool]
+    reward: ClassVar[str | None] = None  # the reward model it is, as model cards name it (``register_metric``)
     Config: ClassVar[type | None] = None  # its settings (a dataclass; a suite's [metrics.<name>] table), if any
 
     def __init__(self, evaluators, prompts: list, reference=None, config=None):

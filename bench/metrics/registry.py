@@ -5,8 +5,10 @@ The decorator's literal arguments are the metric's whole declaration: the name a
 results-row fields it writes and how tables print them (``columns``: dicts of ``bench.specs.MetricSpec`` fields, read
 from the source by ``bench.specs`` so that tables never import metric code), what it needs (``needs``:
 ``"reference"`` a set of real images to compare with, ``"ground_truth"`` each prompt's objects, ``"groups"`` several
-samples of some prompts, made by ``flashbench run`` itself), and whether it is
-measured whatever the suite lists (``always``). ``get`` imports a metric's module only when it is used.
+samples of some prompts, made by ``flashbench run`` itself), whether it is measured whatever the suite lists
+(``always``), and the reward model it is, if a method may have been trained on it (``reward``: a name a model card's
+``trained_on_rewards`` may list; ``bench.metrics.preference.reward_flags``). ``get`` imports a metric's module only
+when it is used.
 """
 
 from __future__ import annotations
@@ -25,21 +27,24 @@ TIMING = ("latency",)  # what a suite's metrics may name that the runner times r
 
 @functools.cache
 def declared() -> dict[str, dict]:
-    """name -> {"module", "summary", "columns", "needs", "always"} for every registered metric (read, not imported)."""
+    """name -> {"module", "summary", "columns", "needs", "always", "order", "reward"} for every registered metric (read,
+    not imported)."""
     out = decorated_classes(Path(__file__).parent, "register_metric", "bench.metrics")
     for d in out.values():
         d.setdefault("needs", ())
         d.setdefault("always", False)
         d.setdefault("columns", ())
         d.setdefault("order", 50)
+        d.setdefault("reward", None)
     return dict(sorted(out.items(), key=lambda kv: (kv[1]["order"], kv[0])))
 
 
 def register_metric(name: str, columns: tuple = (), needs: tuple[str, ...] = (), always: bool = False, order: int = 50,
-                    source: str = "", weights: str = "", license: str = ""):
+                    source: str = "", weights: str = "", license: str = "", reward: str | None = None):
     """Class decorator: the metric `name` (its declaration is read from the source: give literals only); `order`
     places its columns in the tables (lower first); `source` (paper and reference code), `weights` (the networks it
-    runs, at each scale) and `license` (of those weights) fill the metric table of docs/metrics.md."""
+    runs, at each scale) and `license` (of those weights) fill the metric table of docs/metrics.md; `reward`: the
+    reward model the metric is, as model cards name it (``trained_on_rewards``)."""
 
     def deco(cls):
         if name not in declared():
@@ -47,7 +52,7 @@ def register_metric(name: str, columns: tuple = (), needs: tuple[str, ...] = (),
         bad = [n for n in needs if n not in NEEDS]
         if bad:
             raise RuntimeError(f"metric {name!r} needs {bad}; a metric may need {NEEDS}")
-        cls.name, cls.needs, cls.always, cls.columns = name, tuple(needs), always, tuple(columns)
+        cls.name, cls.needs, cls.always, cls.columns, cls.reward = name, tuple(needs), always, tuple(columns), reward
         _REGISTRY[name] = cls
         return cls
 
