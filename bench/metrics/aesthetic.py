@@ -35,7 +35,11 @@ def load_aesthetic(clip_model: str, clip_pretrained: str, path: str, device: str
     return clip.eval().to(device), mlp.to(device), transform
 
 
-@register_metric("aesthetic", order=63, reward="laion_aesthetic", columns=(
+@register_metric("aesthetic", order=63, reward="laion_aesthetic",
+    source="Schuhmann, LAION improved aesthetic predictor v2 (github.com/christophschuhmann/improved-aesthetic-predictor)",
+    weights="sac+logos+ava1-l14-linearMSE.pth (MLP) on OpenAI CLIP ViT-L/14, local files",
+    license="Apache-2.0 (repository); OpenAI CLIP: MIT",
+    columns=(
     {"key": "aesthetic", "header": "Aesthetic ↑", "decimals": 3, "direction": "higher", "show_ci": True,
      "main": False, "title": "LAION aesthetic score ↑"},))
 class Aesthetic(Metric):

@@ -35,7 +35,11 @@ def load_hpsv2(model_name: str, path: str, device: str):
     return model.eval().to(device), open_clip.get_tokenizer(model_name), transform
 
 
-@register_metric("hpsv2", order=60, reward="hpsv2", columns=(
+@register_metric("hpsv2", order=60, reward="hpsv2",
+    source="Wu et al. 2023 (Human Preference Score v2); github.com/tgxs002/HPSv2 score.py",
+    weights="HPS_v2.1_compressed.pt (open_clip ViT-H-14 tuned on HPD v2), a local file",
+    license="Apache-2.0 (HPSv2 repository); base ViT-H-14: MIT",
+    columns=(
     {"key": "hpsv2", "header": "HPSv2.1 ↑", "decimals": 4, "direction": "higher", "show_ci": True, "main": False,
      "title": "HPS v2.1 ↑"},))
 class HPSv2(Metric):

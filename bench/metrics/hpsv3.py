@@ -48,7 +48,11 @@ def hpsv3_skeleton(path: str | Path):
     return model, head
 
 
-@register_metric("hpsv3", order=64, reward="hpsv3", columns=(
+@register_metric("hpsv3", order=64, reward="hpsv3",
+    source="Ma et al. 2025 (HPSv3); github.com/MizzenAI/HPSv3 — declared and refused (scoring head not reproduced)",
+    weights="an HPSv3 directory (Qwen2-VL-7B reward model), GPU tier",
+    license="not checked",
+    columns=(
     {"key": "hpsv3", "header": "HPSv3 ↑", "decimals": 3, "direction": "higher", "show_ci": True, "main": False,
      "title": "HPSv3 ↑"},))
 class HPSv3(Metric):

@@ -121,7 +121,11 @@ def load_image_reward(path: str, med_config: str, tokenizer: str, device: str):
     return vision.eval().to(device), text.eval().to(device), mlp.to(device), tok, transform
 
 
-@register_metric("image_reward", order=62, reward="image_reward", columns=(
+@register_metric("image_reward", order=62, reward="image_reward",
+    source="Xu et al. 2023 (ImageReward, NeurIPS); github.com/THUDM/ImageReward ImageReward.score",
+    weights="ImageReward.pt (BLIP ViT-L + MLP head), med_config.json, a bert-base-uncased tokenizer, local files",
+    license="Apache-2.0 (repository)",
+    columns=(
     {"key": "image_reward", "header": "ImageReward ↑", "decimals": 3, "direction": "higher", "show_ci": True,
      "main": False, "title": "ImageReward ↑"},))
 class ImageReward(Metric):

@@ -34,7 +34,11 @@ def load_pickscore(path: str, processor: str, device: str):
     return model, AutoProcessor.from_pretrained(processor, local_files_only=True)
 
 
-@register_metric("pickscore", order=61, reward="pickscore", columns=(
+@register_metric("pickscore", order=61, reward="pickscore",
+    source="Kirstain et al. 2023 (Pick-a-Pic); the PickScore_v1 model card",
+    weights="PickScore_v1 (transformers CLIPModel, ViT-H-14) and the laion CLIP-ViT-H-14 processor, local directories",
+    license="MIT (model card)",
+    columns=(
     {"key": "pickscore", "header": "PickScore ↑", "decimals": 3, "direction": "higher", "show_ci": True, "main": False,
      "title": "PickScore ↑"},))
 class PickScore(Metric):
