@@ -103,13 +103,14 @@ def load_evaluators(spec: dict, device: str, prompts: list | None = None):
         for key in ("clip_model", *preset.inputs):
             if key not in spec:
                 raise UserError(f"[evaluators] kind = 'real' (protocol {preset.name!r}) needs {key} = ...")
-        for key in ("reference", "images"):
+        for key in ("reference", "images", "dinov2"):
             if key in spec and not Path(spec[key]).is_dir():
                 raise UserError(f"[evaluators] {key} = {spec[key]!r} is not a folder; give the folder of its images")
         inc = spec.get("inception_dir")
         folder, images = (Path(spec[k]) if k in spec else None for k in ("reference", "images"))
         ev = load_real_evaluators(Path(inc) if inc else None, spec["clip_model"], spec.get("clip_pretrained"), folder,
-                                  device, dtype=spec.get("dtype", "fp32"), protocol=preset, images_dir=images)
+                                  device, dtype=spec.get("dtype", "fp32"), protocol=preset, images_dir=images,
+                                  dinov2_dir=Path(spec["dinov2"]) if "dinov2" in spec else None)
         if preset.reference == "drawn-images":
             ev.check_paired(prompts or [])
         return ev

@@ -11,7 +11,10 @@ CMYK, PNG / JPEG / WebP): each is converted to RGB, preprocessed by the protocol
 square and LANCZOS resize, as GigaGAN and DMD2 do; ``centre_crop_resize``), generated samples likewise, and
 resized by clean-fid's own "clean" resize (PIL bicubic to 299, per image); a file that cannot be read is
 named before anything is written. CLIP score feeds each 8-bit sample, as a PIL image, through the open_clip
-model's own ``preprocess`` transform. Every protocol field is stored with the numbers (``identity()``, the
+model's own ``preprocess`` transform. The distribution metrics (``bench.metrics.distribution``) compare features in
+named spaces: ``fid`` (the FID network), ``clip`` (open_clip's image tower, L2-normalised) and ``dinov2`` (a local
+transformers Dinov2Model, ``Dinov2Features``, where ``[evaluators] dinov2`` names one); the reference holds every
+space and its cache key names every space's network. Every protocol field is stored with the numbers (``identity()``, the
 reference's own identity and the protocol's definition); results of different protocols never share a column.
 """
 
@@ -133,6 +136,20 @@ class OpenCLIPScore(nn.Module):
 
         return torch.stack([self.preprocess(Image.fromarray(a)) for a in to_uint8(images)]).to(images.device)
 
+    @property
+    def width(self) -> int:
+        """The image embeddings' width."""
+        return int(self.model.visual.output_dim)
+
+    @torch.no_grad()
+    def embed(self, arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        """L2-normalised image embeddings float [n, width] of uint8 RGB images [H, W, 3] (any sizes), each through
+        ``preprocess(PIL.Image)``."""
+        from PIL import Image
+
+        x = torch.stack([self.preprocess(Image.fromarray(a)) for a in arrays]).to(device)
+        return nn.functional.normalize(self.model.encode_image(x), dim=-1)
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """CLIP score float [n] in [0, 100] of images float [n, 3, H, W] in [0, 1] against their texts."""
@@ -140,6 +157,56 @@ class OpenCLIPScore(nn.Module):
         img = nn.functional.normalize(self.model.encode_image(x), dim=-1)
         txt = nn.functional.normalize(self.model.encode_text(self.tokenizer(texts).to(x.device)), dim=-1)
         return 100.0 * (img * txt).sum(-1).clamp(min=0)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class Dinov2Features(nn.Module):
+    """DINOv2 features as dgm-eval computes them (Stein et al. 2023, layer6ai-labs/dgm-eval): each 8-bit image as a
+    PIL image, bicubic resize to 224x224 (torchvision ``Resize((224, 224), BICUBIC)``), ImageNet normalisation, and
+    the CLS token after the final layer norm (transformers ``Dinov2Model``'s ``pooler_output``; torch hub's DINOv2
+    returns the same token). Weights from a local transformers directory; never downloads."""
+
+    SIZE = 224
+
+    def __init__(self, path: Path, device: str | torch.device = "cpu"):
+        super().__init__()
+        from transformers import Dinov2Model
+
+        self.model = Dinov2Model.from_pretrained(str(path), local_files_only=True).to(device).eval()
+        self.model.requires_grad_(False)
+        cfg = self.model.config
+        self.num_features = int(cfg.hidden_size)
+        self.network = (f"transformers Dinov2Model ({cfg.num_hidden_layers} layers, {cfg.hidden_size}-d, patch "
+                        f"{cfg.patch_size}) pooler_output at {self.SIZE}x{self.SIZE}, bicubic resize, ImageNet "
+                        "normalisation (dgm-eval)")
+
+    @torch.no_grad()
+    def forward(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """Features float [n, num_features] of uint8 RGB images [H, W, 3] (any sizes)."""
+        from PIL import Image
+        from torchvision import transforms as T
+
+        prep = T.Compose([T.Resize((self.SIZE, self.SIZE), interpolation=T.InterpolationMode.BICUBIC), T.ToTensor(),
+                          T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        x = torch.stack([prep(Image.fromarray(a)) for a in arrays]).to(self.model.device)
+        return self.model(pixel_values=x).pooler_output
+
+
+def load_dinov2(path: Path, device: str = "cpu") -> tuple[Dinov2Features, str]:
+    """(DINOv2 features, the weights file's sha256) from a local transformers Dinov2Model directory; UserError
+    when it is not one."""
+    path = Path(path)
+    weights = next((path / f for f in ("model.safetensors", "pytorch_model.bin") if (path / f).is_file()), None)
+    if not (path / "config.json").is_file() or weights is None:
+        raise UserError(f"[evaluators] dinov2 = {str(path)!r} is not a transformers Dinov2Model directory (config.json "
+                        "and model.safetensors); save facebook/dinov2-large there with save_pretrained")
+    try:
+        net = Dinov2Features(path, device)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load the DINOv2 model in {path} ({str(e).splitlines()[0][:160]})") from None
+    return net, sha256_file(weights)
 
 
 def folder_images(folder: Path) -> list[Path]:
@@ -194,7 +261,7 @@ def load_images(files: list[Path]) -> torch.Tensor:
 @dataclasses.dataclass
 class Networks:
     """The real-scale evaluator networks and what identifies them: the FID feature network (its id and its weights'
-    sha256, None for a stand-in) and the open_clip scorer (model name, weights sha256)."""
+    sha256, None for a stand-in) and the open_clip scorer (model name, weights sha256) and, where its weights were given, DINOv2."""
 
     fid_net: nn.Module
     feature_id: str
@@ -202,6 +269,8 @@ class Networks:
     clip: nn.Module
     clip_model: str
     clip_sha256: str | None
+    dinov2: Dinov2Features | None = None  # the "dinov2" feature space, where its weights were given
+    dinov2_sha256: str | None = None
 
 
 class RealEvaluators(Evaluators):
@@ -244,11 +313,34 @@ class RealEvaluators(Evaluators):
             return self.fid_net(images)
         return self.features_of_uint8(to_uint8(images))
 
-    def features_of_uint8(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        """FID features [n, num_features] of uint8 RGB images [H, W, 3] of any sizes: the protocol's crop and resize
-        (``centre_crop_resize``), then clean-fid's resize and Inception (or a stand-in network's own input)."""
+    def feature_spaces(self):
+        """``fid`` (where FID is measured), ``clip`` (open_clip's image tower, L2-normalised) and ``dinov2`` (where its
+        weights were given); each sees the protocol's crop and resize first."""
+        n, pre = self.nets, describe_preprocess(self.pre)
+        out = {**super().feature_spaces(),
+               "clip": {"width": self.clip.width, "sha256": n.clip_sha256,
+                        "network": f"open_clip {n.clip_model} encode_image, L2-normalised; {pre}the model's own "
+                                   "preprocess transform on each 8-bit image as a PIL image"}}
+        if n.dinov2 is not None:
+            out["dinov2"] = {"width": n.dinov2.num_features, "network": f"{pre}{n.dinov2.network}",
+                             "sha256": n.dinov2_sha256}
+        return out
+
+    def _features(self, space, images):
+        return self.features_of_uint8(to_uint8(images), space)
+
+    def features_of_uint8(self, arrays: list[np.ndarray], space: str = "fid") -> torch.Tensor:
+        """Features [n, width] in `space` of uint8 RGB images [H, W, 3] of any sizes: the protocol's crop and resize
+        (``centre_crop_resize``), then the space's network: clean-fid's resize and Inception (or a stand-in network's
+        own input) for ``fid``, open_clip's preprocess and image tower for ``clip``, ``Dinov2Features`` for ``dinov2``."""
         if self.pre is not None:
             arrays = [centre_crop_resize(a, self.pre.size) for a in arrays]
+        if space == "clip":
+            return self.clip.embed(arrays, self.device)
+        if space == "dinov2" and self.nets.dinov2 is not None:
+            return self.nets.dinov2(arrays)
+        if space != "fid":
+            raise KeyError(f"{type(self).__name__} has no feature space {space!r}; it has {sorted(self.feature_spaces())}")
         if isinstance(self.fid_net, CleanResize):
             return self.fid_net.of_uint8(arrays)
         x = torch.from_numpy(np.stack(arrays).astype(np.float32) / 255.0).permute(0, 3, 1, 2)
@@ -279,17 +371,21 @@ class RealEvaluators(Evaluators):
         check_images(self.paired_files(prompts))
 
     def reference(self, prompts, cache_dir) -> Reference:
-        """The protocol's FID reference, cached by content hash: the folder's images (whatever the prompts), or the
-        image of each prompt (paired), each through ``features_of_uint8``."""
+        """The protocol's FID reference in every feature space, cached by content hash (of the images, the FID
+        network, the preprocessing and the other spaces' networks): the folder's images (whatever the prompts), or
+        the image of each prompt (paired), each through ``features_of_uint8``."""
+        spaces = self.feature_spaces()
+        others = {s: [d["network"], d["sha256"]] for s, d in spaces.items() if s != "fid"}
         if self.protocol.reference == "image-folder":
             files, root = self.reference_files, self.reference_dir
-            key = self.reference_hash + "-" + self.nets.feature_id.replace(":", "-")
+            key = f"{self.reference_hash}-{self.nets.feature_id.replace(':', '-')}-{io.content_hash(others)[:8]}"
             source = {"kind": "image folder", "folder_sha256": self.reference_hash, "images": len(files)}
         elif self.protocol.reference == "drawn-images":
             files, root = self.paired_files(prompts), self.images
             digest = folder_hash(files, root)
             pre = dataclasses.asdict(self.protocol.preprocess)
-            key = io.content_hash({"images": digest, "feature": self.nets.feature_id, "preprocess": pre})
+            key = io.content_hash({"images": digest, "feature": self.nets.feature_id, "preprocess": pre,
+                                   "spaces": others})
             source = {"kind": "the drawn captions' images, one per prompt", "images_sha256": digest,
                       "images": len(files), "paired": True}
         else:
@@ -298,19 +394,21 @@ class RealEvaluators(Evaluators):
 
         def chunk(part):
             if self.pre is None and not isinstance(self.fid_net, CleanResize):  # a stand-in network of one input size
-                return self.fid_features(load_images(part).to(self.device))
-            return self.features_of_uint8([read_rgb(f) for f in part]).float()  # per image, whatever its size or mode
+                return self.all_features(load_images(part).to(self.device))
+            arrays = [read_rgb(f) for f in part]  # per image, whatever its size or mode
+            return {s: self.features_of_uint8(arrays, s).float() for s in spaces}
 
         chunks = (chunk(files[i : i + 64]) for i in range(0, len(files), 64))
-        return cached_reference(key, source, chunks, self.num_features, cache_dir)
+        return cached_reference(key, source, chunks, self.num_features, cache_dir, spaces)
 
 
 def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretrained: str | None,
                          reference_dir: Path | None = None, device: str = "cpu", fid_net: nn.Module | None = None,
-                         dtype: str = "fp32", protocol: Protocol | None = None, images_dir: Path | None = None
-                         ) -> RealEvaluators:
+                         dtype: str = "fp32", protocol: Protocol | None = None, images_dir: Path | None = None,
+                         dinov2_dir: Path | None = None) -> RealEvaluators:
     """Inception FID + open_clip score under `protocol` (default ``unpaired-folder`` on `reference_dir`;
-    `images_dir` for a COCO protocol). `fid_net` overrides the Inception network (tests use random weights)."""
+    `images_dir` for a COCO protocol), and the ``dinov2`` feature space when `dinov2_dir` (a transformers
+    Dinov2Model directory) is given. `fid_net` overrides the Inception network (tests use random weights)."""
     protocol = protocol or PRESETS["unpaired-folder"]
     if fid_net is None and inception_dir is None and not protocol.measures_fid:
         feature_id = feature_sha = None  # CLIP score only: no Inception to load
@@ -329,5 +427,6 @@ def load_real_evaluators(inception_dir: Path | None, clip_model: str, clip_pretr
         clip = OpenCLIPScore(clip_model, clip_pretrained, device)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"cannot load the open_clip model {clip_model!r} ({str(e).splitlines()[0][:160]})") from None
-    nets = Networks(fid_net, feature_id, feature_sha, clip, clip_model, clip_sha)
+    dinov2, dinov2_sha = load_dinov2(dinov2_dir, device) if dinov2_dir is not None else (None, None)
+    nets = Networks(fid_net, feature_id, feature_sha, clip, clip_model, clip_sha, dinov2, dinov2_sha)
     return RealEvaluators(nets, protocol, reference_dir, images_dir, device, dtype)

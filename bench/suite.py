@@ -51,8 +51,8 @@ DEFAULT_METRICS = {"shapes": ("fid", "clip_score", "accuracy", "latency"), "real
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
             "latency", "train", "scale", "backbone", "evaluators"}
 BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backbones, with its own settings
-EVALUATOR_KEYS = {"shapes": {"protocol"}, "real": {"inception_dir", "clip_model", "clip_pretrained", "dtype", "protocol",
-                                                  *protocols.INPUT_KEYS}}
+EVALUATOR_KEYS = {"shapes": {"protocol"}, "real": {"inception_dir", "clip_model", "clip_pretrained", "dinov2", "dtype",
+                                                  "protocol", *protocols.INPUT_KEYS}}
 EVALUATOR_TYPES = {"reference_steps": int, "reference_seed": int}  # [evaluators] settings that are not strings
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
@@ -174,6 +174,11 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     default = [m for m in DEFAULT_METRICS[evaluators["kind"]]
                if preset.measures_fid or not metric_registry.needs([m], "reference")]
     metrics, metric_settings = metrics_spec(raw.get("metrics", default), where)
+    spaced = [m for m in metrics if m in metric_registry.names() and getattr(
+        metric_registry.get(m).make_config(metric_settings.get(m, {}), m), "space", None) == "dinov2"]
+    if spaced and evaluators["kind"] == "real" and "dinov2" not in evaluators:
+        raise UserError(f"{where}: {spaced[0]} is computed in the DINOv2 feature space, and [evaluators] names no DINOv2 "
+                        "model: set dinov2 = a transformers Dinov2Model directory (facebook/dinov2-large)")
     latency = {"warmup": 2, "repeats": 7, "throughput_batch": 64}
     lat_raw = raw.get("latency", {})
     if not isinstance(lat_raw, dict):
