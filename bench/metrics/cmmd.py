@@ -33,7 +33,11 @@ def cmmd(x: torch.Tensor, y: torch.Tensor, sigma: float = SIGMA) -> float:
     return SCALE * float(mmd2(rbf_kernel(x, x, sigma), rbf_kernel(y, y, sigma), rbf_kernel(x, y, sigma), False))
 
 
-@register_metric("cmmd", order=61, needs=("reference",), columns=(
+@register_metric("cmmd", order=51, needs=("reference",),
+    source="Jayasumana et al. 2024 (Rethinking FID, CVPR); google-research/cmmd distance.py (σ = 10, ×1000)",
+    weights="CLIP image embeddings (ViT-L/14@336 in the paper; the evaluators' CLIP model here, recorded)",
+    license="as the CLIP weights (OpenAI CLIP: MIT)",
+    columns=(
     {"key": "cmmd", "header": "CMMD ↓", "decimals": 3, "direction": "lower", "show_ci": True, "main": False,
      "title": "CMMD ↓"},))
 class CMMD(DistributionMetric):

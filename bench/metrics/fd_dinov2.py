@@ -26,7 +26,11 @@ def frechet(gen, ref) -> float:
     return float(fd.compute())
 
 
-@register_metric("fd_dinov2", order=62, needs=("reference",), columns=(
+@register_metric("fd_dinov2", order=52, needs=("reference",),
+    source="Stein et al. 2023 (Exposing flaws of generative model evaluation metrics, NeurIPS; dgm-eval)",
+    weights="a local transformers Dinov2Model ([evaluators] dinov2), CLS token after the final layer norm, 224 px",
+    license="DINOv2 weights: Apache-2.0",
+    columns=(
     {"key": "fd_dinov2", "header": "FD-DINOv2 ↓", "decimals": 1, "direction": "lower", "show_ci": True,
      "main": False, "title": "FD-DINOv2 ↓"},))
 class FDDinov2(DistributionMetric):

@@ -49,7 +49,11 @@ def kid_subsets(gen: torch.Tensor, ref: torch.Tensor, subsets: int, subset_size:
     return float(mean), float(std)
 
 
-@register_metric("kid", order=60, needs=("reference",), columns=(
+@register_metric("kid", order=50, needs=("reference",),
+    source="Bińkowski et al. 2018 (Demystifying MMD GANs, ICLR); torchmetrics KernelInceptionDistance; ×10³ as StyleGAN2-ADA",
+    weights="the evaluators' feature space (default fid: Inception at real scale, the attribute network embedded)",
+    license="as the feature network",
+    columns=(
     {"key": "kid", "header": "KID ×10³ ↓", "decimals": 2, "direction": "lower", "show_ci": True, "main": False,
      "title": "KID ×10³ ↓"},))
 class KID(DistributionMetric):
@@ -75,9 +79,15 @@ class KID(DistributionMetric):
             raise UserError(f"kid: subset_size = {size} is more than the {n_g} samples or the {n_r} reference images")
         return size
 
+    def subsets(self, size: int, n_g: int, n_r: int) -> int:
+        """The subsets drawn: 1 when a subset holds every row of both sets (each draw is then the whole sets in another
+        order, so their mean is that one value and more draws only cost time), else the setting."""
+        return 1 if size == n_g == n_r else self.config.subsets
+
     def compute(self, values):
         gen, ref = self.pair(values)
-        mean, std = kid_subsets(gen, ref, self.config.subsets, self.subset_size(len(gen), len(ref)))
+        size = self.subset_size(len(gen), len(ref))
+        mean, std = kid_subsets(gen, ref, self.subsets(size, len(gen), len(ref)), size)
         kid = SCALE * mean
         boot = SCALE * resampled_mmd2(poly_kernel(gen, gen), poly_kernel(ref, ref), poly_kernel(gen, ref),
                                       self.reference.paired, unbiased=True)
@@ -87,5 +97,6 @@ class KID(DistributionMetric):
     def protocol(self):
         return {**self.space_protocol(), "kernel": f"polynomial (xᵀy/d + {COEF})^{DEGREE}", "scale": SCALE,
                 "estimator": "unbiased MMD² (torchmetrics KernelInceptionDistance), mean over subsets",
-                "subsets": self.config.subsets, "subset_size": self.config.subset_size or "min(1000, n, n_ref)",
+                "subsets": f"{self.config.subsets} (1 when a subset is the whole sets)",
+                "subset_size": self.config.subset_size or "min(1000, n, n_ref)",
                 "subset_seed": KID_SEED, "ci_statistic": "unbiased MMD² of the whole resampled sets"}

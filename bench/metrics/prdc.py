@@ -68,7 +68,11 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k: int = 5) -> dict[str, float]
     return {name: float(v) for name, v in Balls.of(real, fake, k).measure().items()}
 
 
-@register_metric("prdc", order=63, needs=("reference",), columns=(
+@register_metric("prdc", order=53, needs=("reference",),
+    source="Kynkäänniemi et al. 2019 (precision/recall); Naeem et al. 2020 (density/coverage, ICML), the prdc package, k = 5",
+    weights="the evaluators' feature space (default fid)",
+    license="as the feature network",
+    columns=(
     {"key": "precision", "header": "precision ↑", "decimals": 3, "direction": "higher", "show_ci": True,
      "main": False, "title": "precision ↑"},
     {"key": "recall", "header": "recall ↑", "decimals": 3, "direction": "higher", "show_ci": True, "main": False,
