@@ -47,7 +47,7 @@ class Balls:
     k: int
 
     @classmethod
-    def of(cls, real: torch.Tensor, fake: torch.Tensor, k: int) -> "Balls":
+    def of(cls, real: torch.Tensor, fake: torch.Tensor, k: int) -> Balls:
         d = distances(real, fake)
         return cls((d < radii(real, k)[:, None]).double(), (d < radii(fake, k)[None, :]).double(), k)
 
