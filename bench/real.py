@@ -261,7 +261,8 @@ def load_images(files: list[Path]) -> torch.Tensor:
 @dataclasses.dataclass
 class Networks:
     """The real-scale evaluator networks and what identifies them: the FID feature network (its id and its weights'
-    sha256, None for a stand-in) and the open_clip scorer (model name, weights sha256) and, where its weights were given, DINOv2."""
+    sha256, None for a stand-in), the open_clip scorer (model name, weights sha256) and, where its weights were given,
+    DINOv2."""
 
     fid_net: nn.Module
     feature_id: str
