@@ -456,6 +456,11 @@ def teacher_referenced(suite: Suite) -> bool:
             and protocols.resolve(suite.evaluators).reference == "teacher-samples")
 
 
+def reference_identity(evaluators) -> dict:
+    """What a reference's features depend on: the evaluators' identity and every feature space's network and weights."""
+    return {**evaluators.identity(), "spaces": evaluators.feature_spaces()}
+
+
 def teacher_reference_key(spec: dict, teacher: dict, prompts: list, evaluators: dict) -> tuple[str, dict]:
     """(cache key, source) of a ``teacher-fid`` reference: a content hash of the teacher's identity, the reference
     entry's method and settings, its steps, the prompts' sha256, the noise seed and the evaluators' identity."""
@@ -472,7 +477,7 @@ def check_teacher_reference(suite: Suite, prompts: list, evaluators, teacher: di
     the cache already, or a UserError says how to make it (checked before their run directory is created)."""
     if not teacher_referenced(suite):
         return
-    key, source = teacher_reference_key(suite.evaluators, teacher, prompts, evaluators.identity())
+    key, source = teacher_reference_key(suite.evaluators, teacher, prompts, reference_identity(evaluators))
     if reference_cached(Path(cache or default_cache()) / "metrics", key, evaluators.feature_spaces()) is None:
         raise UserError(f"the teacher-fid reference ({source['label']} at {source['steps']} steps) is not in the "
                         f"cache {cache or default_cache()}; run the suite (or its shard 0) with this --cache first")
@@ -484,7 +489,7 @@ def teacher_reference(ctx: RunContext):
     (``teacher_reference_key``). Without a teacher (``merge``, ``evaluate``) it is read from the cache."""
     spec = ctx.suite.evaluators
     teacher = ctx.backbone.identity() if ctx.backbone is not None else ctx.rundir.config()["teacher"]
-    key, source = teacher_reference_key(spec, teacher, ctx.prompts, ctx.evaluators.identity())
+    key, source = teacher_reference_key(spec, teacher, ctx.prompts, reference_identity(ctx.evaluators))
     cache = ctx.cache / "metrics"
     if ctx.backbone is None:
         check_teacher_reference(ctx.suite, ctx.prompts, ctx.evaluators, teacher, ctx.cache)
