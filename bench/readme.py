@@ -144,8 +144,21 @@ def metrics_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+def metrics_summary() -> str:
+    """The README's metric table: each registered metric's definition, source, weights and license (no settings)."""
+    from bench.metrics import registry
+
+    rows = ["| metric | definition | source | weights | license |", "|---|---|---|---|---|"]
+    for name, d in registry.declared().items():
+        first = d["description"].replace("``", "`").split(". ")[0].rstrip(".") + "."
+        cells = [f"`{name}`", first, d.get("source", ""), d.get("weights", ""), d.get("license", "")]
+        rows.append("| " + " | ".join(c.replace("|", "/") or "—" for c in cells) + " |")
+    return "\n".join(rows) + "\n"
+
+
 GENERATED = {"generated:recipes": recipes_table, "generated:families": families_table,
-             "generated:backbones": backbones_table, "generated:metrics": metrics_table}
+             "generated:backbones": backbones_table, "generated:metrics": metrics_table,
+             "generated:metrics-summary": metrics_summary}
 
 
 def run_of(include: str, root: Path = ROOT) -> Path | None:
