@@ -86,19 +86,16 @@ def check_protocols(runs: dict[Path, list[dict]]) -> None:
     prompt set, evaluators, FID reference, bootstrap); one run alone is never refused."""
     if len(runs) < 2:
         return
-    first, first_ids = None, None
-    for run, rows in runs.items():
-        ids = protocol_ids(rows)
-        if first is None:
-            first, first_ids = run, ids
-            continue
-        if set(ids) != set(first_ids) or len(ids) > 1:
-            a, b = next(iter(first_ids.values()), {}), next(iter(ids.values()), {})
-            differ = sorted(k for k in set(a) | set(b) if k != "id" and a.get(k) != b.get(k))
-            raise UserError(f"{first} and {run} were measured under different protocols (ids "
-                            f"{', '.join(map(str, sorted(first_ids, key=str)))} vs {', '.join(map(str, sorted(ids, key=str)))}"
-                            f"; fields that differ: {', '.join(differ) or 'none named'}): their numbers are not "
-                            "comparable; report them one at a time")
+    ids = {run: protocol_ids(rows) for run, rows in runs.items()}
+    if len(set().union(*ids.values())) <= 1:
+        return
+    (first, a_ids), *others = ids.items()
+    run, b_ids = next(((r, i) for r, i in others if set(i) != set(a_ids)), others[0])
+    a, b = next(iter(a_ids.values()), {}), next(iter(b_ids.values()), {})
+    differ = sorted(k for k in set(a) | set(b) if k != "id" and a.get(k) != b.get(k))
+    raise UserError(f"{first} and {run} were measured under different protocols (ids "
+                    f"{', '.join(sorted(map(str, a_ids)))} vs {', '.join(sorted(map(str, b_ids)))}; fields that differ: "
+                    f"{', '.join(differ) or 'none named'}): their numbers are not comparable; report them one at a time")
 
 
 # --- the page's parts ------------------------------------------------------------------------------
