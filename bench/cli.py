@@ -138,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("table", help="rebuild a run's tables, plots and grid overview from its results")
     t.add_argument("run", type=Path)
 
+    rp = sub.add_parser("report", help="one self-contained HTML page of one or more runs (tables, plots, samples, "
+                        "claims, provenance); needs the `report` extra")
+    rp.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories; several only when measured "
+                    "under one protocol (prompt set, evaluators, FID reference)")
+    rp.add_argument("--out", type=Path, help="folder for index.html (default: the first run's folder)")
+    rp.add_argument("--prompts", type=int, default=8, metavar="K", help="show the samples of the first K prompts "
+                    "(default %(default)s)")
+
     tt = sub.add_parser("train-teacher", help="train an embedded shapes teacher (reproduces the shipped weights)")
     tt.add_argument("--kind", choices=("vp", "flow"), default="vp",
                     help="vp: ε-prediction on SD's schedule (teacher.safetensors); flow: rectified flow (teacher-flow)")
@@ -348,6 +356,13 @@ def cmd_table(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from bench.results import html  # plotly, itables: only here (the `report` extra)
+
+    print(html.build(args.runs, args.out, args.prompts))
+    return 0
+
+
 def _fresh_out(out: Path, product: str) -> None:
     if (out / product).exists():
         raise UserError(f"{out / product} already exists; choose another --out")
@@ -390,8 +405,8 @@ def cmd_convert_checkpoint(args) -> int:
 
 COMMANDS = {"run": cmd_run, "study": cmd_study, "merge": cmd_merge, "evaluate": cmd_evaluate,
             "baseline": cmd_baseline, "compare": cmd_compare, "latency-gate": cmd_latency_gate, "list": cmd_list,
-            "table": cmd_table, "train-teacher": cmd_train_teacher, "train-evaluators": cmd_train_evaluators,
-            "convert-checkpoint": cmd_convert_checkpoint}
+            "table": cmd_table, "report": cmd_report, "train-teacher": cmd_train_teacher,
+            "train-evaluators": cmd_train_evaluators, "convert-checkpoint": cmd_convert_checkpoint}
 
 
 def main(argv: list[str] | None = None) -> int:
