@@ -30,7 +30,7 @@ label = "flash"
 steps = [1, 2]
 settings = { student_updates = 12, batch_size = 4, shared_student = true, max_steps = 2 }
 """
-TIMING = {"sample_seconds", "eval_seconds", "throughput"}
+TIMING = {"sample_seconds", "eval_seconds", "metric_seconds", "throughput"}
 
 
 def _timing(key: str) -> bool:

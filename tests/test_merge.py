@@ -78,7 +78,7 @@ def test_a_killed_or_failed_merge_is_run_again_into_the_same_out(shards, tmp_pat
     assert not stale.exists() and (tmp_path / "merged/results.jsonl").exists() and not (tmp_path / "merged/.lock").exists()
     code, err = merge(tmp_path, s0, s1, out="again")
     assert code == 0
-    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("eval_seconds",)}  # noqa: E731
+    strip = lambda run: [{k: v for k, v in json.loads(x).items() if k not in ("eval_seconds", "metric_seconds")}  # noqa: E731
                          for x in (run / "results.jsonl").read_text().splitlines()]
     assert strip(tmp_path / "merged") == strip(tmp_path / "again")
     code, err = merge(tmp_path, s0, s1)  # a finished run is never overwritten
