@@ -360,8 +360,6 @@ def run(suite: Suite, opts: Options) -> Path | None:
     error = dist.broadcast_object(error)
     if error:
         raise UserError(error)
-    if dist.main:
-        print(f"run directory: {rd.path}", file=sys.stderr, flush=True)
     try:
         ctx = RunContext(suite, opts, rd, checked.prompts, checked.backbone, checked.evaluators, dist)
         try:
@@ -371,6 +369,8 @@ def run(suite: Suite, opts: Options) -> Path | None:
                 rd.unlock()
                 shutil.rmtree(rd.path, ignore_errors=True)
             raise
+        if dist.main:  # set up (config, reference, floor): named before the first cell, not only at the end
+            print(f"run directory: {rd.path}", file=sys.stderr, flush=True)
         rows = rd.rows() if dist.main else []
         done = dist.broadcast_object({cell_key(r["label"], r["nfe"], r["seed"], r.get("train_seed")) for r in rows})
         t_cells = time.time()
