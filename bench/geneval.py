@@ -67,12 +67,13 @@ def record(prompt) -> dict:
         raise UserError(f"prompt {prompt.id!r} is not a GenEval prompt (no tag/include in its metadata); load the "
                         "prompts from GenEval's evaluation_metadata.jsonl")
     rec = {k: meta[k] if k == "tag" else json.loads(meta[k]) for k in ("tag", "include", "exclude") if k in meta}
-    rec.update({k: _json_or_str(v) for k, v in meta.items() if k not in rec})
+    rec.update({k: json_or_str(v) for k, v in meta.items() if k not in rec})
     rec["prompt"] = prompt.text
     return rec
 
 
-def _json_or_str(v: str):
+def json_or_str(v: str):
+    """A metadata value as it was written: the JSON it holds (GenEval's include/exclude clauses), else the string."""
     try:
         return json.loads(v)
     except (json.JSONDecodeError, TypeError):

@@ -150,7 +150,8 @@ def metrics_summary() -> str:
 
     rows = ["| metric | definition | source | weights | license |", "|---|---|---|---|---|"]
     for name, d in registry.declared().items():
-        cells = [f"`{name}`", d["description"].replace("``", "`"), d.get("source", ""), d.get("weights", ""), d.get("license", "")]
+        cells = [f"`{name}`", d["description"].replace("``", "`"), d.get("source", ""), d.get("weights", ""),
+                 d.get("license", "")]
         rows.append("| " + " | ".join(c.replace("|", "/") or "—" for c in cells) + " |")
     return "\n".join(rows) + "\n"
 

@@ -653,17 +653,10 @@ class SampleSaver:
 
 def prompt_record(p) -> dict:
     """A prompt as one GenEval-style metadata line: its own fields first, flashbench's under "flashbench"."""
-    rec = {k: _json_or_str(v) for k, v in p.meta}
+    rec = {k: geneval.json_or_str(v) for k, v in p.meta}
     rec.update(prompt=p.text, flashbench={"id": p.id, "scene_seed": p.scene_seed, "meta": [list(m) for m in p.meta],
                                           "objects": None if p.objects is None else [dataclasses.asdict(o) for o in p.objects]})
     return rec
-
-
-def _json_or_str(v: str):
-    try:
-        return json.loads(v)
-    except (json.JSONDecodeError, TypeError):
-        return v
 
 
 def suite_first_train_seed(suite: Suite) -> int | None:
