@@ -47,7 +47,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         for k in TRAIN_FIELDS:  # per student: the mean over the training seeds' students
             vals = [t[k] for t in trains if t.get(k) is not None]
             r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
-        r["gan"], r["gan_disc_acc"] = gan_status(trains)
+        gan, gan_acc = gan_status(trains)
+        if gan is not None:  # only rows with an adversarial term get the columns (older results keep their CSV)
+            r["gan"], r["gan_disc_acc"] = gan, gan_acc
         train_seeds = ok["train_seed"].dropna().unique()
         r["n_train_seeds"] = len(train_seeds)
         for key in (*MAIN_COLUMNS, "brightness", *LATENCY_COLUMNS):
