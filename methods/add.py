@@ -7,7 +7,9 @@ grid is a subset of the training times. Loss = adversarial (a discriminator on f
 features with trainable text-conditioned heads, the bench's shared adversarial design) +
 λ·distillation: the student output is re-noised to a random t, the guided teacher denoises it, and
 the student output regresses onto that estimate with weight c(t) = ᾱ_t. Inference: 1-4 steps
-without CFG (x̂_0, then re-noise).
+without CFG (x̂_0, then re-noise). Beyond the paper, the generator's GAN gradient is bounded to
+0.1 × the distillation gradient and the discriminator gets a 50-update head start (the
+``add-adversarial`` study; without them the student collapses in the embedded world, issue 20).
 
 On a rectified-flow teacher (as LADD, Sauer et al. 2024, distils SD3): the same losses in x̂_0 terms,
 c(t) = α_t² = (1 − σ)², training times σ·1000 on the schedule's grids (σ = 1 included), and the
@@ -34,6 +36,11 @@ class ADDConfig(AdversarialConfig):
 
     lambda_distill: float = 2.5
     r1_gamma: float = 1e-5  # ADD (Sauer et al. 2023, sec. 3.2): R1 on the discriminator, gamma 1e-5
+    # beyond the paper (issue 20): unbounded, the GAN gradient of the randomly initialised heads is several times the
+    # distillation gradient and the clipped step follows it into collapse; the add-adversarial study (its smallest
+    # run: 50 updates, 2 training seeds, validation prompts) chose the bound and the discriminator's head start
+    gan_grad_ratio: float | None = 0.1
+    disc_warmup: int = 50
     # the training times; () = the trailing grids of 1..max_steps steps (every time the sampler visits)
     student_timesteps: tuple[int, ...] = ()
     max_steps: int = 4
@@ -54,7 +61,7 @@ class ADD(DistilledMethod):
 
     @classmethod
     def smoke_settings(cls) -> dict:
-        return {"student_updates": 2, "batch_size": 2}
+        return {"student_updates": 2, "batch_size": 2, "disc_warmup": 1}
 
     def student_steps(self, steps: int) -> int:
         return 0  # one student for every step count

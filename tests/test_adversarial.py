@@ -32,6 +32,11 @@ def test_extra_discriminator_updates_only_where_the_trainer_draws_them(method):
     assert (cfg.disc_steps, cfg.disc_warmup, cfg.gan_loss, cfg.gan_grad_ratio) == (2, 5, "non-saturating", 0.1)
 
 
+def test_add_defaults_bound_the_gan_gradient_after_a_head_start():
+    cfg = get("add").make_config({})
+    assert (cfg.gan_grad_ratio, cfg.disc_warmup, cfg.disc_loss, cfg.r1_gamma) == (0.1, 50, "hinge", 1e-5)
+
+
 def test_defaults_of_dmd2_and_imagine_flash_are_unchanged():
     for method in ("dmd2", "imagine-flash"):
         cfg = get(method).make_config({})
@@ -129,8 +134,9 @@ def test_add_head_start_ratio_and_extra_updates_are_counted_and_logged(tiny, cac
 
 
 def test_gradient_statistics_do_not_change_the_student(tiny, tmp_path):
-    a, _ = _train(tiny, tmp_path / "a")
-    b, info = _train(tiny, tmp_path / "b", gan_grad_stats=True)
+    plain = {"gan_grad_ratio": None, "disc_warmup": 0}  # ADD's issue-20 defaults off: one backward pass
+    a, _ = _train(tiny, tmp_path / "a", **plain)
+    b, info = _train(tiny, tmp_path / "b", **plain, gan_grad_stats=True)
     assert "g_cos" in info.losses
     for (k, x), y in zip(a.nets[0].state_dict().items(), b.nets[0].state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
