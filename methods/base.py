@@ -57,6 +57,8 @@ class TrainInfo:
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None
     losses: dict | None = None
+    # the adversarial term's verdict, for methods with one: {"active", "disc_acc", "ci", ...} (AdversarialTerm.verdict)
+    adversarial: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -116,8 +116,10 @@ class TeacherFeatureDiscriminator(nn.Module):
         x_t, t = self.noised(x0, gen)
         return self.logits_at(x_t, t, cond)
 
-    def d_loss(self, real_x0, real_cond: Cond, fake_x0, fake_cond: Cond, gen=None, r1_gamma: float = 0.0):
-        """The heads' loss (fake detached); with r1_gamma > 0 plus R1 = γ/2 E‖∇_{x_t} D(x_t)‖² at the noised real x_t."""
+    def d_loss(self, real_x0, real_cond: Cond, fake_x0, fake_cond: Cond, gen=None, r1_gamma: float = 0.0,
+               with_logits: bool = False):
+        """The heads' loss (fake detached); with r1_gamma > 0 plus R1 = γ/2 E‖∇_{x_t} D(x_t)‖² at the noised real x_t.
+        `with_logits`: (loss, real logits, fake logits)."""
         x_r, t_r = self.noised(real_x0.detach(), gen)
         if r1_gamma > 0:
             # R1 needs a double backward, which fused attention kernels do not implement
@@ -136,10 +138,13 @@ class TeacherFeatureDiscriminator(nn.Module):
         if r1_gamma > 0:  # on each sample's mean logit (comparable between patch and pooled heads)
             (grad,) = torch.autograd.grad(d_real.mean(1).sum(), x_r, create_graph=True)
             loss = loss + 0.5 * r1_gamma * grad.pow(2).flatten(1).sum(1).mean()
-        return loss
+        return (loss, d_real, d_fake) if with_logits else loss
 
-    def g_loss(self, fake_x0, cond: Cond, gen=None):
-        """Generator loss: −E[D(fake)] (hinge) or E[softplus(−D(fake))] (non-saturating); gradients reach the
-        student through the frozen features."""
+    def g_loss(self, fake_x0, cond: Cond, gen=None, loss: str | None = None):
+        """Generator loss: −E[D(fake)] (hinge) or E[softplus(−D(fake))] (non-saturating); `loss` None: the
+        discriminator's own. Gradients reach the student through the frozen features."""
+        loss = loss or self.loss
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         d = self.logits(fake_x0, cond, gen)
-        return -d.mean() if self.loss == "hinge" else F.softplus(-d).mean()
+        return -d.mean() if loss == "hinge" else F.softplus(-d).mean()

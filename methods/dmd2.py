@@ -147,21 +147,19 @@ class DMD2(DistilledMethod):
                 x0_fake, _ = fake.predict(x_t, t, cond)
             l_dm = dm_loss(x0, x0_real, x0_fake)
             l_gan = adv.generator_loss(x0[last], cond.index(last), g, step)
-            loss = l_dm if l_gan is None else l_dm + cfg.lambda_gan * l_gan
-            self.step(opt, loss, net)
+            stats = adv.generator_step(opt, net, l_dm, None if l_gan is None else cfg.lambda_gan * l_gan,
+                                       cfg.grad_clip)
             # 3. discriminator heads on real renders vs the generator's returned samples
-            d = adv.step(bb.from_images(real)[last], cond.index(last), x0[last], g)
-            losses = {"dm": l_dm.item(), "fake": l_fake}
+            d = adv.step(bb.from_images(real)[last], cond.index(last), x0[last], g, at=step)
+            losses = {"dm": l_dm.item(), "fake": l_fake, **stats, **d}
             if l_gan is not None:
                 losses["g_gan"] = l_gan.item()
-            if d is not None:
-                losses["d"] = d
             return losses
 
         log = run_updates(update, self.updates(), ckpt, {"student": net, "fake": fake_net, "disc": adv.disc.heads},
                           {"student": opt, "fake": opt_fake, "disc": adv.opt}, desc=f"dmd2 {grid}-step",
                           progress=self.ctx.progress, compute=self.compute)
-        return self.trained(log)
+        return self.trained(log, adversarial=adv)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):

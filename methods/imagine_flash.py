@@ -159,21 +159,20 @@ class ImagineFlash(DistilledMethod):
             loss = loss_d
             # 4. adversarial term on the samples the sampler returns (x̂_0 at the last grid time), or at every t
             on = (i == steps - 1) if cfg.adv_times == "last" else torch.ones(n, dtype=torch.bool)
-            if adv is not None:
-                g_adv = adv.generator_loss(x0_s[on], cond.index(on), g, step)
-                if g_adv is not None:
-                    loss = loss + cfg.lambda_adv * g_adv
-                    losses["g_adv"] = g_adv.item()
-            self.step(opt, loss, net)
-            if adv is not None:
-                d = adv.step(bb.from_images(real)[on], cond.index(on), x0_s[on], g)
-                if d is not None:
-                    losses["d"] = d
+            if adv is None:
+                self.step(opt, loss, net)
+                return losses
+            g_adv = adv.generator_loss(x0_s[on], cond.index(on), g, step)
+            if g_adv is not None:
+                losses["g_adv"] = g_adv.item()
+            losses.update(adv.generator_step(opt, net, loss, None if g_adv is None else cfg.lambda_adv * g_adv,
+                                             cfg.grad_clip))
+            losses.update(adv.step(bb.from_images(real)[on], cond.index(on), x0_s[on], g, at=step))
             return losses
 
         log = run_updates(update, self.updates(), ckpt, modules, opts, desc=f"imagine-flash {grid}-step",
                           progress=self.ctx.progress, compute=self.compute)
-        return self.trained(log)
+        return self.trained(log, adversarial=adv)
 
     @torch.no_grad()
     def sample(self, texts, noise_keys, steps):

@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+import math
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -16,7 +18,7 @@ from methods.base import Method, TrainInfo
 from methods.registry import module_sources
 from methods.discriminator import TeacherFeatureDiscriminator
 from methods.sampling import Denoiser, per_sample_noise
-from methods.training import TrainCompute, add_passes, cached_student, optimizer_step
+from methods.training import TrainCompute, add_passes, balanced_step, cached_student, optimizer_step
 
 
 @dataclasses.dataclass
@@ -50,10 +52,14 @@ class DistillConfig:
 class AdversarialConfig(DistillConfig):
     """Settings of the adversarial term's discriminator (methods that have one).
 
-    The base defaults (hinge, patch logits, no R1, no warm-up or ramp) are what ADD and DMD2 get unless
-    their own config follows its paper further (ADD: R1 with gamma 1e-5); Imagine Flash, whose paper leaves
-    the design open, takes the design compared in the ``imagine-flash-adversarial`` study.
+    The base defaults (hinge, patch logits, no R1, no warm-up or ramp, one discriminator update per student
+    update, the GAN gradient unbounded) are what ADD and DMD2 get unless their own config follows its paper
+    further (ADD: R1 with gamma 1e-5); Imagine Flash, whose paper leaves the design open, takes the design
+    compared in the ``imagine-flash-adversarial`` study.
     """
+
+    # methods whose trainer can draw extra discriminator batches (disc_warmup, disc_steps > 1)
+    EXTRA_DISC_UPDATES: ClassVar[bool] = False
 
     disc_lr: float = 2e-4
     disc_t_max: int = 500  # the discriminator sees its input re-noised to t in [0, disc_t_max]
@@ -62,6 +68,13 @@ class AdversarialConfig(DistillConfig):
     r1_gamma: float = 0.0  # R1 penalty weight at the noised real input (0: off)
     adv_warmup: float = 0.0  # fraction of the updates in which only the discriminator trains
     adv_ramp: float = 0.0  # fraction of the updates over which the generator term's weight ramps up linearly
+    disc_warmup: int = 0  # a head start: discriminator-only updates on the initial student's samples, before update 0
+    disc_steps: int = 1  # discriminator updates per student update (each on its own batch)
+    gan_loss: str | None = None  # the generator's loss: "hinge" (−D), "non-saturating" (softplus(−D)); None: disc_loss's
+    # the generator's GAN gradient rescaled, per update, to at most this × the norm of the rest of its gradient
+    # (two backward passes); None: unbounded (one backward pass of the summed loss)
+    gan_grad_ratio: float | None = None
+    gan_grad_stats: bool = False  # log both gradients' norms and cosine (two backward passes even without a ratio)
 
     def __post_init__(self):
         super().__post_init__()
@@ -69,6 +82,8 @@ class AdversarialConfig(DistillConfig):
 
         if self.disc_loss not in LOSSES:
             raise ValueError(f"disc_loss must be one of {LOSSES}, got {self.disc_loss!r}")
+        if self.gan_loss is not None and self.gan_loss not in LOSSES:
+            raise ValueError(f"gan_loss must be one of {LOSSES} (or unset: disc_loss's), got {self.gan_loss!r}")
         for name in ("adv_warmup", "adv_ramp"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a fraction in [0, 1), got {getattr(self, name)}")
@@ -76,6 +91,12 @@ class AdversarialConfig(DistillConfig):
             raise ValueError("adv_warmup + adv_ramp must leave some updates at the full weight")
         if self.r1_gamma < 0:
             raise ValueError(f"r1_gamma must be >= 0, got {self.r1_gamma}")
+        if self.disc_warmup < 0 or self.disc_steps < 1:
+            raise ValueError(f"disc_warmup must be >= 0 and disc_steps >= 1, got {self.disc_warmup}, {self.disc_steps}")
+        if (self.disc_warmup or self.disc_steps > 1) and not self.EXTRA_DISC_UPDATES:
+            raise ValueError("disc_warmup and disc_steps > 1 are not available for this method (add has them)")
+        if self.gan_grad_ratio is not None and not self.gan_grad_ratio > 0:
+            raise ValueError(f"gan_grad_ratio must be > 0 (or unset), got {self.gan_grad_ratio}")
 
 
 LORA_THRESHOLD = 300_000_000  # teacher UNet parameters above which students train LoRA adapters by default
@@ -94,18 +115,40 @@ def add_lora(net, rank: int) -> None:
             p.requires_grad_(True)
 
 
+ACTIVE_WINDOW = 30  # the student updates at the end of training whose discriminator accuracy decides "active"
+ACTIVE_Z = 1.959964  # the Wilson interval's z (95%)
+
+
+def wilson_interval(correct: int, seen: int, z: float = ACTIVE_Z) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion correct/seen ((0, 1) when nothing was seen)."""
+    if seen == 0:
+        return 0.0, 1.0
+    p = correct / seen
+    centre = (p + z * z / (2 * seen)) / (1 + z * z / seen)
+    half = z / (1 + z * z / seen) * math.sqrt(p * (1 - p) / seen + z * z / (4 * seen * seen))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 class AdversarialTerm:
     """The discriminator on frozen teacher features and its heads' optimizer, as one helper.
 
     ``generator_loss`` is the student's side (heads frozen, gradients reach the student through the
     frozen teacher features), scaled by the schedule ``weight(step)``: 0 while only the discriminator
-    trains (warm-up), then a linear ramp to 1. ``step`` is one discriminator update.
+    trains (warm-up), then a linear ramp to 1. ``generator_step`` is the student's update with that term
+    (its gradient bounded by ``gan_grad_ratio``). ``step`` is one discriminator update; it first scores its
+    batch, which the heads have not trained on, so every update logs a held-out accuracy. ``verdict`` says
+    whether the discriminator left chance (the rule there) and so whether the term was active at all.
     """
 
     def __init__(self, disc, opt: torch.optim.Optimizer, cfg: AdversarialConfig, total_updates: int):
         self.disc, self.opt, self.r1_gamma = disc, opt, cfg.r1_gamma
+        self.gan_loss = cfg.gan_loss or cfg.disc_loss
+        self.ratio, self.stats = cfg.gan_grad_ratio, cfg.gan_grad_stats or cfg.gan_grad_ratio is not None
+        self.total = total_updates
         self.warmup = round(cfg.adv_warmup * total_updates)
         self.ramp = round(cfg.adv_ramp * total_updates)
+        self.tally: dict[int, list[int]] = {}  # student update -> [correct, seen] of its discriminator scores
+        self.generator_updates = 0  # student updates (in this process) whose loss held the GAN term
 
     def weight(self, step: int) -> float:
         """The generator term's multiplier at update `step`, in [0, 1]."""
@@ -121,16 +164,57 @@ class AdversarialTerm:
         if w == 0 or len(fake_x0) == 0:
             return None
         self.disc.heads.requires_grad_(False)
-        loss = self.disc.g_loss(fake_x0, cond, gen)
+        loss = self.disc.g_loss(fake_x0, cond, gen, loss=self.gan_loss)
         self.disc.heads.requires_grad_(True)
         return w * loss
 
-    def step(self, real_x0: torch.Tensor, cond, fake_x0: torch.Tensor, gen: torch.Generator) -> float | None:
+    def generator_step(self, opt: torch.optim.Optimizer, net: torch.nn.Module, main: torch.Tensor,
+                       gan: torch.Tensor | None, grad_clip: float) -> dict[str, float]:
+        """The student's update on main + gan (gan: the weighted GAN term, None when off). With ``gan_grad_ratio``
+        the GAN gradient is first rescaled to at most ratio × ‖∇main‖; with it or ``gan_grad_stats``, both
+        gradients' norms and cosine are returned (``g_norm_main``, ``g_norm_gan``, ``g_cos``, ``g_scale``)."""
+        if gan is None:
+            optimizer_step(opt, main, net.parameters(), grad_clip)
+            return {}
+        self.generator_updates += 1
+        if not self.stats:
+            optimizer_step(opt, main + gan, net.parameters(), grad_clip)
+            return {}
+        out = balanced_step(opt, main, gan, net.parameters(), grad_clip, self.ratio)
+        return {"g_norm_main": out["grad_main"], "g_norm_gan": out["grad_extra"], "g_cos": out["grad_cos"],
+                "g_scale": out["grad_scale"]}
+
+    def step(self, real_x0: torch.Tensor, cond, fake_x0: torch.Tensor, gen: torch.Generator,
+             at: int | None = None) -> dict[str, float]:
+        """One discriminator update: {"d": its loss, "d_acc": the accuracy of its scores on this batch before the
+        update (real: mean logit > 0, fake: < 0), "d_acc_real", "d_acc_fake": each side's}; {} without samples.
+        `at`: the student update whose tally the scores join (None: a head-start update, logged, not tallied)."""
         if len(fake_x0) == 0:
-            return None
-        loss = self.disc.d_loss(real_x0, cond, fake_x0.detach(), cond, gen, r1_gamma=self.r1_gamma)
+            return {}
+        loss, d_real, d_fake = self.disc.d_loss(real_x0, cond, fake_x0.detach(), cond, gen, r1_gamma=self.r1_gamma,
+                                                with_logits=True)
+        real_ok, fake_ok = int((d_real.detach().mean(1) > 0).sum()), int((d_fake.detach().mean(1) < 0).sum())
+        correct, seen = real_ok + fake_ok, len(d_real) + len(d_fake)
+        if at is not None:
+            t = self.tally.setdefault(at, [0, 0])
+            t[0] += correct
+            t[1] += seen
         optimizer_step(self.opt, loss)
-        return loss.item()
+        return {"d": loss.item(), "d_acc": correct / seen, "d_acc_real": real_ok / len(d_real),
+                "d_acc_fake": fake_ok / len(d_fake)}
+
+    def verdict(self) -> dict:
+        """Whether the discriminator left chance: over the last ACTIVE_WINDOW student updates, its held-out accuracy
+        (the scores ``step`` takes before each update) has a 95% Wilson interval wholly above 0.5. The GAN term is
+        *active* when that holds and the generator's loss held the term at some update; otherwise it was inactive
+        (its discriminator, and so its gradient, carried no learned signal). Updates before a resume are not
+        counted (``seen`` says how many scores were)."""
+        window = [v for k, v in self.tally.items() if k >= self.total - ACTIVE_WINDOW]
+        correct, seen = sum(c for c, _ in window), sum(n for _, n in window)
+        lo, hi = wilson_interval(correct, seen)
+        return {"active": bool(lo > 0.5 and self.generator_updates > 0), "disc_acc": correct / seen if seen else None,
+                "ci": [round(lo, 4), round(hi, 4)], "seen": seen, "window": ACTIVE_WINDOW,
+                "generator_updates": self.generator_updates}
 
 
 def training_autocast(device_type: str, dtype: torch.dtype):
@@ -303,14 +387,17 @@ class DistilledMethod(Method):
         """One student update with the configured gradient clip."""
         optimizer_step(opt, loss, module.parameters(), self.config.grad_clip)
 
-    def trained(self, losses: dict, updates: int | None = None, before: TrainInfo | None = None) -> TrainInfo:
+    def trained(self, losses: dict, updates: int | None = None, before: TrainInfo | None = None,
+                adversarial: AdversarialTerm | None = None) -> TrainInfo:
         """What this training cost, as counted: `updates` student updates and every network's passes
-        (``self.compute``), plus the cost of the training it continued (`before`, e.g. a previous round)."""
+        (``self.compute``), plus the cost of the training it continued (`before`, e.g. a previous round);
+        with an `adversarial` term, its verdict (``AdversarialTerm.verdict``: did its discriminator leave chance)."""
         updates = self.updates() if updates is None else updates
         passes = add_passes(before.passes if before else None, self.compute.passes())
         return TrainInfo(student_updates=updates + (before.student_updates if before else 0),
                          teacher_nfe=passes.get("teacher", {}).get("forward", 0), losses=losses, passes=passes,
-                         network_passes=sum(v["forward"] + v["backward"] for v in passes.values()))
+                         network_passes=sum(v["forward"] + v["backward"] for v in passes.values()),
+                         adversarial=adversarial.verdict() if adversarial is not None else None)
 
     def captions_batch(self, step: int, stream: int = 0):
         """(real training images, captions, micro-conditioning or None) of update `step` (never evaluation data).
@@ -328,9 +415,10 @@ class DistilledMethod(Method):
             self._null_cond = self.backbone.encode_text([""])
         return self._null_cond
 
-    def conditioned_batch(self, step: int, gen_stream: int = 0):
-        """(generator, real images, cond, uncond) for update `step`: the prologue of every trainer's update."""
-        real, captions, micro = self.captions_batch(step)
+    def conditioned_batch(self, step: int, gen_stream: int = 0, data_stream: int = 0):
+        """(generator, real images, cond, uncond) for update `step`: the prologue of every trainer's update
+        (another `data_stream`: another batch of the same update, e.g. for an extra discriminator update)."""
+        real, captions, micro = self.captions_batch(step, data_stream)
         cond = self.backbone.encode_text(captions, micro)
         uncond = self.null_cond().repeat(len(captions))
         if cond.added is not None and "time_ids" in cond.added:  # SDXL: the null prompt at the same image size/crop

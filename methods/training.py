@@ -123,6 +123,33 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params=None, 
     opt.step()
 
 
+def balanced_step(opt: torch.optim.Optimizer, main: torch.Tensor, extra: torch.Tensor, params,
+                  grad_clip: float | None = None, ratio: float | None = None) -> dict[str, float]:
+    """One update along ∇main + s·∇extra with s = min(1, ratio·‖∇main‖ / ‖∇extra‖) (s = 1 without a ratio).
+
+    The two gradients come from two backward passes (the second costs one more backward pass of every network
+    both losses pass through, which the pass counters see); then, as in `optimizer_step`, the clip and the step.
+    Returns the two norms, their cosine and s: ``{"grad_main", "grad_extra", "grad_cos", "grad_scale"}``."""
+    params = [p for p in params if p.requires_grad]
+    opt.zero_grad(set_to_none=True)
+    main.backward(retain_graph=True)
+    g_main = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+    opt.zero_grad(set_to_none=True)
+    extra.backward()
+    g_extra = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    n_main = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_main])).item()
+    n_extra = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in g_extra])).item()
+    dot = sum(torch.sum(a * b).item() for a, b in zip(g_main, g_extra))
+    scale = 1.0 if ratio is None or n_extra == 0 else min(1.0, ratio * n_main / n_extra)
+    for p, a, b in zip(params, g_main, g_extra):
+        p.grad = a + scale * b
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    cos = dot / (n_main * n_extra) if n_main > 0 and n_extra > 0 else 0.0
+    return {"grad_main": n_main, "grad_extra": n_extra, "grad_cos": cos, "grad_scale": scale}
+
+
 def _flatten_optimizer(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict, dict]:
     sd = opt.state_dict()
     tensors = {}

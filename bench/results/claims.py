@@ -112,6 +112,12 @@ def claim_b(df) -> dict:
     return {"verdict": verdict, "evidence": ev}
 
 
+def _gan(r: dict) -> str:
+    """" (GAN inactive)" for a row whose adversarial term did not learn (see ``adversarial_notes``), else ""."""
+    status = r.get("gan")
+    return "" if not isinstance(status, str) or status == "active" else f" (GAN {status})"
+
+
 def claim_c(df) -> dict:
     """(c) removing SRL or backward distillation hurts most, the discriminator less; noise correction
     mainly changes colour/contrast."""
@@ -127,8 +133,8 @@ def claim_c(df) -> dict:
     # what removing the discriminator costs in FID (from the configuration that has it)
     delta_disc = delta["no-discriminator"] if no_disc is not None else full["fid"] - with_disc["fid"]
     shown = {**rows, **({"with-discriminator": with_disc} if with_disc is not None else {})}
-    ev = [f"FID full {fmt(full, 'fid')}; " + "; ".join(
-        f"{v} {fmt(r, 'fid')} (Δ {r['fid'] - full['fid']:+.2f}, {_against_full(compare(r, full, 'fid'))})"
+    ev = [f"FID full{_gan(full)} {fmt(full, 'fid')}; " + "; ".join(
+        f"{v}{_gan(r)} {fmt(r, 'fid')} (Δ {r['fid'] - full['fid']:+.2f}, {_against_full(compare(r, full, 'fid'))})"
         for v, r in shown.items())]
     # c1: SRL and BD removals are significantly worse than full, and each hurts more than removing the discriminator
     big = [compare(rows[v], full, "fid") for v in ("no-srl", "no-backward-distillation")]
@@ -177,6 +183,23 @@ CLAIMS = {
 }
 
 
+def adversarial_notes(agg: pd.DataFrame) -> list[str]:
+    """One line per row with an adversarial term: whether it was active (its discriminator left chance, the rule of
+    ``methods.student.AdversarialTerm.verdict``). A row whose term was inactive trained without a learned GAN signal,
+    so its numbers say nothing about the adversarial term."""
+    if "gan" not in agg:
+        return []
+    lines = []
+    for r in agg.to_dict("records"):
+        status = r.get("gan")
+        if status is None or (isinstance(status, float) and math.isnan(status)):
+            continue
+        acc = r.get("gan_disc_acc")
+        acc = "" if acc is None or math.isnan(acc) else f" (discriminator held-out accuracy {acc:.3f} at the end)"
+        lines.append(f"{r['label']} at {r['steps']} steps: GAN {status}{acc}")
+    return lines
+
+
 def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
     verdicts = {}
     lines = [f"# Claims report: {title}", "",
@@ -188,6 +211,12 @@ def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
         lines.append(f"## ({key}) {text}: **{res['verdict']}**")
         lines += [f"- {e}" for e in res["evidence"]] or ["- (the rows this claim needs are not in this run)"]
         lines.append("")
+    notes = adversarial_notes(agg)
+    if notes:
+        lines += ["## Adversarial terms", "",
+                  "A GAN term is *inactive* when its discriminator's held-out accuracy over the last updates does not "
+                  "leave chance (95% interval not above 0.5); such a row trained without a learned adversarial signal.",
+                  ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(lines), verdicts
 
 

@@ -48,6 +48,9 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         for k in TRAIN_FIELDS:  # per student: the mean over the training seeds' students
             vals = [t[k] for t in trains if t.get(k) is not None]
             r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
+        gan, gan_acc = gan_status(trains)
+        if gan is not None:  # only rows with an adversarial term get the columns (older results keep their CSV)
+            r["gan"], r["gan_disc_acc"] = gan, gan_acc
         train_seeds = ok["train_seed"].dropna().unique()
         r["n_train_seeds"] = len(train_seeds)
         for key in (*MAIN_COLUMNS, "brightness", *MORE_COLUMNS, *LATENCY_COLUMNS):
@@ -61,6 +64,19 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
     agg = pd.DataFrame(out)
     agg["_order"] = agg["label"].map({k: i for i, k in enumerate(order)})
     return agg.sort_values(["_order", "nfe"]).drop(columns="_order").reset_index(drop=True)
+
+
+def gan_status(trains: list[dict]) -> tuple[str | None, float | None]:
+    """Whether the students' adversarial terms learned (``TrainInfo.adversarial``, the rule of
+    ``methods.student.AdversarialTerm.verdict``): "active", "inactive", "active in k/n" over the students, or None
+    (no adversarial term); and the mean held-out discriminator accuracy at the end of training."""
+    verdicts = [t["adversarial"] for t in trains if isinstance(t.get("adversarial"), dict)]
+    if not verdicts:
+        return None, None
+    k = sum(bool(v.get("active")) for v in verdicts)
+    accs = [v["disc_acc"] for v in verdicts if v.get("disc_acc") is not None]
+    status = "active" if k == len(verdicts) else "inactive" if k == 0 else f"active in {k}/{len(verdicts)}"
+    return status, (sum(accs) / len(accs) if accs else None)
 
 
 def _int(v) -> int | None:
@@ -111,7 +127,7 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
                 best[(steps, key)] = g[key].min() if SPECS[key].lower_is_better else g[key].max()
     recs = []
     for r in agg.to_dict("records"):
-        rec = {"method": r["label"], "steps": r["steps"], "NFE": r["nfe"]}
+        rec = {"method": gan_marked(r), "steps": r["steps"], "NFE": r["nfe"]}
         for key in columns:
             head = TABLE_A_HEADERS.get(key, SPECS[key].header)
             cell = _cell(r, key, True)
@@ -130,6 +146,14 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
         rec["train s"] = _train(r, "wall_seconds")
         recs.append(rec)
     return pd.DataFrame(recs)
+
+
+def gan_marked(r: dict) -> str:
+    """A row's label, marked "(GAN inactive)" when its adversarial term did not learn (``gan_status``)."""
+    status = r.get("gan")
+    if missing(status) or status == "active":
+        return r["label"]
+    return f"{r['label']} (GAN {status})"
 
 
 def _train(r: dict, key: str) -> str:
