@@ -149,6 +149,9 @@ def test_equal_compute_compares_every_curve_at_the_most_compute_all_of_them_reac
     assert eq["passes"] == 40  # cheap's curve ends there
     assert eq["curves"]["cheap"]["point"] is cheap[2] and eq["curves"]["dear"]["point"] is dear[0]
     assert eq["curves"]["cheap"]["past_plateau"] and not eq["curves"]["dear"]["plateau_shown"]
+    tiny = {("cheap", 1): cheap[:1], ("dear", 1): dear}  # C = 10: dear's first point already spent 30
+    rows = equal_compute(tiny)[1]["curves"]
+    assert rows["dear"]["over_budget"] and not rows["cheap"]["over_budget"]
 
 
 # --- a tiny curve, end to end ------------------------------------------------------------------------------

@@ -112,7 +112,8 @@ def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
 
     Rule: C = the smallest, over the curves at that step count, of the most network passes each curve spent (the
     most compute all of them have a point at); each curve is compared at its last point with at most C passes
-    (never more compute than C; no interpolation). Each point says whether it is past its curve's plateau.
+    (no interpolation), or, when even its first point spent more, at that first point, marked as over C. Each
+    point says whether it is past its curve's plateau.
     """
     out: dict = {}
     for steps in sorted({s for _, s in curves}):
@@ -123,7 +124,7 @@ def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
             within = [p for p in pts if p["network_passes"] <= budget]
             point = within[-1] if within else pts[0]
             plat, shown = plateau(pts)
-            rows[c] = {"point": point, "plateau": plat, "plateau_shown": shown,
+            rows[c] = {"point": point, "plateau": plat, "plateau_shown": shown, "over_budget": not within,
                        "past_plateau": shown and point["updates"] >= plat["updates"]}
         out[steps] = {"passes": budget, "curves": rows}
     return out
@@ -172,7 +173,8 @@ def report(curves: dict[tuple[str, int], list[dict]]) -> str:
             p, plat = r["point"], r["plateau"]
             where = f"{plat['updates']}, {plat['network_passes']:,.0f}" if r["plateau_shown"] else "not shown"
             past = "yes" if r["past_plateau"] else ("no" if r["plateau_shown"] else "unknown")
-            lines.append(f"| {c} | {p['updates']} | {p['network_passes']:,.0f} | {_m(p, 'fid')} | "
+            over = " (over C: its first point)" if r["over_budget"] else ""
+            lines.append(f"| {c} | {p['updates']} | {p['network_passes']:,.0f}{over} | {_m(p, 'fid')} | "
                          f"{_m(p, 'clip_score')} | {_m(p, 'accuracy')} | {where} | {past} |")
         lines.append("")
     return "\n".join(lines) + "\n"
