@@ -137,7 +137,8 @@ class RunContext:
         key = entry_key(entry)
         if key not in self.methods:
             ctx = base.Context(cache_dir=self.cache / "students", progress=self.progress, scale=self.suite.scale,
-                               rank=self.dist.rank, world=self.dist.world)
+                               rank=self.dist.rank, world=self.dist.world,
+                               keep_state=self.suite.curves is not None)  # a curve's next point continues it
             self.methods[key] = registry.get(entry.name)(self.backbone, entry.config, ctx)
         return self.methods[key]
 
@@ -527,7 +528,7 @@ def run_cell(ctx: RunContext, cell: Cell) -> dict | None:
     row = {
         "suite": ctx.suite.name, "method": entry.name, "label": entry.label, "variant": entry.variant,
         "settings": method.settings(), "steps": budget.steps, "nfe": budget.nfe, "seed": cell.seed,
-        "train_seed": entry.train_seed,
+        "train_seed": entry.train_seed, **({"curve": entry.curve} if entry.curve is not None else {}),
         "n_samples": len(ctx.prompts), "protocol": ctx.protocol, "status": "ok", "error": None,
     }
     failed = ctx.failed_training.get((entry.label, entry.train_seed, budget.steps))

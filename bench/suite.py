@@ -16,6 +16,10 @@
     kind = "shapes"              # or Inception + open_clip (kind = "real") under a protocol such as
                                  # "coco2014-30k" (bench/protocols.py, docs/protocols.md)
 
+    [curves]                     # optional: learning curves (bench/results/curves.py): every trained entry once
+    updates = [50, 100, 200]     # per update count, each training continuing the cached shorter one; validation
+                                 # prompts only
+
     [[methods]]
     name = "teacher"             # a registered method
     label = "teacher-ddim"       # unique row label (defaults to the name)
@@ -49,7 +53,7 @@ SUITES_DIR = Path(__file__).parent / "suites"
 # protocol has a reference), CLIP score and latency. Any metric registered in bench/metrics may be listed.
 DEFAULT_METRICS = {"shapes": ("fid", "clip_score", "accuracy", "latency"), "real": ("fid", "clip_score", "latency")}
 TOP_KEYS = {"name", "description", "prompts", "samples", "seeds", "train_seeds", "batch_size", "metrics", "methods", "grid",
-            "latency", "train", "scale", "backbone", "evaluators"}
+            "latency", "train", "scale", "backbone", "evaluators", "curves"}
 BACKBONE_KINDS = ("shapes", "diffusers")  # diffusers: a family of methods.backbones, with its own settings
 EVALUATOR_KEYS = {"shapes": {"protocol"}, "real": {"inception_dir", "clip_model", "clip_pretrained", "dinov2", "dtype",
                                                   "protocol", *protocols.INPUT_KEYS}}
@@ -60,6 +64,7 @@ ENTRY_KEYS = {"name", "label", "variant", "steps", "nfe", "settings"}
 # starting with a letter or digit, at most 80 characters (no path separator, no leading dot, no Markdown table bar)
 LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._+=,()-]{0,79}")
 LATENCY_KEYS = {"warmup", "repeats", "throughput_batch"}
+CURVES_KEYS = {"updates"}
 
 
 @dataclasses.dataclass
@@ -73,11 +78,12 @@ class Entry:
     variant: str | None = None
     config: object = dataclasses.field(default=None, compare=False, repr=False)  # the method's Config
     train_seed: int | None = None  # set when the suite runs the entry once per training seed
+    curve: str | None = None  # a learning curve's point: the label of the curve ([curves]); its updates in settings
 
     def to_dict(self) -> dict:
         return {"name": self.name, "label": self.label, "settings": self.settings, "variant": self.variant,
                 "steps": [b.steps for b in self.budgets], "nfe": [b.nfe for b in self.budgets],
-                "train_seed": self.train_seed}
+                "train_seed": self.train_seed, "curve": self.curve}
 
 
 @dataclasses.dataclass
@@ -98,6 +104,7 @@ class Suite:
     backbone: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
     evaluators: dict = dataclasses.field(default_factory=lambda: {"kind": "shapes"})
     metric_settings: dict = dataclasses.field(default_factory=dict)  # [metrics.<name>] settings of the metrics listed
+    curves: dict | None = None  # {"updates": [...]}: the suite measures learning curves (bench/results/curves.py)
 
     def to_dict(self) -> dict:
         """The resolved suite (stored in a run's config.json; ``from_dict`` reads it back for --resume)."""
@@ -203,6 +210,10 @@ def parse(raw: dict, where: str = "suite") -> Suite:
     if not isinstance(entries_raw, list) or not entries_raw:
         raise UserError(f"{where}: needs at least one [[methods]] entry")
     entries = [_entry(e, i, where, train, conventions) for i, e in enumerate(entries_raw)]
+    curves = None
+    if "curves" in raw:
+        curves = _curves(raw["curves"], raw, where)
+        entries = _per_curve_point(entries, curves["updates"], where, conventions)
     labels = [e.label for e in entries]
     if "train_seeds" in raw:
         entries = _per_training_seed(entries, _int_list(raw["train_seeds"], "train_seeds", where, allow_zero=True), where,
@@ -235,6 +246,7 @@ def parse(raw: dict, where: str = "suite") -> Suite:
         source=where,
         backbone=backbone,
         evaluators=evaluators,
+        curves=curves,
     )
 
 
@@ -262,6 +274,49 @@ def metrics_spec(value, where: str) -> tuple[list[str], dict[str, dict]]:
         if m not in known:
             raise unknown(f"metric in {where}", m, known)
     return names, settings
+
+
+def _curves(value, raw: dict, where: str) -> dict:
+    """The [curves] table checked: update counts (increasing, distinct), on validation prompts, and no fixed
+    student_updates anywhere else (each point sets its own)."""
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: [curves] must be a table with updates = [...]")
+    for k in value:
+        if k not in CURVES_KEYS:
+            raise unknown(f"key in [curves] of {where}", k, CURVES_KEYS)
+    if "updates" not in value:
+        raise UserError(f"{where}: [curves] needs updates = [...] (the update counts of the curve's points)")
+    updates = _int_list(value["updates"], "[curves] updates", where)
+    if len(set(updates)) != len(updates):
+        raise UserError(f"{where}: [curves] updates must not repeat a count, got {updates}")
+    if raw.get("prompts", "shapes-eval") == "shapes-eval":
+        raise UserError(f"{where}: learning curves pick each method's plateau: measure them on validation prompts "
+                        "(prompts = \"shapes-val\"), never the evaluation prompts")
+    if "student_updates" in raw.get("train", {}):
+        raise UserError(f"{where}: [curves] sets each point's student_updates; remove it from [train]")
+    return {"updates": sorted(updates)}
+
+
+def _per_curve_point(entries: list[Entry], updates: list[int], where: str, conventions: dict[str, dict]) -> list[Entry]:
+    """Each entry of a trained method once per update count, in increasing order (label "LABEL u=N"), so that each
+    training continues the previous one (``Context.keep_state``); untrained entries (the teacher) once."""
+    out = []
+    for e in entries:
+        cls = registry.get(e.name)
+        if "student_updates" not in {f.name for f in dataclasses.fields(cls.Config)}:
+            out.append(e)
+            continue
+        if "student_updates" in e.settings:
+            raise UserError(f"{where}: {e.label!r} sets student_updates and the suite has [curves]; the curve sets it")
+        for u in updates:
+            settings = {**e.settings, "student_updates": u}
+            config = cls.make_config(conventional(e.name, settings, conventions), e.label)
+            label = f"{e.label} u={u}"
+            if not LABEL.fullmatch(label):
+                raise UserError(f"{where}: label {e.label!r} is too long for a curve's point labels ({label!r})")
+            out.append(dataclasses.replace(e, label=label, settings=settings, config=config, curve=e.label,
+                                           variant=e.variant or e.label))
+    return out
 
 
 def _component(value, what: str, kinds: dict[str, set], where: str) -> dict:
@@ -408,5 +463,5 @@ def from_dict(d: dict) -> Suite:
             raise UserError(f"{e['label']}: the stored budgets {e['nfe']} NFE do not match this version's cost of "
                             f"{e['steps']} steps; resume the run with the flashbench version that started it")
         entries.append(Entry(e["name"], e["label"], e["settings"], budgets, e.get("variant"), config,
-                             e.get("train_seed")))
+                             e.get("train_seed"), e.get("curve")))
     return Suite(**{**d, "entries": entries})

@@ -41,6 +41,9 @@ class Context:
     scale: float = 1.0  # multiplies training budgets (e.g. scale = 20 on a GPU)
     rank: int = 0
     world: int = 1
+    # keep each trained student's final training state in the cache, so a longer training of the same student
+    # continues it (learning curves: bench/curves.py); off by default (a state holds every optimizer)
+    keep_state: bool = False
 
 
 @dataclasses.dataclass
@@ -52,7 +55,10 @@ class TrainInfo:
     network_passes: int = 0  # forward + backward passes per sample of every network used in training, counted
     passes: dict | None = None  # {role: {"forward": n, "backward": n}} (teacher, student, discriminator, ...)
     lora_rank: int = 0  # the LoRA rank the student trained at (0: the full UNet)
-    wall_seconds: float = 0.0  # seconds
+    wall_seconds: float = 0.0  # seconds this session spent making the student (training, or loading it)
+    train_seconds: float = 0.0  # seconds inside the training's updates, summed over every session it took (counted)
+    continued_from: int | None = None  # the cached training of this many updates it continued (None: from the start)
+    student_timesteps: dict | None = None  # {t: samples} of the student's gradient passes (its training inputs)
     cached: bool = False
     checkpoint: str | None = None
     checkpoint_sha256: str | None = None

@@ -32,7 +32,7 @@ from methods import diffusion as D
 from methods.base import TrainInfo
 from methods.registry import register
 from methods.sampling import Denoiser, per_sample_noise, renoise_trajectory
-from methods.student import AdversarialConfig, DistilledMethod
+from methods.student import GRID_DRAWS, AdversarialConfig, DistilledMethod, draw_grid
 from methods.training import optimizer_step, run_updates
 
 
@@ -47,6 +47,10 @@ class DMD2Config(AdversarialConfig):
     max_steps: int = 4
     backward_simulation: bool = True
     shared_student: bool = True  # one generator for 1..max_steps steps (trained on all their grids)
+    # the shared generator's grid draw (methods.student.grid_weights): "steps", the step count uniform then the grid
+    # index uniform, as tianweiy/DMD2 (t = T gets 52% of the samples at max_steps 4); "pairs", every (steps, grid
+    # index) pair equally likely
+    grid_draw: str = "steps"
 
     def __post_init__(self):
         super().__post_init__()
@@ -54,6 +58,8 @@ class DMD2Config(AdversarialConfig):
             raise ValueError(f"fake_updates must be >= 1, got {self.fake_updates}")
         if self.adv_times not in ("last", "all"):
             raise ValueError(f"adv_times must be 'last' or 'all', got {self.adv_times!r}")
+        if self.grid_draw not in GRID_DRAWS:
+            raise ValueError(f"grid_draw must be one of {GRID_DRAWS}, got {self.grid_draw!r}")
 
 
 def dm_loss(x0, x0_real, x0_fake) -> torch.Tensor:
@@ -108,9 +114,11 @@ class DMD2(DistilledMethod):
         def generate(g, cond, real, n, with_grad: bool):
             """(x̂_0 of the generator, which samples are at their grid's last time), each sample at its own
             grid time; inputs by backward simulation (or noised real data)."""
-            k = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
+            if cfg.shared_student:
+                k, i = draw_grid(grid, n, g, cfg.grid_draw)
+            else:
+                k, i = grid, torch.randint(0, grid, (n,), generator=g)
             timesteps = bb.schedule.grid(k)
-            i = torch.randint(0, k, (n,), generator=g)
             t = torch.tensor(timesteps)[i]
             if cfg.backward_simulation:
                 x_T = torch.randn((n, *bb.sample_shape), generator=g).to(bb.device)

@@ -29,7 +29,7 @@ from methods import diffusion as D
 from methods.base import TrainInfo
 from methods.registry import register
 from methods.sampling import Denoiser, ddim_trajectory
-from methods.student import AdversarialConfig, DistilledMethod
+from methods.student import GRID_DRAWS, AdversarialConfig, DistilledMethod, draw_grid
 from methods.training import run_updates
 
 ADV_TIMES = ("last", "all")
@@ -52,6 +52,9 @@ class ImagineFlashConfig(AdversarialConfig):
     adv_ramp: float = 0.2
     max_steps: int = 3  # students exist for 1..max_steps sampling steps
     shared_student: bool = False  # one student for every step count (trained on random grids) or one per count
+    # a shared student's grid draw (methods.student.grid_weights): "steps", the step count uniform then the grid index
+    # uniform (t = T gets 52% of the samples at max_steps 4); "pairs", every (steps, grid index) pair equally likely
+    grid_draw: str = "steps"
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +64,8 @@ class ImagineFlashConfig(AdversarialConfig):
             raise ValueError(f"teacher_steps must be >= 1, got {self.teacher_steps}")
         if self.adv_times not in ADV_TIMES:
             raise ValueError(f"adv_times must be one of {ADV_TIMES}, got {self.adv_times!r}")
+        if self.grid_draw not in GRID_DRAWS:
+            raise ValueError(f"grid_draw must be one of {GRID_DRAWS}, got {self.grid_draw!r}")
 
 
 def teacher_target(teacher: Denoiser, chi, t_start, k: int, cond, uncond, w: float) -> torch.Tensor:
@@ -110,6 +115,9 @@ class ImagineFlash(DistilledMethod):
     def student_steps(self, steps: int) -> int:
         return self.config.max_steps if self.config.shared_student else steps
 
+    def prefix_stable(self) -> bool:
+        return not self.config.adversarial or super().prefix_stable()
+
     def training_timesteps(self, grid: int) -> set[int]:
         counts = range(1, grid + 1) if self.config.shared_student else [grid]
         return {t for k in counts for t in self.backbone.schedule.grid(k)}
@@ -132,9 +140,11 @@ class ImagineFlash(DistilledMethod):
             g, real, cond, uncond = self.conditioned_batch(step)
             n = len(cond)
             # 1. each sample's training latent at its own grid time t = timesteps[i]
-            steps = int(torch.randint(1, grid + 1, (1,), generator=g)) if cfg.shared_student else grid
+            if cfg.shared_student:
+                steps, i = draw_grid(grid, n, g, cfg.grid_draw)
+            else:
+                steps, i = grid, torch.randint(0, grid, (n,), generator=g)
             timesteps = bb.schedule.grid(steps)
-            i = torch.randint(0, steps, (n,), generator=g)
             t = torch.tensor(timesteps)[i]
             if cfg.backward_distillation:
                 # roll the student's own sampler from pure noise down to t, without gradient

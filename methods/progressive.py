@@ -97,6 +97,9 @@ class Progressive(DistilledMethod):
     def smoke_settings(cls) -> dict:
         return {"student_updates": 6, "batch_size": 2, "max_steps": 2}
 
+    def prefix_stable(self) -> bool:
+        return False  # its stages are fractions of the total (cfg_fraction, then equal halving rounds)
+
     def training_timesteps(self, grid: int) -> set[int]:
         # the CFG stage (grid = max_steps) learns at every t; a halving round at its own grid's times
         schedule = self.backbone.schedule

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import time
 import math
 from pathlib import Path
@@ -237,6 +238,53 @@ def training_code_sha256(module: str, root: Path | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _add_counts(a: dict | None, b: dict) -> dict:
+    out = dict(a or {})
+    for k, v in b.items():
+        out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items(), key=lambda kv: float(kv[0])))
+
+
+# --- where a shared multi-step student trains: its grid draw -------------------------------------------
+
+GRID_DRAWS = ("steps", "pairs")
+
+
+def grid_weights(max_steps: int, rule: str) -> torch.Tensor:
+    """P(k), k = 1..max_steps: the step count whose grid one update of a shared student trains on.
+
+    "steps": uniform over step counts (DMD2's code); "pairs": P(k) ∝ k, so that, with each sample's grid index
+    uniform within the grid, every (step count, grid index) pair a sampler at 1..max_steps steps evaluates the
+    student at is equally likely (``grid_shares``)."""
+    if rule not in GRID_DRAWS:
+        raise ValueError(f"grid_draw must be one of {GRID_DRAWS}, got {rule!r}")
+    k = torch.arange(1, max_steps + 1, dtype=torch.float64)
+    w = torch.ones_like(k) if rule == "steps" else k
+    return w / w.sum()
+
+
+def draw_grid(max_steps: int, n: int, g: torch.Generator, rule: str = "steps") -> tuple[int, torch.Tensor]:
+    """(k, i): the step count of this update's grid, drawn by `rule` (``grid_weights``), and each of the n samples'
+    grid index i ~ U{0..k−1}. "steps" draws exactly as the bench did before the rule existed."""
+    if rule == "steps":
+        k = int(torch.randint(1, max_steps + 1, (1,), generator=g))
+    else:
+        k = int(torch.multinomial(grid_weights(max_steps, rule), 1, generator=g)) + 1
+    return k, torch.randint(0, k, (n,), generator=g)
+
+
+def grid_shares(max_steps: int, rule: str, grid) -> dict:
+    """{t: expected share of a shared student's training samples at t} under `rule`, `grid(k)` the k-step grid.
+
+    At max_steps = 4 on trailing grids: "steps" gives t = T (in every grid) Σ_k 1/(4k) = 52% and each later grid
+    time 6–19%; "pairs" gives t = T 2/(K+1) = 40%, the share a sampler at each of 1..K steps evaluates there."""
+    shares: dict = {}
+    for k, p in zip(range(1, max_steps + 1), grid_weights(max_steps, rule).tolist()):
+        for t in grid(k):
+            shares[t] = shares.get(t, 0.0) + p / k
+    return dict(sorted(shares.items(), reverse=True))
+
+
 class DistilledMethod(Method):
     """A method whose sampler is a trained student UNet, cached by a hash of what made it."""
 
@@ -272,14 +320,39 @@ class DistilledMethod(Method):
         return max(1, round(self.config.student_updates * self.ctx.scale))
 
     def cache_stem(self, steps: int) -> str:
+        """The student's cache name: method, grid, a hash of what makes it. A prefix-stable training's name is its
+        lineage (that hash without the update count) and then the update count: ``{lineage}-{updates}u``."""
         training = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in self.INFERENCE_FIELDS}
         ident = {"method": self.name, "training": training, "updates": self.updates(),
                  "teacher": self.backbone.identity(), "grid": self.student_steps(steps),
                  "device": self.backbone.device.type, "code": training_code_sha256(type(self).__module__)}
         if self.ctx.world > 1:  # data-parallel training sees world x the data: another student
             ident["processes"] = self.ctx.world
-        key = io.content_hash(ident)
-        return f"{self.name}-{self.student_steps(steps)}step-{key}"
+        if self.prefix_stable():
+            del ident["updates"], training["student_updates"]
+            return f"{self.lineage_prefix(steps, io.content_hash(ident))}{self.updates()}u"
+        return f"{self.name}-{self.student_steps(steps)}step-{io.content_hash(ident)}"
+
+    def lineage_prefix(self, steps: int, key: str) -> str:
+        return f"{self.name}-{self.student_steps(steps)}step-{key}-"
+
+    def prefix_stable(self) -> bool:
+        """Whether the first s updates of this training are the same whatever its total, so that a longer training
+        continues a shorter cached one (``Context.keep_state``; learning curves). Not where a schedule is a fraction
+        of the total: the adversarial term's warm-up and ramp (``AdversarialTerm``), progressive's stages."""
+        return getattr(self.config, "adv_warmup", 0) == 0 and getattr(self.config, "adv_ramp", 0) == 0
+
+    def continuation(self, steps: int) -> tuple[int, object] | None:
+        """(updates, state path) of the longest kept training state this student's training continues: the same
+        lineage, fewer updates (None when there is none, the training is not prefix-stable, or it is data-parallel)."""
+        if not self.prefix_stable() or self.ctx.world > 1:
+            return None
+        stem = self.cache_stem(steps)
+        prefix = stem[: stem.rindex("-") + 1]
+        pattern = re.compile(re.escape(prefix) + r"(\d+)u\.state\.safetensors")
+        found = [(int(m.group(1)), p) for p in Path(self.ctx.cache_dir).glob(f"{prefix}*u.state.safetensors")
+                 if (m := pattern.fullmatch(p.name)) and int(m.group(1)) < self.updates()]
+        return max(found, key=lambda f: f[0]) if found else None
 
     def lora_rank(self) -> int:
         """The LoRA rank students train at (0: the full UNet): the setting, or the default for the teacher's size."""
@@ -307,6 +380,8 @@ class DistilledMethod(Method):
         if self.config.gradient_checkpointing:
             net.enable_gradient_checkpointing()
 
+        before = self.continuation(steps)
+
         def train(ckpt):
             t0 = time.time()
             net.train()
@@ -322,12 +397,15 @@ class DistilledMethod(Method):
                 self.compute = outer
             info.wall_seconds = round(time.time() - t0, 1)
             info.lora_rank = self.lora_rank()
+            info.continued_from = before[0] if before else None
             return net.state_dict(), dataclasses.asdict(info)
 
         def load(state):
             net.load_state_dict(state)
 
-        info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0)
+        info = cached_student(self.ctx.cache_dir, self.cache_stem(steps), train, load, write=self.ctx.rank == 0,
+                              keep_state=self.ctx.keep_state and self.prefix_stable(),
+                              continue_from=before[1] if before else None)
         net = bb.prepare_net(net.eval().requires_grad_(False).to(bb.dtype))  # samples in the teacher's dtype, as it runs
         self.nets[grid] = net
         self.students[grid] = Denoiser(self.counted(net), self.backbone.schedule, self.student_prediction_type(),
@@ -397,7 +475,10 @@ class DistilledMethod(Method):
         return TrainInfo(student_updates=updates + (before.student_updates if before else 0),
                          teacher_nfe=passes.get("teacher", {}).get("forward", 0), losses=losses, passes=passes,
                          network_passes=sum(v["forward"] + v["backward"] for v in passes.values()),
-                         adversarial=adversarial.verdict() if adversarial is not None else None)
+                         adversarial=adversarial.verdict() if adversarial is not None else None,
+                         train_seconds=round(self.compute.seconds + (before.train_seconds if before else 0.0), 1),
+                         student_timesteps=_add_counts(before.student_timesteps if before else None,
+                                                       self.compute.student_timesteps()))
 
     def captions_batch(self, step: int, stream: int = 0):
         """(real training images, captions, micro-conditioning or None) of update `step` (never evaluation data).

@@ -3,10 +3,13 @@ update loop, the student cache, divergence checks."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 import json
 import math
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -32,18 +35,24 @@ class PassCounter(nn.Module):
     """Wraps a network used in training and counts its passes per sample: a forward call on a batch of B
     counts B forward passes; when a gradient flows back through that call's output, B backward passes.
 
-    Training compute is therefore counted, never computed from a formula (`TrainCompute`).
+    Training compute is therefore counted, never computed from a formula (`TrainCompute`). With
+    ``record_timesteps``, the timesteps of the passes made with gradient enabled (the inputs the network
+    learns from) are counted too, per value: ``timesteps`` {t: samples}.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, record_timesteps: bool = False):
         super().__init__()
         self.net = net
         self.forward_passes = 0
         self.backward_passes = 0
+        self.timesteps: collections.Counter | None = collections.Counter() if record_timesteps else None
 
     def forward(self, x, *args, **kwargs):
         n = x.shape[0]
         self.forward_passes += n
+        if self.timesteps is not None and torch.is_grad_enabled() and args:
+            t = torch.as_tensor(args[0]).detach().flatten().cpu()
+            self.timesteps.update(_timestep_key(v) for v in t.expand(n).tolist())
         out = self.net(x, *args, **kwargs)
         self.watch(out.sample if hasattr(out, "sample") else out, n)
         return out
@@ -57,14 +66,22 @@ class PassCounter(nn.Module):
         self.backward_passes += n
 
 
+def _timestep_key(t: float) -> str:
+    """A timestep as a JSON key: an integer where it is one (VP), else rounded (flow)."""
+    return str(int(t)) if float(t).is_integer() else f"{t:.4g}"
+
+
 class TrainCompute:
-    """The PassCounters of one training, by role (teacher, student, ema_target, fake_score, discriminator)."""
+    """What one training spends, as counted: the PassCounters by role (teacher, student, ema_target, fake_score,
+    discriminator), the seconds spent in its updates, and the timesteps of the student's gradient passes
+    (role ``student``: the inputs it learns from). All of it survives a checkpoint (``state``)."""
 
     def __init__(self):
         self.counters: dict[str, list] = {}
+        self.seconds = 0.0  # wall seconds inside the updates, summed over every session of the training
 
     def count(self, net: nn.Module, role: str) -> PassCounter:
-        counter = PassCounter(net)
+        counter = PassCounter(net, record_timesteps=role == "student")
         self.add(counter, role)
         return counter
 
@@ -77,13 +94,25 @@ class TrainCompute:
         return {role: {"forward": sum(c.forward_passes for c in cs), "backward": sum(c.backward_passes for c in cs)}
                 for role, cs in self.counters.items()}
 
+    def student_timesteps(self) -> dict[str, int]:
+        """{t: samples} of the student's gradient passes, by increasing t."""
+        total = collections.Counter()
+        for c in self.counters.get("student", []):
+            total.update(c.timesteps or {})
+        return dict(sorted(total.items(), key=lambda kv: float(kv[0])))
+
     def state(self) -> dict:
-        return {role: [[c.forward_passes, c.backward_passes] for c in cs] for role, cs in self.counters.items()}
+        return {"seconds": self.seconds,
+                "counters": {role: [[c.forward_passes, c.backward_passes, dict(getattr(c, "timesteps", None) or {})]
+                                    for c in cs] for role, cs in self.counters.items()}}
 
     def load_state(self, state: dict) -> None:
-        for role, values in state.items():
-            for c, (f, b) in zip(self.counters.get(role, []), values):
+        self.seconds = state.get("seconds", 0.0)
+        for role, values in state.get("counters", {}).items():
+            for c, (f, b, ts) in zip(self.counters.get(role, []), values):
                 c.forward_passes, c.backward_passes = f, b
+                if getattr(c, "timesteps", None) is not None:
+                    c.timesteps = collections.Counter(ts)
 
 
 def add_passes(a: dict | None, b: dict | None) -> dict:
@@ -205,20 +234,21 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
                 ckpt_every: int | None = None, log_every: int = 10, compute: TrainCompute | None = None) -> dict:
     """Call ``update(step) -> {loss name: float}`` for steps [start, total); resumable from ``ckpt``.
 
-    Checkpoints (modules + optimizers + loss log + the pass counts of `compute`) are written
-    atomically every ``ckpt_every`` updates; a killed training resumes at its last checkpoint with
-    the counts it had there. NaN/Inf in any loss raises DivergenceError with the step. Returns the
-    loss log: per loss, means over windows of ``log_every`` updates.
+    Checkpoints (modules + optimizers + loss log + what `compute` counted) are written atomically every
+    ``ckpt_every`` updates and at the end; a killed training resumes at its last checkpoint with the counts
+    it had there, and a finished one can be continued to a larger `total` from its final checkpoint
+    (``cached_student``'s continuation). NaN/Inf in any loss raises DivergenceError with the step. Returns
+    the loss log: per loss, means over windows of ``log_every`` updates.
     """
     from tqdm import tqdm
 
     ckpt_every = ckpt_every or max(1, min(100, total // 10))
     log_every = math.gcd(log_every, ckpt_every)  # loss windows never straddle a checkpoint
-    start, log = 0, {}
+    start, log, window = 0, {}, {}  # window: the losses of the log window in progress
     if ckpt.exists():
         try:
             start, extra = load_checkpoint(ckpt, modules, optimizers)
-            log = extra.get("log", {})
+            log, window = extra.get("log", {}), extra.get("window", {})
             if compute is not None:
                 compute.load_state(extra.get("passes", {}))
         except Exception as e:  # a torn or corrupt checkpoint: never used, training restarts
@@ -227,14 +257,16 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
             warnings.warn(f"ignoring unreadable checkpoint {ckpt.name} ({type(e).__name__}); training from the start",
                           stacklevel=2)
             ckpt.unlink()
-            start, log = 0, {}
+            start, log, window = 0, {}, {}
     handles = _sync_gradients(modules)
     rank0 = not _distributed() or torch.distributed.get_rank() == 0
-    window: dict[str, list[float]] = {}
     bar = tqdm(total=total, initial=start, desc=desc, leave=False, disable=not progress)
     for step in range(start, total):
         faults.maybe_kill("train", step)
+        t0 = time.time()
         losses = update(step)
+        if compute is not None:
+            compute.seconds += time.time() - t0
         if faults.hit("nan", "train", step):
             losses = {**losses, "injected": float("nan")}
         for k, v in losses.items():
@@ -247,9 +279,9 @@ def run_updates(update, total: int, ckpt: Path, modules: dict[str, nn.Module],
             window = {}
             bar.set_postfix({k: v[-1] for k, v in log.items()})
         bar.update(1)
-        if (step + 1) % ckpt_every == 0 and step + 1 < total and rank0:
+        if ((step + 1) % ckpt_every == 0 or step + 1 == total) and rank0:
             save_checkpoint(ckpt, step + 1, modules, optimizers,
-                            {"log": log, "passes": compute.state() if compute is not None else {}})
+                            {"log": log, "window": window, "passes": compute.state() if compute is not None else {}})
     bar.close()
     for h in handles:
         h.remove()
@@ -288,12 +320,20 @@ def _read_card(path: Path) -> dict | None:
     return card if ok else None
 
 
-def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True) -> dict:
+def state_path(cache_dir: Path, stem: str) -> Path:
+    """Where a cached student's final training state (every module and optimizer, the counts) is kept, when kept."""
+    return Path(cache_dir) / f"{stem}.state.safetensors"
+
+
+def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True, keep_state: bool = False,
+                   continue_from: Path | None = None) -> dict:
     """Load a trained student from the cache, or train it and cache it (safetensors + card with sha256).
 
     ``train(ckpt_path) -> (state_dict, info dict)``; ``load(state_dict)`` installs the weights. A corrupt cache
     entry — a card that is missing, cut short or malformed, weights whose sha256 does not match the card, or that
-    do not load — is warned about and retrained (and overwritten).
+    do not load — is warned about and retrained (and overwritten). `keep_state`: keep the training's final
+    checkpoint beside the student (``state_path``) so a longer training of the same kind can continue it;
+    `continue_from`: such a state, copied to the checkpoint a new training resumes from (``run_updates``).
     """
     from safetensors.torch import load_file
 
@@ -314,6 +354,11 @@ def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True) 
 
         warnings.warn(f"ignoring the corrupt cached student {path.name} ({why}); training it again", stacklevel=2)
     ckpt = path.with_suffix(".ckpt.safetensors")
+    if continue_from is not None and not ckpt.exists() and write:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_name(f".{ckpt.name}.tmp")
+        shutil.copyfile(continue_from, tmp)
+        tmp.replace(ckpt)
     state, info = train(ckpt)
     if not write:  # another process (rank 0) writes the cache entry; this one keeps its identical weights
         load(state)
@@ -321,6 +366,9 @@ def cached_student(cache_dir: Path, stem: str, train, load, write: bool = True) 
     digest = io.save_tensors(path, state)
     io.write_json(card_path, {"sha256": digest, "info": info})
     if ckpt.exists():
-        ckpt.unlink()
+        if keep_state:
+            ckpt.replace(state_path(cache_dir, stem))
+        else:
+            ckpt.unlink()
     load(state)
     return {**info, "cached": False, "checkpoint": path.name, "checkpoint_sha256": digest}

@@ -53,7 +53,7 @@ def comparable(run_dir):
     for r in rows:
         r = {k: v for k, v in r.items() if not _timing(k)}
         if r.get("train"):
-            r["train"] = {k: v for k, v in r["train"].items() if k not in ("wall_seconds", "cached")}
+            r["train"] = {k: v for k, v in r["train"].items() if k not in ("wall_seconds", "train_seconds", "cached")}
         out.append(r)
     return sorted(out, key=lambda r: (r["label"], r["nfe"], r["seed"]))
 

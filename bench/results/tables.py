@@ -2,7 +2,7 @@
 
 ``write_all(run)`` reads ``results.jsonl`` (+ ``floor.json``) and writes
 ``tables/main.{md,csv,tex}``, ``plots/quality_vs_nfe.png``, ``plots/quality_vs_latency.png`` and
-``grids/overview.png``. ``flashbench table RUN`` calls it.
+``grids/overview.png`` (and a curves suite's learning curves: ``bench.results.curves``). ``flashbench table RUN`` calls it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.results import claims
+from bench.results import claims, curves
 from bench.results.select import teacher_row
 from bench.rundir import load_floor, load_rows
 from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, MORE_COLUMNS, PLOTTED, SPECS, TABLE_A_MORE, fmt, missing
@@ -221,6 +221,7 @@ def write_all(run: Path) -> None:
         plot_quality(agg, run / "plots")
         overview(agg, run / "grids", prompts=grid_prompts(run))
         claims.write(run, agg)
+    curves.write(run, df)  # a suite with [curves]: curves.jsonl, plots/learning_curves.png, tables/curves.md
 
 
 # --- plots and grids ----------------------------------------------------------------------------

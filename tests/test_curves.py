@@ -1,0 +1,222 @@
+"""Issue 20: where shared students train (the grid draw), training that continues a cached shorter training,
+and learning curves (snapshots on validation prompts, a plateau rule, an equal-compute comparison)."""
+
+import pytest
+import torch
+
+from methods import base
+from methods.student import draw_grid, grid_shares, grid_weights
+
+
+def _grid(k):  # trailing grids as the VP schedule makes them
+    return [999, 499][:k] if k <= 2 else {3: [999, 666, 332], 4: [999, 749, 499, 249]}[k]
+
+
+def test_the_grid_draw_rules_give_the_shares_they_state():
+    steps = grid_shares(4, "steps", _grid)
+    assert steps[999] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1 / 4) / 4)  # 52%: the audit's figure
+    assert steps[749] == pytest.approx(1 / 16) and steps[666] == pytest.approx(1 / 12)
+    pairs = grid_shares(4, "pairs", _grid)
+    assert pairs[999] == pytest.approx(2 / 5)  # in each of the 4 grids: 4 of the 10 (steps, index) pairs
+    assert pairs[499] == pytest.approx(2 / 10) and pairs[249] == pytest.approx(1 / 10)
+    assert sum(pairs.values()) == pytest.approx(1) and sum(steps.values()) == pytest.approx(1)
+    assert grid_weights(4, "pairs").tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    with pytest.raises(ValueError, match="grid_draw"):
+        grid_weights(4, "even")
+
+
+@pytest.mark.parametrize("rule", ["steps", "pairs"])
+def test_draw_grid_matches_its_rule_empirically(rule):
+    g = torch.Generator().manual_seed(0)
+    counts: dict = {}
+    n_updates, batch = 20000, 2
+    for _ in range(n_updates):
+        k, i = draw_grid(4, batch, g, rule)
+        for j in i.tolist():
+            counts[(k, j)] = counts.get((k, j), 0) + 1
+    share = {p: c / (n_updates * batch) for p, c in counts.items()}
+    weights = grid_weights(4, rule).tolist()
+    for (k, j), s in share.items():
+        assert s == pytest.approx(weights[k - 1] / k, abs=0.012), (k, j)
+
+
+def test_the_default_draw_is_the_one_the_bench_had():
+    """"steps" consumes the generator exactly as the code before the rule: the default students are unchanged."""
+    a, b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    k, i = draw_grid(4, 8, a, "steps")
+    k0 = int(torch.randint(1, 5, (1,), generator=b))
+    assert k == k0 and torch.equal(i, torch.randint(0, k0, (8,), generator=b))
+
+
+def test_a_shared_student_trains_where_its_draw_rule_says(tiny, tmp_path):
+    """The timesteps of the student's gradient passes, counted in training, follow grid_shares (many tiny updates)."""
+    cls = base.get("imagine-flash")
+    settings = {"student_updates": 30, "batch_size": 4, "max_steps": 3, "shared_student": True, "grid_draw": "pairs"}
+    m = cls(tiny, cls.make_config(settings), base.Context(tmp_path, progress=False))
+    info = m.prepare(3)
+    counted = {int(t): n for t, n in info.student_timesteps.items()}
+    total = sum(counted.values())
+    assert total == 30 * 4  # one gradient pass per training sample
+    expected = grid_shares(3, "pairs", tiny.schedule.grid)
+    assert set(counted) == set(expected)
+    for t, share in expected.items():  # the step count is one draw per update: 30 draws, a loose tolerance
+        assert counted[t] / total == pytest.approx(share, abs=0.15), (t, counted[t] / total, share)
+
+
+@pytest.mark.parametrize("name", ["imagine-flash", "dmd2"])
+@pytest.mark.parametrize("rule", ["steps", "pairs"])
+def test_shared_students_draw_their_grid_by_the_configured_rule(tiny, tmp_path, monkeypatch, name, rule):
+    import importlib
+
+    module = importlib.import_module(base.get(name).__module__)
+    seen = []
+    real = module.draw_grid
+    monkeypatch.setattr(module, "draw_grid", lambda *a: seen.append(a[3]) or real(*a))
+    cls = base.get(name)
+    settings = {**cls.smoke_settings(), "student_updates": 1, "shared_student": True, "grid_draw": rule}
+    cls(tiny, cls.make_config(settings), base.Context(tmp_path, progress=False)).prepare(2)
+    assert seen and set(seen) == {rule}
+
+
+@pytest.mark.parametrize("name", ["imagine-flash", "dmd2", "lcm"])
+def test_a_longer_training_continues_the_kept_state_of_a_shorter_one(tiny, tmp_path, name):
+    """With keep_state, the 3-update student continues the cached 2-update training and ends where a fresh 3-update
+    training ends: the same weights, the same counted passes and training timesteps."""
+    cls = base.get(name)
+    smoke = cls.smoke_settings()
+
+    def make(updates, cache, keep):
+        cfg = cls.make_config({**smoke, "student_updates": updates})
+        return cls(tiny, cfg, base.Context(cache, progress=False, keep_state=keep))
+
+    steps = cls.smoke_steps(cls.make_config(smoke))[-1]
+    short = make(2, tmp_path / "curve", True)
+    assert short.prefix_stable()
+    short.prepare(steps)
+    long = make(3, tmp_path / "curve", True)
+    assert long.continuation(steps)[0] == 2
+    info = long.prepare(steps)
+    fresh = make(3, tmp_path / "fresh", False)
+    ref = fresh.prepare(steps)
+    assert info.continued_from == 2 and ref.continued_from is None
+    assert info.student_updates == ref.student_updates == 3
+    assert info.passes == ref.passes and info.student_timesteps == ref.student_timesteps
+    for a, b in zip(long.student_net(steps).parameters(), fresh.student_net(steps).parameters()):
+        assert torch.equal(a, b)
+    assert not list((tmp_path / "fresh").glob("*.state.safetensors"))  # nothing kept without keep_state
+    assert long.cache_stem(steps).endswith("-3u") and short.cache_stem(steps).endswith("-2u")
+    assert long.cache_stem(steps)[:-2] == short.cache_stem(steps)[:-2]  # one lineage
+
+
+def test_trainings_with_schedules_over_their_total_never_continue(tiny, tmp_path):
+    prog = base.get("progressive")
+    m = prog(tiny, prog.make_config(prog.smoke_settings()), base.Context(tmp_path, keep_state=True))
+    assert not m.prefix_stable() and m.continuation(1) is None
+    dmd2 = base.get("dmd2")
+    ramped = dmd2(tiny, dmd2.make_config({"adv_ramp": 0.2}), base.Context(tmp_path))
+    assert not ramped.prefix_stable()
+    flash = base.get("imagine-flash")
+    assert flash(tiny, flash.make_config({}), base.Context(tmp_path)).prefix_stable()  # no adversarial term
+    assert not flash(tiny, flash.make_config({"adversarial": True}), base.Context(tmp_path)).prefix_stable()
+
+
+# --- the curve rules (pure) --------------------------------------------------------------------------------
+
+
+def _pt(updates, passes, fid, hi, curve="a"):
+    return {"curve": curve, "steps": 1, "updates": updates, "network_passes": passes, "fid": fid, "fid_ci_high": hi}
+
+
+def test_the_plateau_is_the_first_point_within_the_ci_of_the_best_later_point():
+    from bench.results.curves import plateau
+
+    falling = [_pt(50, 1, 30, 32), _pt(100, 2, 20, 22), _pt(200, 4, 19, 21.5), _pt(400, 8, 19.5, 22)]
+    assert plateau(falling) == (falling[1], True)  # 20 <= 21.5, the best later point's upper bound
+    still_falling = [_pt(50, 1, 30, 32), _pt(100, 2, 20, 21), _pt(200, 4, 10, 11)]
+    assert plateau(still_falling) == (still_falling[-1], False)  # its own best: not shown
+    noisy = [_pt(50, 1, 12, 15), _pt(100, 2, 11, 14), _pt(200, 4, 13, 16)]
+    assert plateau(noisy) == (noisy[0], True)
+    seeds = [{**_pt(50, 1, 21, 21.5), "fid_seed_sd": 0.1}, {**_pt(100, 2, 20, 20.5), "fid_seed_sd": 2.0}]
+    assert plateau(seeds)[0] is seeds[0]  # the training seeds' spread widens the best point's bound
+
+
+def test_equal_compute_compares_every_curve_at_the_most_compute_all_of_them_reached():
+    from bench.results.curves import equal_compute
+
+    cheap = [_pt(50, 10, 30, 31, "cheap"), _pt(100, 20, 25, 26, "cheap"), _pt(200, 40, 24.5, 25.5, "cheap")]
+    dear = [_pt(50, 30, 28, 29, "dear"), _pt(100, 60, 22, 23, "dear")]
+    eq = equal_compute({("cheap", 1): cheap, ("dear", 1): dear})[1]
+    assert eq["passes"] == 40  # cheap's curve ends there
+    assert eq["curves"]["cheap"]["point"] is cheap[2] and eq["curves"]["dear"]["point"] is dear[0]
+    assert eq["curves"]["cheap"]["past_plateau"] and not eq["curves"]["dear"]["plateau_shown"]
+    tiny = {("cheap", 1): cheap[:1], ("dear", 1): dear}  # C = 10: dear's first point already spent 30
+    rows = equal_compute(tiny)[1]["curves"]
+    assert rows["dear"]["over_budget"] and not rows["cheap"]["over_budget"]
+
+
+# --- a tiny curve, end to end ------------------------------------------------------------------------------
+
+CURVE_SUITE = """
+name = "tiny-curves"
+prompts = "shapes-val"
+samples = 12
+seeds = [0]
+batch_size = 12
+metrics = ["fid", "clip_score", "accuracy"]
+[curves]
+updates = [2, 1]
+[train]
+batch_size = 2
+[[methods]]
+name = "teacher"
+label = "teacher"
+steps = [1]
+settings = { solver = "ddim" }
+[[methods]]
+name = "imagine-flash"
+label = "flash"
+steps = [1]
+[[methods]]
+name = "lcm"
+steps = [1]
+"""
+
+
+def test_a_curves_suite_trains_each_point_by_continuing_the_last_and_writes_its_curves(tmp_path):
+    import json
+
+    from tests.test_cli import flashbench_in_process
+
+    (tmp_path / "suite.toml").write_text(CURVE_SUITE)
+    code, err = flashbench_in_process("run", tmp_path / "suite.toml", "--no-progress", "--cache", tmp_path / "cache",
+                                      "--out", tmp_path / "run", cwd=tmp_path)
+    assert code == 0, err
+    rows = [json.loads(x) for x in (tmp_path / "run/results.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["teacher", "flash u=1", "flash u=2", "lcm u=1", "lcm u=2"]
+    by = {r["label"]: r for r in rows}
+    assert by["flash u=2"]["train"]["continued_from"] == 1 and by["flash u=1"]["train"]["continued_from"] is None
+    assert by["flash u=2"]["train"]["network_passes"] == 2 * by["flash u=1"]["train"]["network_passes"]
+    pts = [json.loads(x) for x in (tmp_path / "run/curves.jsonl").read_text().splitlines()]
+    assert [(p["curve"], p["updates"]) for p in pts] == [("flash", 1), ("flash", 2), ("lcm", 1), ("lcm", 2)]
+    assert all(p["fid_ci_low"] <= p["fid"] <= p["fid_ci_high"] and p["passes"]["student"]["backward"] > 0 for p in pts)
+    assert (tmp_path / "run/plots/learning_curves.png").stat().st_size > 0
+    table = (tmp_path / "run/tables/curves.md").read_text()
+    assert "Plateau rule" in table and "At equal compute" in table
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"prompts": "shapes-eval"}, "validation prompts"),
+    ({"curves": {"updates": [2, 2]}}, "repeat"),
+    ({"curves": {"updates": [0]}}, ">= 1"),
+    ({"curves": {"points": [1]}}, "points"),
+    ({"train": {"student_updates": 5}}, "remove it from"),
+])
+def test_a_curves_table_is_checked(change, match):
+    import tomllib
+
+    from bench import suite
+    from core.errors import UserError
+
+    raw = {**tomllib.loads(CURVE_SUITE), **change}
+    with pytest.raises(UserError, match=match):
+        suite.parse(raw, "curves test")
