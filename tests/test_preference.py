@@ -49,8 +49,7 @@ def check_contract(metric, n: int = 7) -> torch.Tensor:
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
     """Chunks of 4 rows so that a 7-sample batch takes the padded path (CHUNK is 64 in the runner)."""
-    for mod in ("hpsv2", "pickscore", "image_reward", "aesthetic"):
-        monkeypatch.setattr(f"bench.metrics.{mod}.CHUNK", 4)
+    monkeypatch.setattr("bench.metrics.preference.CHUNK", 4)  # PreferenceScore.per_sample, every preference metric
 
 
 def tiny_open_clip(tmp_path, name: str, quick_gelu: bool = False) -> str:

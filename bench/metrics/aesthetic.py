@@ -8,9 +8,7 @@ import functools
 
 import torch
 
-from bench.metrics.base import CHUNK, Metric, in_fixed_chunks
-from bench.metrics.bootstrap import bootstrap_mean
-from bench.metrics.preference import (OPENAI_MEAN, OPENAI_STD, RewardMLP, load_state, pixels, require_file,
+from bench.metrics.preference import (OPENAI_MEAN, OPENAI_STD, PreferenceScore, RewardMLP, load_state, require_file,
                                       weights_sha256)
 from bench.metrics.registry import register_metric
 
@@ -42,11 +40,12 @@ def load_aesthetic(clip_model: str, clip_pretrained: str, path: str, device: str
     columns=(
     {"key": "aesthetic", "header": "Aesthetic ↑", "decimals": 3, "direction": "higher", "show_ci": True,
      "main": False, "title": "LAION aesthetic score ↑"},))
-class Aesthetic(Metric):
+class Aesthetic(PreferenceScore):
     """LAION aesthetic predictor v2 per image: MLP(CLIP ViT-L/14 image embedding / its norm), averaged with a 95% CI.
     Weights: ``path`` = sac+logos+ava1-l14-linearMSE.pth, ``clip_pretrained`` = the OpenAI ViT-L/14 open_clip file."""
 
-    width = 1
+    uses_text = False  # an image-only score
+
     Config = AestheticConfig
 
     @classmethod
@@ -65,14 +64,6 @@ class Aesthetic(Metric):
         emb = self.clip.encode_image(x, normalize=True)
         return self.mlp(emb)[:, 0]
 
-    @torch.no_grad()
-    def per_sample(self, images, prompts):
-        x = pixels(images, self.transform, self.evaluators.device)
-        return in_fixed_chunks(self.score, len(prompts), x, chunk=CHUNK).double().view(-1, 1)
-
-    def compute(self, values):
-        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
-        return {"aesthetic": m, "aesthetic_ci_low": lo, "aesthetic_ci_high": hi}
 
     def protocol(self):
         c = self.config

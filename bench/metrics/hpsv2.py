@@ -8,9 +8,7 @@ import functools
 
 import torch
 
-from bench.metrics.base import CHUNK, Metric, in_fixed_chunks
-from bench.metrics.bootstrap import bootstrap_mean
-from bench.metrics.preference import OPENAI_MEAN, OPENAI_STD, load_state, pixels, require_file, weights_sha256
+from bench.metrics.preference import OPENAI_MEAN, OPENAI_STD, PreferenceScore, load_state, require_file, weights_sha256
 from bench.metrics.registry import register_metric
 
 
@@ -42,11 +40,10 @@ def load_hpsv2(model_name: str, path: str, device: str):
     columns=(
     {"key": "hpsv2", "header": "HPSv2.1 ↑", "decimals": 4, "direction": "higher", "show_ci": True, "main": False,
      "title": "HPS v2.1 ↑"},))
-class HPSv2(Metric):
+class HPSv2(PreferenceScore):
     """HPS v2.1 per image: cos(image, prompt) of the HPS-tuned open_clip ViT-H-14, as hpsv2's score (no logit scale,
     no ×100), averaged with a 95% CI. Weights: ``path`` = HPS_v2.1_compressed.pt."""
 
-    width = 1
     Config = HPSv2Config
 
     @classmethod
@@ -63,14 +60,6 @@ class HPSv2(Metric):
         txt = self.model.encode_text(self.tokenizer(texts).to(x.device), normalize=True)
         return (img * txt).sum(-1)
 
-    @torch.no_grad()
-    def per_sample(self, images, prompts):
-        x = pixels(images, self.transform, self.evaluators.device)
-        return in_fixed_chunks(self.score, len(prompts), x, [p.text for p in prompts], chunk=CHUNK).double().view(-1, 1)
-
-    def compute(self, values):
-        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
-        return {"hpsv2": m, "hpsv2_ci_low": lo, "hpsv2_ci_high": hi}
 
     def protocol(self):
         return {"model": f"open_clip {self.config.model} + HPS v2.1", "weights_sha256": weights_sha256(self.config.path),

@@ -20,9 +20,7 @@ import re
 
 import torch
 
-from bench.metrics.base import CHUNK, Metric, in_fixed_chunks
-from bench.metrics.bootstrap import bootstrap_mean
-from bench.metrics.preference import (OPENAI_MEAN, OPENAI_STD, RewardMLP, load_state, pixels, require_file,
+from bench.metrics.preference import (OPENAI_MEAN, OPENAI_STD, PreferenceScore, RewardMLP, load_state, require_file,
                                       weights_sha256)
 from bench.metrics.registry import register_metric
 from core.errors import UserError
@@ -128,11 +126,10 @@ def load_image_reward(path: str, med_config: str, tokenizer: str, device: str):
     columns=(
     {"key": "image_reward", "header": "ImageReward ↑", "decimals": 3, "direction": "higher", "show_ci": True,
      "main": False, "title": "ImageReward ↑"},))
-class ImageReward(Metric):
+class ImageReward(PreferenceScore):
     """ImageReward v1.0 per image: (MLP(text encoder's [CLS] | image) − mean) / std, averaged with a 95% CI. Weights:
     ``path`` = ImageReward.pt, ``med_config`` = med_config.json, ``tokenizer`` = bert-base-uncased directory."""
 
-    width = 1
     Config = ImageRewardConfig
 
     @classmethod
@@ -156,14 +153,6 @@ class ImageReward(Metric):
                         encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, is_decoder=False)
         return (self.mlp(out.last_hidden_state[:, 0].float())[:, 0] - REWARD_MEAN) / REWARD_STD
 
-    @torch.no_grad()
-    def per_sample(self, images, prompts):
-        x = pixels(images, self.transform, self.evaluators.device)
-        return in_fixed_chunks(self.score, len(prompts), x, [p.text for p in prompts], chunk=CHUNK).double().view(-1, 1)
-
-    def compute(self, values):
-        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
-        return {"image_reward": m, "image_reward_ci_low": lo, "image_reward_ci_high": hi}
 
     def protocol(self):
         c = self.config

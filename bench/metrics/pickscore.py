@@ -8,9 +8,7 @@ import functools
 
 import torch
 
-from bench.metrics.base import CHUNK, Metric, in_fixed_chunks
-from bench.metrics.bootstrap import bootstrap_mean
-from bench.metrics.preference import pixels, require_file, weights_sha256
+from bench.metrics.preference import PreferenceScore, require_file, weights_sha256
 from bench.metrics.registry import register_metric
 
 
@@ -41,11 +39,10 @@ def load_pickscore(path: str, processor: str, device: str):
     columns=(
     {"key": "pickscore", "header": "PickScore ↑", "decimals": 3, "direction": "higher", "show_ci": True, "main": False,
      "title": "PickScore ↑"},))
-class PickScore(Metric):
+class PickScore(PreferenceScore):
     """PickScore per image: logit_scale.exp() · cos(image, prompt) of PickScore_v1 (the model card's score), averaged
     with a 95% CI. Weights: ``path`` = PickScore_v1 directory, ``processor`` = CLIP-ViT-H-14 processor directory."""
 
-    width = 1
     Config = PickScoreConfig
 
     @classmethod
@@ -74,14 +71,6 @@ class PickScore(Metric):
         img, txt = self.embeddings(x, texts)
         return self.model.logit_scale.exp() * (img * txt).sum(-1)
 
-    @torch.no_grad()
-    def per_sample(self, images, prompts):
-        x = pixels(images, self.transform, self.evaluators.device)
-        return in_fixed_chunks(self.score, len(prompts), x, [p.text for p in prompts], chunk=CHUNK).double().view(-1, 1)
-
-    def compute(self, values):
-        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
-        return {"pickscore": m, "pickscore_ci_low": lo, "pickscore_ci_high": hi}
 
     def protocol(self):
         return {"model": "transformers CLIPModel PickScore_v1", "weights_sha256": weights_sha256(self.config.path),

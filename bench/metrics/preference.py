@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bench.metrics.base import CHUNK, Metric, in_fixed_chunks
+from bench.metrics.bootstrap import bootstrap_mean
 from core.errors import UserError
 from core.io import sha256_file
 
@@ -144,3 +146,22 @@ def reward_flags(settings: dict, metrics: list[str]) -> dict:
     trained = set(trained_on_rewards(settings.get("recipe") or ""))
     return {f"{m}_reward_trained": declared[m]["reward"] in trained
             for m in metrics if m in declared and declared[m]["reward"]}
+
+
+class PreferenceScore(Metric):
+    """A preference model's score per image, averaged with a 95 % bootstrap CI under the metric's name. A subclass
+    sets ``transform`` (its authors' PIL preprocessing) in ``setup`` and defines ``score(x, texts)`` (float [n] of
+    preprocessed images x [n, 3, S, S] and their prompts; ``score(x)`` where ``uses_text`` is False)."""
+
+    width = 1
+    uses_text = True
+
+    @torch.no_grad()
+    def per_sample(self, images, prompts):
+        x = pixels(images, self.transform, self.evaluators.device)
+        texts = ([p.text for p in prompts],) if self.uses_text else ()
+        return in_fixed_chunks(self.score, len(prompts), x, *texts, chunk=CHUNK).double().view(-1, 1)
+
+    def compute(self, values):
+        m, lo, hi = bootstrap_mean(values[:, 0].numpy())
+        return {self.name: m, f"{self.name}_ci_low": lo, f"{self.name}_ci_high": hi}
