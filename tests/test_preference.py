@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,19 +231,19 @@ def to_blip_layout(state: dict) -> dict:
     return out
 
 
-def test_image_reward_is_the_normalised_mlp_of_the_cls_state(tmp_path):
-    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel, BertTokenizer
+def image_reward_stand_in(d: Path, texts: list[str]) -> dict:
+    """ImageReward's files, tiny: ImageReward.pt (BLIP's ViT and BERT names, an unused BLIP head and the MLP),
+    med_config.json and a bert-base-uncased tokenizer knowing `texts`' words; the networks returned (eval mode)."""
+    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-    from bench.metrics.image_reward import REWARD_MEAN, REWARD_STD
-
-    tok_dir = tmp_path / "bert-base-uncased"
-    tok_dir.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, *sorted({w for t in TEXTS for w in t.split()})]
+    tok_dir = d / "bert-base-uncased"
+    tok_dir.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, *sorted({w for t in texts for w in t.split()})]
     (tok_dir / "vocab.txt").write_text("\n".join(words) + "\n")
     med = {"vocab_size": len(words) + 2, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
            "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 64, "layer_norm_eps": 1e-12,
            "pad_token_id": 0, "add_cross_attention": True, "encoder_width": 768}
-    (tmp_path / "med_config.json").write_text(json.dumps(med))
+    (d / "med_config.json").write_text(json.dumps(med))
     torch.manual_seed(0)
     vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=1, image_size=32, patch_size=16,
@@ -256,7 +257,18 @@ def test_image_reward_is_the_normalised_mlp_of_the_cls_state(tmp_path):
              "blip.text_encoder.embeddings.position_ids": torch.arange(64)[None],
              "blip.vision_proj.weight": torch.zeros(4, 64),  # BLIP_Pretrain's other heads: present, unused
              **{f"mlp.{k}": v for k, v in mlp.state_dict().items()}}
-    torch.save(state, tmp_path / "ImageReward.pt")
+    torch.save(state, d / "ImageReward.pt")
+    return {"path": d / "ImageReward.pt", "med_config": d / "med_config.json", "tokenizer": tok_dir,
+            "vision": vision, "text": text, "mlp": mlp}
+
+
+def test_image_reward_is_the_normalised_mlp_of_the_cls_state(tmp_path):
+    from transformers import BertTokenizer
+
+    from bench.metrics.image_reward import REWARD_MEAN, REWARD_STD
+
+    ir = image_reward_stand_in(tmp_path, TEXTS)
+    tok_dir, vision, text, mlp = ir["tokenizer"], ir["vision"], ir["text"], ir["mlp"]
     m = metric("image_reward", path=str(tmp_path / "ImageReward.pt"), med_config=str(tmp_path / "med_config.json"),
                tokenizer=str(tok_dir))
     check_contract(m)

@@ -21,7 +21,7 @@ from bench.metrics.preference import RewardMLP
 from tests import tiny_sd
 from tests.test_cli import flashbench_in_process
 from tests.test_distribution import tiny_dinov2
-from tests.test_preference import LETTERS, tiny_clip_processor, tiny_open_clip, to_blip_layout
+from tests.test_preference import image_reward_stand_in, tiny_clip_processor, tiny_open_clip
 
 SAMPLES = 8
 TEXTS = [f"a photo of object {c}" for c in "abcdefgh"]
@@ -91,28 +91,8 @@ def pickscore_weights(d: Path) -> dict:
 
 def image_reward_weights(d: Path) -> dict:
     """ImageReward.pt (BLIP's ViT and BERT names + the MLP head), med_config.json and a bert-base-uncased tokenizer."""
-    from transformers import BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
-
-    tok = d / "bert-base-uncased"
-    tok.mkdir(parents=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS, *sorted({w for t in TEXTS for w in t.split()})]
-    (tok / "vocab.txt").write_text("\n".join(words) + "\n")
-    med = {"vocab_size": len(words) + 2, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-           "intermediate_size": 64, "hidden_act": "gelu", "max_position_embeddings": 64, "layer_norm_eps": 1e-12,
-           "pad_token_id": 0, "add_cross_attention": True, "encoder_width": 768}
-    (d / "med_config.json").write_text(json.dumps(med))
-    torch.manual_seed(0)
-    vision = BlipVisionModel(BlipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                              num_attention_heads=1, image_size=32, patch_size=16, layer_norm_eps=1e-6))
-    text = BlipTextModel(BlipTextConfig(vocab_size=len(words) + 2, hidden_size=32, num_hidden_layers=2,
-                                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=64,
-                                        encoder_hidden_size=64, is_decoder=True), add_pooling_layer=False)
-    state = {**{f"blip.visual_encoder.{k}": v for k, v in to_blip_layout(vision.state_dict()).items()},
-             **{f"blip.text_encoder.{k}": v for k, v in text.state_dict().items()},
-             "blip.text_encoder.embeddings.position_ids": torch.arange(64)[None],
-             **{f"mlp.{k}": v for k, v in RewardMLP(32).state_dict().items()}}
-    torch.save(state, d / "ImageReward.pt")
-    return {"ir": d / "ImageReward.pt", "ir_med": d / "med_config.json", "ir_tok": tok}
+    ir = image_reward_stand_in(d, TEXTS)
+    return {"ir": ir["path"], "ir_med": ir["med_config"], "ir_tok": ir["tokenizer"]}
 
 
 def aesthetic_weights(d: Path) -> dict:
