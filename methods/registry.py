@@ -14,27 +14,9 @@ import importlib
 from pathlib import Path
 
 from core.errors import unknown
+from core.registry import decorated_classes
 
 _REGISTRY: dict[str, type] = {}
-
-
-def decorated_classes(folder: Path, decorator: str, package: str) -> dict[str, dict]:
-    """name -> {"module", "summary", and the decorator's literal keyword arguments} for every class of
-    ``folder/*.py`` decorated with ``@decorator("name", ...)``, read with ``ast`` (nothing is imported)."""
-    out = {}
-    for path in sorted(Path(folder).glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        for node in tree.body:
-            if not isinstance(node, ast.ClassDef):
-                continue
-            for d in node.decorator_list:
-                if (isinstance(d, ast.Call) and isinstance(d.func, ast.Name) and d.func.id == decorator
-                        and d.args and isinstance(d.args[0], ast.Constant)):
-                    doc = (ast.get_docstring(node) or "").strip().splitlines()
-                    out[d.args[0].value] = {"module": f"{package}.{path.stem}",
-                                            "summary": doc[0].rstrip(".") if doc else "",
-                                            **{k.arg: ast.literal_eval(k.value) for k in d.keywords}}
-    return out
 
 
 @functools.cache
