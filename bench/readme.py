@@ -7,10 +7,10 @@ Blocks look like
     <!-- end include -->
 A block may also name a generator instead of a file (``<!-- include: generated:recipes -->``, see
 ``GENERATED``): a table built from the code itself, so it cannot drift from it.
-`python -m bench.readme` refreshes them; `--check` exits 1 if any block differs from its file (the
-test suite runs it); `--check-fresh` exits 1 while any cited reference run was made from other
-numeric source than the current code (``bench.provenance.source_hash``; run by `tox -e fresh`
-before an issue that moves numbers is closed).
+`python -m bench.readme` refreshes them; `--check` exits 1 if any block differs from its file, or if the prose
+quotes a figure with its CI that no committed table holds (the test suite runs it); `--check-fresh` exits 1 while
+any cited reference run was made from other numeric source than the current code (``bench.source.source_hash``;
+run by `tox -e fresh` before an issue that moves numbers is closed).
 """
 
 from __future__ import annotations
@@ -210,6 +210,22 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
+FIGURE = re.compile(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]")  # a figure with its CI: "2.16 [1.89, 2.46]"
+
+
+def unquoted_figures(root: Path = ROOT) -> list[str]:
+    """"doc:line: figure" for every figure with a CI that the docs' prose (outside generated blocks) quotes and no
+    committed reference table (``results/reference/**/*.md``) holds: a sentence whose run was re-made under it."""
+    known = {m for p in sorted((root / REFERENCE).rglob("*.md")) for m in FIGURE.findall(p.read_text())}
+    out = []
+    for doc in documents(root):
+        text = doc.read_text()
+        prose = PATTERN.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # blocks blanked, line numbers kept
+        out += [f"{doc.relative_to(root).as_posix()}:{prose[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
+                for m in FIGURE.finditer(prose) if m.groups() not in known]
+    return out
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "--check-fresh" in argv:
@@ -229,6 +245,10 @@ def main(argv=None) -> int:
                 doc.write_text(new)
     if "--check" in argv and differ:
         print(f"{', '.join(differ)}: result blocks differ from the committed results; run `python -m bench.readme`")
+        return 1
+    if "--check" in argv and (quoted := unquoted_figures()):
+        print("figures quoted in prose that no committed reference table holds (re-read them from the tables):\n"
+              + "\n".join(quoted))
         return 1
     return 0
 
