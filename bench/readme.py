@@ -210,7 +210,7 @@ def documents(root: Path = ROOT) -> list[Path]:
     return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
 
 
-FIGURE = re.compile(r"(-?\d+\.\d+) \[(-?\d+\.\d+), (-?\d+\.\d+)\]")  # a figure with its CI: "2.16 [1.89, 2.46]"
+FIGURE = re.compile(r"(-?\d+\.\d+)\s+\[(-?\d+\.\d+),\s+(-?\d+\.\d+)\]")  # "2.16 [1.89, 2.46]", maybe over 2 lines
 
 
 def unquoted_figures(root: Path = ROOT) -> list[str]:
@@ -221,7 +221,7 @@ def unquoted_figures(root: Path = ROOT) -> list[str]:
     for doc in documents(root):
         text = doc.read_text()
         prose = PATTERN.sub(lambda m: "\n" * m.group(0).count("\n"), text)  # blocks blanked, line numbers kept
-        out += [f"{doc.relative_to(root).as_posix()}:{prose[:m.start()].count(chr(10)) + 1}: {m.group(0)}"
+        out += [f"{doc.relative_to(root).as_posix()}:{prose[:m.start()].count(chr(10)) + 1}: {' '.join(m.group(0).split())}"
                 for m in FIGURE.finditer(prose) if m.groups() not in known]
     return out
 

@@ -32,7 +32,7 @@ def test_prose_may_quote_only_figures_the_committed_tables_hold(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.md").write_text("FID 2.16 [1.89, 2.46] holds.\n")
     (tmp_path / "README.md").write_text("<!-- include: gone.md -->\n9.99 [1.00, 2.00] in a block\n<!-- end include -->\n"
-                                        "A stale one: 2.16 [1.77, 2.56], and -0.18 [-0.19, -0.17].\n")
+                                        "A stale one: 2.16 [1.77, 2.56], and -0.18 [-0.19,\n-0.17].\n")
     assert readme.unquoted_figures(tmp_path) == ["README.md:4: 2.16 [1.77, 2.56]", "README.md:4: -0.18 [-0.19, -0.17]"]
     (tmp_path / "README.md").write_text("2.16 [1.89, 2.46]\n")
     assert readme.unquoted_figures(tmp_path) == []
