@@ -163,7 +163,7 @@ def _browser():
     return pytest.importorskip("playwright.sync_api", reason="playwright is not installed (the `report` extra)")
 
 
-def _check_in_browser(page_path: Path, runs: int, tables: int, screenshot: Path):
+def _check_in_browser(page_path: Path, runs: int, tables: int, screenshot: Path, adversarial: bool = False):
     """Open the page headless: no console error, nothing fetched but the file itself (and the blob itables makes
     of its embedded bundle), every table initialised, every plot drawn, every sample decoded, a sort by click."""
     sync_api = _browser()
@@ -183,7 +183,9 @@ def _check_in_browser(page_path: Path, runs: int, tables: int, screenshot: Path)
             assert page.locator(".plotly-graph-div").count() >= 2 * runs
             assert page.evaluate("[...document.images].every(i => i.complete && i.naturalWidth > 0)")
             assert page.locator("img.sample").count() > 0
-            assert page.locator("#run0-claims h2").count() == 4  # claims (a)-(d)
+            heads = page.locator("#run0-claims h2").all_inner_texts()  # claims (a)-(d), then the GAN verdicts
+            assert [h[:3] for h in heads[:4]] == ["(a)", "(b)", "(c)", "(d)"], heads
+            assert heads[4:] == ["Adversarial terms"] * adversarial, heads
             # sort the main table by its FID column: a click orders it ascending by value, a second descending
             col = page.locator("#run0-main thead th").all_inner_texts().index("FID ↓") + 1
             cells, header = page.locator(f"#run0-main tbody tr td:nth-child({col})"), f"#run0-main thead th:nth-child({col})"
@@ -217,4 +219,5 @@ def test_reference_page_in_a_browser(tmp_path):
         pytest.skip("results/reference/paper and paper-flow are not in this checkout")
     code, err = flashbench_in_process("report", *REFERENCE, "--out", tmp_path, cwd=tmp_path)
     assert code == 0, err
-    _check_in_browser(tmp_path / "index.html", runs=2, tables=8, screenshot=tmp_path / "reference.png")
+    _check_in_browser(tmp_path / "index.html", runs=2, tables=8, screenshot=tmp_path / "reference.png",
+                      adversarial=True)  # ADD and DMD2 rows: their GAN verdicts

@@ -227,8 +227,11 @@ def quality_plot(agg: pd.DataFrame, x: str, xlabel: str, div_id: str) -> str | N
     return _figure_html(fig, div_id)
 
 
+CURVE_COLUMNS = 4  # loss subplots per row of the learning-curve figure
+
+
 def curves_plot(rows: list[dict], div_id: str) -> str | None:
-    """Each student's loss log (one subplot per loss), or None when no row has one. A log point is the mean over a
+    """Each student's loss log (one subplot per loss, four to a row), or None when no row has one. A log point is the mean over a
     window of updates; it is placed at the window's last update."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -241,24 +244,28 @@ def curves_plot(rows: list[dict], div_id: str) -> str | None:
     if not students:
         return None
     names = sorted({k for t in students.values() for k in t["losses"]})
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.07)
+    cols = min(CURVE_COLUMNS, len(names))  # losses wrap into rows: ADD and DMD2 log a dozen or more each
+    nrows = math.ceil(len(names) / cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=names, horizontal_spacing=0.07,
+                        vertical_spacing=min(0.12, 0.5 / nrows))
     for i, ((label, seed), t) in enumerate(students.items()):
         name = label if seed is None else f"{label} (train seed {seed})"
         legend = True  # once per student: on its first loss
-        for col, loss in enumerate(names, 1):
+        for k, loss in enumerate(names):
             ys = t["losses"].get(loss)
             if not ys:
                 continue
             updates, n = t.get("student_updates") or len(ys), len(ys)
             window = math.ceil(updates / n)
             xs = [min((j + 1) * window, updates) for j in range(n)]
+            row, col = divmod(k, cols)
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name, legendgroup=name,
                                      showlegend=legend, marker=dict(symbol=SYMBOLS[i % len(SYMBOLS)], size=5)),
-                          row=1, col=col)
+                          row=row + 1, col=col + 1)
             legend = False
-            fig.update_xaxes(title_text="student update", row=1, col=col)
-    fig.update_layout(height=360, margin=dict(l=40, r=20, t=40, b=40), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0))
+            fig.update_xaxes(title_text="student update", row=row + 1, col=col + 1)
+    fig.update_layout(height=60 + 300 * nrows, margin=dict(l=40, r=20, t=40, b=40), template="plotly_white",
+                      legend=dict(orientation="h", yanchor="top", y=-0.25 / nrows, xanchor="left", x=0))
     return _figure_html(fig, div_id)
 
 
