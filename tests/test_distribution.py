@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from bench.metrics import cmmd as cmmd_mod
 from bench.metrics import kid as kid_mod
@@ -207,19 +206,6 @@ def test_a_real_suite_without_dinov2_weights_is_refused(tmp_path):
 
 # --- FD-DINOv2 end to end at real scale (random weights) -----------------------------------------
 
-class _RandomFeatures(nn.Module):
-    num_features = 32
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                 nn.Linear(32, 32))
-
-    def forward(self, x):
-        return self.net(x * 255)
-
-
 def tiny_dinov2(root):
     from transformers import Dinov2Config, Dinov2Model
 
@@ -235,7 +221,7 @@ def test_fd_dinov2_end_to_end_through_real_evaluators(tmp_path):
 
     name, weights = tiny_sd.tiny_open_clip(tmp_path / "clip")
     ref_dir = tiny_sd.image_folder(tmp_path / "ref", 16)
-    ev = load_real_evaluators(None, name, weights, ref_dir, fid_net=_RandomFeatures(),
+    ev = load_real_evaluators(None, name, weights, ref_dir, fid_net=tiny_sd.RandomFeatures(),
                               dinov2_dir=tiny_dinov2(tmp_path / "dinov2"))
     spaces = ev.feature_spaces()
     assert set(spaces) == {"fid", "clip", "dinov2"} and spaces["dinov2"]["width"] == 32 and spaces["dinov2"]["sha256"]

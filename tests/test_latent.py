@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 from methods import base
 from tests import tiny_sd
@@ -112,19 +111,6 @@ def test_pretrained_bad_paths(latent):
         cls.make_config({"kind": "turbo2", "path": "x"})
 
 
-class _RandomFeatures(nn.Module):
-    num_features = 32
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-                                 nn.Linear(32, 32))
-
-    def forward(self, x):
-        return self.net(x * 255)
-
-
 def test_standard_metric_code_with_random_weight_networks(tmp_path):
     from bench.metrics.cell import measure
     from bench.real import load_real_evaluators
@@ -132,7 +118,7 @@ def test_standard_metric_code_with_random_weight_networks(tmp_path):
 
     name, weights = tiny_sd.tiny_open_clip(tmp_path / "clip")
     ref_dir = tiny_sd.image_folder(tmp_path / "ref", 16)
-    ev = load_real_evaluators(None, name, weights, ref_dir, fid_net=_RandomFeatures())
+    ev = load_real_evaluators(None, name, weights, ref_dir, fid_net=tiny_sd.RandomFeatures())
     ps = load_prompts("shapes-eval")[:16]
     ref = ev.reference(ps, tmp_path / "cache")
     assert ref.n == 16 and (tmp_path / "cache" / "fid-ref").is_dir()

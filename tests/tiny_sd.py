@@ -10,6 +10,23 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
+
+
+class RandomFeatures(nn.Module):
+    """A random-weight stand-in for the FID network (clean-fid's Inception interface: 8-bit-range images in, 32
+    features out; seeded), where a test needs real-scale metric code but not Inception's weights."""
+
+    num_features = 32
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                                 nn.Linear(32, 32))
+
+    def forward(self, x):
+        return self.net(x * 255)
 
 
 def _tokenizer(dir_: Path) -> int:
