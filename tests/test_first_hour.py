@@ -90,7 +90,7 @@ def test_a_dry_run_prints_the_cost_and_which_students_it_trains(tmp_path, capsys
 
 
 def test_no_two_methods_of_a_plot_share_a_style():
-    from bench.results.tables import series_style
+    from bench.results.plotstyle import series_style
 
     styles = [series_style(i) for i in range(40)]
     assert len({(tuple(s["color"]), s["marker"], s["linestyle"]) for s in styles}) == 40

@@ -15,12 +15,12 @@ training continuing the cached shorter one, and its rows carry ``curve`` (the en
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
 import pandas as pd
 
+from bench.results.plotstyle import pyplot, series_style
 from bench.specs import SPECS, fmt, missing
 from core import io
 
@@ -180,15 +180,10 @@ def report(curves: dict[tuple[str, int], list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-
-
 def plot(curves: dict[tuple[str, int], list[dict]], out: Path) -> None:
     """Each metric against network passes (top) and training seconds (bottom): one line per curve and step count,
     a band for the CI, distinct markers, the plateau point ringed when a later point shows it."""
-    from bench.results.tables import _plt
-
-    plt = _plt()
+    plt = pyplot()
     keys = [k for k in METRICS if any(not missing(p.get(k)) for pts in curves.values() for p in pts)]
     if not keys:
         return
@@ -198,13 +193,13 @@ def plot(curves: dict[tuple[str, int], list[dict]], out: Path) -> None:
     for row, (x, xlabel) in enumerate(xs):
         for col, key in enumerate(keys):
             ax = axes[row][col]
-            for ((c, steps), curve), marker in zip(curves.items(), itertools.cycle(MARKERS)):
+            for i, ((c, steps), curve) in enumerate(curves.items()):
                 plat, shown = plateau(curve)  # by FID; ringed on every panel
                 pts = [p for p in curve if not missing(p.get(key)) and not missing(p.get(x))]
                 if not pts:
                     continue
                 xv, yv = [p[x] for p in pts], [p[key] for p in pts]
-                line, = ax.plot(xv, yv, marker=marker, ms=4, label=f"{c} ({steps} step{'s' if steps > 1 else ''})")
+                line, = ax.plot(xv, yv, ms=4, **series_style(i), label=f"{c} ({steps} step{'s' if steps > 1 else ''})")
                 lo = [p.get(f"{key}_ci_low") for p in pts]
                 hi = [p.get(f"{key}_ci_high") for p in pts]
                 if not any(missing(v) for v in lo + hi):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.results import claims, curves
+from bench.results.plotstyle import pyplot, series_style
 from bench.results.select import teacher_row
 from bench.rundir import load_floor, load_rows
 from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, MORE_COLUMNS, PLOTTED, SPECS, TABLE_A_MORE, fmt, missing
@@ -227,34 +228,11 @@ def write_all(run: Path) -> None:
 # --- plots and grids ----------------------------------------------------------------------------
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
-LINESTYLES = ("-", "--", "-.", ":")
-
-
-def series_style(i: int) -> dict:
-    """The i-th series' matplotlib style: a colour (tab10, then tab20's light shades), and a marker and line style of
-    its own (12 markers × 4 line styles), so that no two methods of a figure look alike, even in grey."""
-    import matplotlib
-
-    colour = matplotlib.colormaps["tab10"](i) if i < 10 else matplotlib.colormaps["tab20"]((2 * (i - 10) + 1) % 20)
-    return {"color": colour, "marker": MARKERS[i % len(MARKERS)],
-            "linestyle": LINESTYLES[(i // len(MARKERS)) % len(LINESTYLES)]}
-
-
 def plot_quality(agg: pd.DataFrame, out: Path) -> None:
     """plots/quality_vs_nfe.png and quality_vs_latency.png: each plotted metric (with its CI) against NFE and latency,
     one series per method (its own colour, marker and line style); the legend below the panels, NFE ticks at the
     budgets measured."""
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
 
     ok = agg[agg["status"] == "ok"]
@@ -320,7 +298,7 @@ def overview(agg: pd.DataFrame, grids: Path, nrow: int = 8, upscale: int = 4, si
 
     import matplotlib.image as mpimg
 
-    plt = _plt()
+    plt = pyplot()
     cells = [(r["label"], r["nfe"]) for r in agg.to_dict("records") if (grids / f"{r['label']}_nfe{r['nfe']}.png").exists()]
     if not cells:
         return
