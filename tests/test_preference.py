@@ -176,16 +176,23 @@ def tiny_clip_processor(folder):
     return len(vocab)
 
 
+def tiny_pickscore_config(vocab: int):
+    """PickScore_v1's architecture (a transformers CLIPConfig), tiny: 1-layer towers of width 32 on 32 px images."""
+    from transformers import CLIPConfig
+
+    return CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                       pad_token_id=1),
+                      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                         image_size=32, patch_size=16), projection_dim=16, logit_scale_init_value=3.0)
+
+
 def test_pickscore_is_logit_scale_times_cosine(tmp_path):
-    from transformers import AutoProcessor, CLIPConfig, CLIPModel
+    from transformers import AutoProcessor, CLIPModel
 
     vocab = tiny_clip_processor(tmp_path / "processor")
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=16), projection_dim=16, logit_scale_init_value=3.0)
+    cfg = tiny_pickscore_config(vocab)
     ref = CLIPModel(cfg).eval()
     ref.save_pretrained(tmp_path / "PickScore_v1")
     m = metric("pickscore", path=str(tmp_path / "PickScore_v1"), processor=str(tmp_path / "processor"))

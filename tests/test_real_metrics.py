@@ -21,7 +21,7 @@ from bench.metrics.preference import RewardMLP
 from tests import tiny_sd
 from tests.test_cli import flashbench_in_process
 from tests.test_distribution import tiny_dinov2
-from tests.test_preference import image_reward_stand_in, tiny_clip_processor, tiny_open_clip
+from tests.test_preference import image_reward_stand_in, tiny_clip_processor, tiny_open_clip, tiny_pickscore_config
 
 SAMPLES = 8
 TEXTS = [f"a photo of object {c}" for c in "abcdefgh"]
@@ -75,16 +75,12 @@ def hpsv2_weights(d: Path) -> dict:
 
 def pickscore_weights(d: Path) -> dict:
     """PickScore_v1's layout (a transformers CLIPModel directory) and laion's CLIP processor directory."""
-    from transformers import CLIPConfig, CLIPModel
+    from transformers import CLIPModel
 
     d.mkdir(parents=True)
     vocab = tiny_clip_processor(d / "processor")
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=32, patch_size=16), projection_dim=16, logit_scale_init_value=3.0)
+    cfg = tiny_pickscore_config(vocab)
     CLIPModel(cfg).save_pretrained(d / "PickScore_v1")
     return {"pick": d / "PickScore_v1", "pick_proc": d / "processor"}
 
