@@ -140,18 +140,20 @@ def test_the_plateau_is_the_first_point_within_the_ci_of_the_best_later_point():
     assert plateau(seeds)[0] is seeds[0]  # the training seeds' spread widens the best point's bound
 
 
-def test_equal_compute_compares_every_curve_at_the_most_compute_all_of_them_reached():
+def test_equal_compute_compares_every_curve_past_its_plateau_at_the_compute_the_last_plateau_needed():
     from bench.results.curves import equal_compute
 
     cheap = [_pt(50, 10, 30, 31, "cheap"), _pt(100, 20, 25, 26, "cheap"), _pt(200, 40, 24.5, 25.5, "cheap")]
-    dear = [_pt(50, 30, 28, 29, "dear"), _pt(100, 60, 22, 23, "dear")]
+    dear = [_pt(50, 30, 28, 29, "dear"), _pt(100, 60, 22, 23, "dear"), _pt(200, 120, 21.8, 22.8, "dear")]
     eq = equal_compute({("cheap", 1): cheap, ("dear", 1): dear})[1]
-    assert eq["passes"] == 40  # cheap's curve ends there
-    assert eq["curves"]["cheap"]["point"] is cheap[2] and eq["curves"]["dear"]["point"] is dear[0]
-    assert eq["curves"]["cheap"]["past_plateau"] and not eq["curves"]["dear"]["plateau_shown"]
-    tiny = {("cheap", 1): cheap[:1], ("dear", 1): dear}  # C = 10: dear's first point already spent 30
-    rows = equal_compute(tiny)[1]["curves"]
-    assert rows["dear"]["over_budget"] and not rows["cheap"]["over_budget"]
+    assert eq["passes"] == 60  # dear's plateau (100 updates: 22 <= 22.8) spent 60; cheap's (100 updates) 20
+    rows = eq["curves"]
+    assert rows["cheap"]["point"] is cheap[2] and rows["cheap"]["under_budget"]  # its last point, under C
+    assert rows["dear"]["point"] is dear[1] and not rows["dear"]["under_budget"]  # not its 120-pass point
+    assert rows["cheap"]["plateau"] is cheap[1] and all(r["past_plateau"] for r in rows.values())
+    falling = {("cheap", 1): cheap, ("dear", 1): dear[:2]}  # dear still falling: its last point sets C
+    rows = equal_compute(falling)[1]["curves"]
+    assert rows["dear"]["point"] is dear[1] and not rows["dear"]["plateau_shown"] and not rows["dear"]["past_plateau"]
 
 
 # --- a tiny curve, end to end ------------------------------------------------------------------------------
@@ -220,3 +222,57 @@ def test_a_curves_table_is_checked(change, match):
     raw = {**tomllib.loads(CURVE_SUITE), **change}
     with pytest.raises(UserError, match=match):
         suite.parse(raw, "curves test")
+
+
+# --- claims at each compute point ----------------------------------------------------------------------------
+
+
+def _curve_rows():
+    """A curves run's rows: the teacher at 1 step, Imagine Flash cheap and already good, LCM dearer and better
+    later; claim (b) (Imagine Flash beats every baseline at equal steps) holds at 50 updates and fails at 100."""
+    import pandas as pd
+
+    def row(label, method, curve, updates, passes, fid, half=0.5, variant=None):
+        return {"label": label, "method": method, "variant": variant, "steps": 1, "nfe": 1, "n_samples": 10,
+                "status": "ok", "error": None, "train_seed": 0, "curve": curve, "fid": fid, "fid_ci_low": fid - half,
+                "fid_ci_high": fid + half, "clip_score": 50.0, "clip_score_ci_low": 49.0, "clip_score_ci_high": 51.0,
+                "train": {"student_updates": updates, "network_passes": passes} if updates else None}
+
+    return pd.DataFrame([
+        row("teacher", "teacher", None, 0, 0, 40.0),
+        row("imagine-flash u=50", "imagine-flash", "imagine-flash", 50, 100, 10.0, variant="full"),
+        row("imagine-flash u=100", "imagine-flash", "imagine-flash", 100, 200, 10.1, variant="full"),
+        row("lcm u=50", "lcm", "lcm", 50, 300, 20.0, variant="lcm"),
+        row("lcm u=100", "lcm", "lcm", 100, 600, 5.0, variant="lcm"),
+        row("other u=50", "imagine-flash", "other", 50, 100, 30.0, variant="other"),  # a variant: not the full row
+        row("other u=100", "imagine-flash", "other", 100, 200, 30.0, variant="other"),
+    ])
+
+
+def test_each_claim_is_decided_at_every_compute_point_and_marked_when_its_verdict_depends_on_the_budget():
+    from bench.results import claims, tables
+
+    agg = tables.aggregate(_curve_rows())
+    points = claims.compute_points(agg)
+    assert list(points) == ["50 updates", "100 updates", "equal compute"]
+    assert sorted(points["50 updates"]["label"]) == ["imagine-flash", "lcm", "other", "teacher"]
+    # equal compute: LCM's plateau (100 updates, still falling: its last point) spent 600 passes; Imagine Flash's 100
+    eq = points["equal compute"].set_index("label")
+    assert eq.loc["lcm", "fid"] == 5.0 and eq.loc["imagine-flash", "fid"] == 10.1
+    lines, verdicts = claims.by_compute(agg)
+    assert verdicts["b"] == {"50 updates": "reproduced", "100 updates": "not reproduced",
+                             "equal compute": "not reproduced"}
+    assert verdicts["c"] == dict.fromkeys(points, "not measured")
+    row_b = next(line for line in lines if line.startswith("| (b)"))
+    assert row_b.endswith("| yes |")
+    text, decided = claims.report(agg, "curves")
+    assert decided["b"] == "not reproduced" and "## Verdicts at each compute point" in text
+    assert "1 steps vs other" not in text  # the variant curve is no baseline
+
+
+def test_a_run_without_curves_has_no_compute_points():
+    from bench.results import claims, tables
+
+    agg = tables.aggregate(_curve_rows().drop(columns="curve").iloc[:1])
+    assert claims.compute_points(agg) == {} and claims.by_compute(agg) == ([], {})
+    assert claims.budget_dependence({"a": "not measured"}) == "not measured"

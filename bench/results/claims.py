@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 from scipy import stats
 
-from bench.results import select
+from bench.results import curves, select
 from bench.specs import SPECS, fmt
 from core import io
 
@@ -200,17 +200,79 @@ def adversarial_notes(agg: pd.DataFrame) -> list[str]:
     return lines
 
 
+def compute_points(agg: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """A learning-curves run's rows (``bench/results/curves.py``) as one table per compute point, each decided as a
+    run of its own: "N updates" (every curve's point at the suite's N updates) and "equal compute" (per step count,
+    each curve at its point of ``curves.equal_compute``: at most the compute of the last plateau, past its own).
+    The untrained rows (the teacher) are in every table; a curve's rows take the curve's label, and are the
+    method's full variant when the curve is named after the method (or marked ``variant = "full"``). {} for a run
+    without curves."""
+    if "curve" not in agg or agg["curve"].isna().all():
+        return {}
+    fixed = agg[agg["curve"].isna()]
+    pts = agg[agg["curve"].notna()].copy()
+    pts["updates"] = [int(str(label).rsplit(" u=", 1)[1]) for label in pts["label"]]  # the point's nominal count
+    pts["variant"] = [None if v == "full" or c == m else c for v, c, m in zip(pts["variant"], pts["curve"], pts["method"])]
+    pts["label"] = pts["curve"]
+    out = {f"{u} updates": pd.concat([fixed, pts[pts["updates"] == u]]) for u in sorted(pts["updates"].unique())}
+    by_curve: dict = {}
+    for r in pts.to_dict("records"):
+        by_curve.setdefault((r["curve"], int(r["steps"])), []).append(
+            {"curve": r["curve"], "steps": int(r["steps"]), "updates": r["updates"],
+             "network_passes": r["train_network_passes"], "fid": r.get("fid"), "fid_ci_high": r.get("fid_ci_high"),
+             "fid_seed_sd": r.get("fid_seed_sd")})
+    eq = curves.equal_compute({k: sorted(v, key=lambda p: p["updates"]) for k, v in by_curve.items()})
+    chosen = {(c, steps): r["point"]["updates"] for steps, e in eq.items() for c, r in e["curves"].items()}
+    keep = [chosen.get((c, int(s))) == u for c, s, u in zip(pts["curve"], pts["steps"], pts["updates"])]
+    out["equal compute"] = pd.concat([fixed, pts[keep]])
+    return out
+
+
+def by_compute(agg: pd.DataFrame) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """The verdict of each claim at each compute point of a curves run (``compute_points``): markdown lines and
+    {claim: {point: verdict}}. A claim *depends on the budget* when its measured verdicts differ between points."""
+    points = compute_points(agg)
+    if not points:
+        return [], {}
+    verdicts = {key: {name: fn(rows)["verdict"] for name, rows in points.items()} for key, (_, fn) in CLAIMS.items()}
+    names = list(points)
+    lines = ["## Verdicts at each compute point", "",
+             "Each claim decided by the same rules on each point of the learning curves: every curve at the same "
+             "number of updates, and at equal compute (`bench/results/curves.py`, `equal_compute`: per step count, "
+             "every curve at its last point within the network passes of the last plateau). A claim *depends on the "
+             "budget* when its measured verdicts differ between points.", "",
+             "| claim | " + " | ".join(names) + " | depends on the budget |",
+             "|---|" + "---|" * len(names) + "---|"]
+    for key, (text, _) in CLAIMS.items():
+        lines.append(f"| ({key}) {text} | " + " | ".join(verdicts[key][n] for n in names)
+                     + f" | {budget_dependence(verdicts[key])} |")
+    return lines + [""], verdicts
+
+
+def budget_dependence(verdicts: dict[str, str]) -> str:
+    """"yes" when a claim's measured verdicts differ between compute points, "no" when they agree, "not measured"."""
+    measured = {v for v in verdicts.values() if v != MISSING}
+    return MISSING if not measured else ("yes" if len(measured) > 1 else "no")
+
+
 def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
+    """The claims report of a run: each claim's verdict and evidence; for a curves run, decided at equal compute,
+    then the verdict at every compute point (``by_compute``), then the adversarial terms' status."""
     verdicts = {}
+    points = compute_points(agg)
+    decided = points.get("equal compute", agg)
     lines = [f"# Claims report: {title}", "",
              "Generated from this run's results by `bench/results/claims.py` (rules in its docstring); "
              "nothing here is typed by hand.", ""]
+    if points:
+        lines += ["A learning-curves run: the evidence below is at equal compute; every compute point follows.", ""]
     for key, (text, fn) in CLAIMS.items():
-        res = fn(agg)
+        res = fn(decided)
         verdicts[key] = res["verdict"]
         lines.append(f"## ({key}) {text}: **{res['verdict']}**")
         lines += [f"- {e}" for e in res["evidence"]] or ["- (the rows this claim needs are not in this run)"]
         lines.append("")
+    lines += by_compute(agg)[0]
     notes = adversarial_notes(agg)
     if notes:
         lines += ["## Adversarial terms", "",
@@ -224,4 +286,3 @@ def write(run: Path, agg: pd.DataFrame) -> dict:
     text, verdicts = report(agg, Path(run).name)
     io.write_text(Path(run) / "tables" / "claims.md", text)
     return verdicts
-

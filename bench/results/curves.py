@@ -108,23 +108,26 @@ def _upper(p: dict) -> float:
 
 
 def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
-    """Per step count: the compute budget C every curve reached, and each curve's point at C.
+    """Per step count: a compute budget C past every curve's plateau, and each curve's point at C.
 
-    Rule: C = the smallest, over the curves at that step count, of the most network passes each curve spent (the
-    most compute all of them have a point at); each curve is compared at its last point with at most C passes
-    (no interpolation), or, when even its first point spent more, at that first point, marked as over C. Each
-    point says whether it is past its curve's plateau.
+    Rule: C = the largest, over the curves at that step count, of the network passes at each curve's plateau point
+    (``plateau``; a curve whose plateau is not shown contributes its last point), the least compute at which every
+    curve has reached its plateau. Each curve is compared at its last point with at most C passes (no
+    interpolation; never more compute than C); a curve whose points all spent less than C is at its last point,
+    marked as ending under C. Every compared point is therefore at or past its curve's plateau; whether that
+    plateau is shown (a later point confirms it) is said per curve.
     """
     out: dict = {}
     for steps in sorted({s for _, s in curves}):
         group = {c: pts for (c, s), pts in curves.items() if s == steps}
-        budget = min(max(p["network_passes"] for p in pts) for pts in group.values())
+        plateaus = {c: plateau(pts) for c, pts in group.items()}
+        budget = max(plat["network_passes"] for plat, _ in plateaus.values())
         rows = {}
         for c, pts in group.items():
-            within = [p for p in pts if p["network_passes"] <= budget]
-            point = within[-1] if within else pts[0]
-            plat, shown = plateau(pts)
-            rows[c] = {"point": point, "plateau": plat, "plateau_shown": shown, "over_budget": not within,
+            point = [p for p in pts if p["network_passes"] <= budget][-1]  # its plateau point is one of them
+            plat, shown = plateaus[c]
+            rows[c] = {"point": point, "plateau": plat, "plateau_shown": shown,
+                       "under_budget": pts[-1]["network_passes"] < budget,
                        "past_plateau": shown and point["updates"] >= plat["updates"]}
         out[steps] = {"passes": budget, "curves": rows}
     return out
@@ -173,7 +176,7 @@ def report(curves: dict[tuple[str, int], list[dict]]) -> str:
             p, plat = r["point"], r["plateau"]
             where = f"{plat['updates']}, {plat['network_passes']:,.0f}" if r["plateau_shown"] else "not shown"
             past = "yes" if r["past_plateau"] else ("no" if r["plateau_shown"] else "unknown")
-            over = " (over C: its first point)" if r["over_budget"] else ""
+            over = " (its last point: ends under C)" if r["under_budget"] else ""
             lines.append(f"| {c} | {p['updates']} | {p['network_passes']:,.0f}{over} | {_m(p, 'fid')} | "
                          f"{_m(p, 'clip_score')} | {_m(p, 'accuracy')} | {where} | {past} |")
         lines.append("")

@@ -49,6 +49,8 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
         for k in TRAIN_FIELDS:  # per student: the mean over the training seeds' students
             vals = [t[k] for t in trains if t.get(k) is not None]
             r[f"train_{k}"] = sum(vals) / len(vals) if vals else None
+        if "curve" in g and g["curve"].notna().any():  # a learning curve's point (only curves runs get the column)
+            r["curve"] = g["curve"].iloc[0]
         gan, gan_acc = gan_status(trains)
         if gan is not None:  # only rows with an adversarial term get the columns (older results keep their CSV)
             r["gan"], r["gan_disc_acc"] = gan, gan_acc
