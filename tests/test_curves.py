@@ -270,6 +270,16 @@ def test_each_claim_is_decided_at_every_compute_point_and_marked_when_its_verdic
     assert "1 steps vs other" not in text  # the variant curve is no baseline
 
 
+def test_a_curves_run_writes_its_claims_by_compute_point(tmp_path):
+    from bench.results import claims, tables
+
+    claims.write(tmp_path, tables.aggregate(_curve_rows()))
+    table = (tmp_path / "tables/claims_by_compute.md").read_text()
+    assert "| 50 updates | 100 updates | equal compute | depends on the budget |" in table
+    claims.write(tmp_path / "plain", tables.aggregate(_curve_rows().drop(columns="curve")))
+    assert not (tmp_path / "plain/tables/claims_by_compute.md").exists()
+
+
 def test_a_run_without_curves_has_no_compute_points():
     from bench.results import claims, tables
 

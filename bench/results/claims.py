@@ -283,6 +283,11 @@ def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:
 
 
 def write(run: Path, agg: pd.DataFrame) -> dict:
+    """tables/claims.md of a run (and, for a curves run, tables/claims_by_compute.md: ``by_compute``'s table, which
+    the README cites); returns {claim: verdict}."""
     text, verdicts = report(agg, Path(run).name)
     io.write_text(Path(run) / "tables" / "claims.md", text)
+    lines, _ = by_compute(agg)
+    if lines:
+        io.write_text(Path(run) / "tables" / "claims_by_compute.md", "\n".join(lines))
     return verdicts
