@@ -286,3 +286,25 @@ def test_a_run_without_curves_has_no_compute_points():
     agg = tables.aggregate(_curve_rows().drop(columns="curve").iloc[:1])
     assert claims.compute_points(agg) == {} and claims.by_compute(agg) == ([], {})
     assert claims.budget_dependence({"a": "not measured"}) == "not measured"
+
+
+def test_table_a_shows_the_teacher_at_the_most_nfe_not_above_each_student_rows():
+    import pandas as pd
+
+    from bench.results import tables
+
+    def row(label, method, steps, nfe, fid):
+        return {"label": label, "method": method, "variant": None, "steps": steps, "nfe": nfe, "n_samples": 10,
+                "status": "ok", "error": None, "train_seed": None, "fid": fid, "fid_ci_low": fid - 1,
+                "fid_ci_high": fid + 1}
+
+    agg = tables.aggregate(pd.DataFrame([
+        row("teacher-ddim", "teacher", 1, 2, 31.0), row("teacher-dpm++", "teacher", 1, 2, 30.0),
+        row("teacher-dpm++", "teacher", 2, 4, 8.0), row("teacher-dpm++", "teacher", 25, 50, 0.4),
+        row("lcm", "lcm", 1, 1, 40.0), row("lcm", "lcm", 3, 3, 2.0), row("lcm", "lcm", 4, 4, 1.0)]))
+    col = dict(zip(zip(tables.table_a(agg)["method"], tables.table_a(agg)["NFE"]),
+                   tables.table_a(agg)["teacher at ≤ NFE: FID"], strict=True))
+    assert col[("lcm", 1)] == "—"  # the teacher has no 1-NFE row (CFG: 2 NFE a step)
+    assert col[("lcm", 3)] == "30.00 [29.00, 31.00] (2 NFE)"  # DPM-Solver++ preferred at equal NFE
+    assert col[("lcm", 4)] == "8.00 [7.00, 9.00] (4 NFE)"
+    assert col[("teacher-dpm++", 4)] == "—"

@@ -21,3 +21,17 @@ def teacher_row(df: pd.DataFrame, steps: int = REFERENCE_STEPS) -> dict | None:
         return None
     dpm = t[t["label"].str.contains("dpm")]
     return (dpm if not dpm.empty else t).iloc[0].to_dict()
+
+
+def teacher_at_nfe(df: pd.DataFrame, nfe: int) -> dict | None:
+    """The teacher's row with the most NFE not above `nfe` (the teacher at equal compute per image, as near as its
+    NFE grid allows: with CFG each step is 2 NFE), DPM-Solver++ preferred when several solvers ran, or None."""
+    t = ok(df)
+    if t.empty:
+        return None
+    t = t[(t["method"] == "teacher") & (t["nfe"] <= nfe)]
+    if t.empty:
+        return None
+    t = t[t["nfe"] == t["nfe"].max()]
+    dpm = t[t["label"].str.contains("dpm")]
+    return (dpm if not dpm.empty else t).iloc[0].to_dict()

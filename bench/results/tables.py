@@ -14,7 +14,7 @@ import pandas as pd
 
 from bench.results import claims, curves
 from bench.results.plotstyle import pyplot, series_style
-from bench.results.select import teacher_row
+from bench.results.select import teacher_at_nfe, teacher_row
 from bench.rundir import load_floor, load_rows
 from bench.specs import LATENCY_COLUMNS, MAIN_COLUMNS, MORE_COLUMNS, PLOTTED, SPECS, TABLE_A_MORE, fmt, missing
 from core import io
@@ -118,7 +118,8 @@ TABLE_A_HEADERS = {"acc_position": "spatial"}
 
 
 def table_a(agg: pd.DataFrame) -> pd.DataFrame:
-    """Table A: every method at each step count; best value per column at equal steps in bold. Per-category
+    """Table A: every method at each step count; best value per column at equal steps in bold; beside each student
+    row, the teacher's FID at the most NFE not above the row's (``select.teacher_at_nfe``). Per-category
     compositional columns a run measured (GenEval's tasks) follow the paper's."""
     ref = reference_row(agg)
     ok = agg[agg["status"] == "ok"]
@@ -139,6 +140,8 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
                     and len(ok[ok["steps"] == r["steps"]]) > 1:
                 cell = f"**{cell}**"
             rec[head] = cell
+        teacher = teacher_at_nfe(agg, r["nfe"]) if r.get("method") != "teacher" else None
+        rec["teacher at ≤ NFE: FID"] = "—" if teacher is None else f"{_cell(teacher, 'fid', True)} ({teacher['nfe']} NFE)"
         rec["latency ms"] = _cell(r, "latency_ms", False)
         lat = r.get("latency_ms")
         rec["speedup"] = (f"{ref['latency_ms'] / lat:.1f}×" if ref is not None and lat and ref.get("latency_ms")
