@@ -308,3 +308,24 @@ def test_table_a_shows_the_teacher_at_the_most_nfe_not_above_each_student_rows()
     assert col[("lcm", 3)] == "30.00 [29.00, 31.00] (2 NFE)"  # DPM-Solver++ preferred at equal NFE
     assert col[("lcm", 4)] == "8.00 [7.00, 9.00] (4 NFE)"
     assert col[("teacher-dpm++", 4)] == "—"
+
+
+def test_the_allocation_table_says_where_each_student_trained():
+    import pandas as pd
+
+    from bench.results import tables
+
+    def row(label, steps, ckpt, counts, seed=0):
+        return {"label": label, "method": label, "steps": steps, "nfe": steps, "status": "ok", "train_seed": seed,
+                "train": {"checkpoint": ckpt, "student_timesteps": counts}}
+
+    shared = {"999": 52, "499": 28, "749": 20}
+    df = pd.DataFrame([row("flash", 1, "f.safetensors", shared), row("flash", 4, "f.safetensors", shared),
+                       row("prog", 1, "p1-s0", {"999": 3, "1": 1}), row("prog", 1, "p1-s1", {"999": 1, "1": 3}, 1),
+                       {"label": "teacher", "method": "teacher", "steps": 1, "nfe": 2, "status": "ok", "train": None}])
+    t = tables.allocation_table(df).set_index("method")
+    assert t.loc["flash", "serves steps"] == "1, 4" and t.loc["flash", "students"] == 1
+    assert t.loc["flash", "share at the largest t"] == "52.0% (t = 999)"
+    assert t.loc["flash", "least-trained time"] == "20.0% (t = 749)"
+    assert t.loc["prog", "students"] == 2 and t.loc["prog", "share at the largest t"] == "50.0% (t = 999)"
+    assert "teacher" not in t.index and tables.allocation_table(df.iloc[4:]) is None

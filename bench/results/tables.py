@@ -154,6 +154,40 @@ def table_a(agg: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(recs)
 
 
+def allocation_table(df: pd.DataFrame) -> pd.DataFrame | None:
+    """Where each student trained: per label and student (the step counts one checkpoint serves; training seeds
+    summed), the share of its gradient passes' inputs at each training time (``TrainInfo.student_timesteps``): how
+    many distinct times, the share at the largest (t = T for a grid that starts there) and at the least-trained
+    time. A shared multi-step student's grid draw (``methods.student.grid_weights``) shows as its share at t = T;
+    a progressive student's counts include the rounds it continued. None when no row trained."""
+    ok = df[df["status"] == "ok"] if "status" in df else df
+    serves: dict[tuple, set] = {}  # (label, checkpoint) -> the step counts it served
+    counts: dict[tuple, dict] = {}
+    for r in ok.to_dict("records"):
+        train = r.get("train")
+        if isinstance(train, dict) and train.get("student_timesteps"):
+            key = (r["label"], train.get("checkpoint"))
+            serves.setdefault(key, set()).add(int(r["steps"]))
+            counts[key] = train["student_timesteps"]
+    if not counts:
+        return None
+    groups: dict[tuple, list] = {}
+    for (label, ckpt), steps in serves.items():
+        groups.setdefault((label, tuple(sorted(steps))), []).append(counts[(label, ckpt)])
+    out = []
+    for (label, steps), dicts in groups.items():
+        total: dict[float, int] = {}
+        for c in dicts:
+            for t, n in c.items():
+                total[float(t)] = total.get(float(t), 0) + int(n)
+        n = sum(total.values())
+        top, low = max(total), min(total, key=lambda t: (total[t], t))
+        out.append({"method": label, "serves steps": ", ".join(map(str, steps)), "students": len(dicts),
+                    "training times": len(total), "share at the largest t": f"{total[top] / n:.1%} (t = {top:g})",
+                    "least-trained time": f"{total[low] / n:.1%} (t = {low:g})", "inputs": f"{n:,}"})
+    return pd.DataFrame(out)
+
+
 def gan_marked(r: dict) -> str:
     """A row's label, marked "(GAN inactive)" when its adversarial term did not learn (``gan_status``)."""
     status = r.get("gan")
@@ -214,6 +248,11 @@ def write_all(run: Path) -> None:
         io.write_text(tdir / "metrics.md", display_table(agg, floor, columns=more, timing=False).to_markdown(index=False)
                       + "\n")
     io.write_text(tdir / "main.tex", display_table(agg, floor, with_ci=False).to_latex(index=False))
+    alloc = allocation_table(df)
+    if alloc is not None:  # where each student trained (issue 20: a shared student's draw over its grid times)
+        io.write_text(tdir / "allocation.md", "Where each student trained: the share of its training inputs at each "
+                      "timestep (`train.student_timesteps`, summed over training seeds).\n\n"
+                      + alloc.to_markdown(index=False) + "\n")
     if not agg.empty and reference_row(agg) is not None:
         a, b = table_a(agg), table_b(agg)
         ref = reference_row(agg)
