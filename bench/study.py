@@ -113,7 +113,9 @@ def _per_candidate(agg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, g in ok.groupby("label", sort=False):
         sd = g["fid_seed_sd"].mean() if "fid_seed_sd" in g else float("nan")
+        gan = g["gan"].dropna() if "gan" in g else g["label"].iloc[:0]  # the adversarial term's verdict, if any
         rows.append({"label": label, "method": g["method"].iloc[0], "fid": g["fid"].mean(), "fid_sd": sd,
+                     "gan": gan.iloc[0] if len(gan) else None,
                      "n": int(g["n_train_seeds"].max()) if "n_train_seeds" in g else 1,
                      "clip_score": g["clip_score"].mean(), "accuracy": g["accuracy"].mean()})
     return pd.DataFrame(rows)
@@ -166,7 +168,9 @@ def choose(run: Path, study: dict) -> dict:
         chosen[group] = {"label": label, "method": t[t["label"] == label]["method"].iloc[0], "settings": settings,
                          "why": why}
     out = {"study": study["name"], "rule": rule, "rule_doc": RULES[rule].__doc__, "base": study.get("base", {}),
-           "steps": study["steps"], "chosen": chosen, "candidates": table.to_dict("records")}
+           "steps": study["steps"], "chosen": chosen,
+           "candidates": [{k: v for k, v in r.items() if not (k == "gan" and not isinstance(v, str))}
+                          for r in table.to_dict("records")]}  # "gan" only where a candidate has the term
     io.write_json(Path(run) / CHOICE_FILE, out)
     io.write_text(Path(run) / "tables" / "study.md", report(table, out, study))
     return out
@@ -175,15 +179,18 @@ def choose(run: Path, study: dict) -> dict:
 def report(table: pd.DataFrame, choice: dict, study: dict) -> str:
     chosen = {c["label"] for c in choice["chosen"].values()}
     steps = ", ".join(map(str, study["steps"]))
+    # the GAN column (``tables.gan_status``: whether each candidate's discriminator left chance) when any has one
+    gan = "gan" in table and table["gan"].notna().any()
     lines = [f"# Study: {study['name']}", "", study.get("description", ""), "",
              f"Validation prompts; budgets: {steps} steps; mean over them and over the training seeds "
              f"(± the spread over training seeds). Rule: `{choice['rule']}` — {choice['rule_doc'].strip()}", "",
-             "| candidate | method | FID ↓ | CLIP ↑ | Acc ↑ |", "|---|---|---|---|---|"]
+             "| candidate | method | FID ↓ | CLIP ↑ | Acc ↑ |" + (" GAN term |" if gan else ""),
+             "|---|---|---|---|---|" + ("---|" if gan else "")]
     for r in table.to_dict("records"):
         sd = "" if math.isnan(r["fid_sd"]) else f" ± {r['fid_sd']:.2f}"
         mark = " **(chosen)**" if r["label"] in chosen else ""
         lines.append(f"| {r['label']}{mark} | {r['method']} | {r['fid']:.2f}{sd} | {r['clip_score']:.2f} | "
-                     f"{r['accuracy']:.3f} |")
+                     f"{r['accuracy']:.3f} |" + (f" {r['gan'] if isinstance(r.get('gan'), str) else '—'} |" if gan else ""))
     lines.append("")
     for group, c in choice["chosen"].items():
         prefix = "" if group == "all" else f"{group}: "

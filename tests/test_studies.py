@@ -105,3 +105,15 @@ def _suites_on_the_teacher_use(backbone: dict, choice: dict) -> None:
                     if e.name == "teacher" and getattr(e.config, "guidance", "cfg") == "none" and value == 1.0:
                         continue  # CFG at w = 1 is the conditional prediction, which guidance = "none" runs (1 NFE)
                     assert getattr(e.config, key) == value, (s.name, e.label, key, getattr(e.config, key), value)
+
+
+def test_a_study_table_says_whether_each_candidates_gan_term_learned():
+    t = _table([{"label": "base", "fid": 5.0, "fid_sd": 0.5, "gan": None},
+                {"label": "adv", "fid": 4.9, "fid_sd": 0.5, "gan": "inactive"}])
+    choice = {"rule": "lowest-fid-beats-baseline", "rule_doc": "doc",
+              "chosen": {"all": {"label": "base", "settings": {}, "why": "w"}}}
+    text = study.report(t, choice, {"name": "s", "steps": [3]})
+    assert "| GAN term |" in text and "| adv | m | 4.90 ± 0.50 | 90.00 | 1.000 | inactive |" in text
+    assert "| base **(chosen)** | m | 5.00 ± 0.50 | 90.00 | 1.000 | — |" in text
+    plain = study.report(t.drop(columns="gan"), choice, {"name": "s", "steps": [3]})
+    assert "GAN" not in plain
