@@ -140,7 +140,7 @@ def test_the_plateau_is_the_first_point_within_the_ci_of_the_best_later_point():
     assert plateau(seeds)[0] is seeds[0]  # the training seeds' spread widens the best point's bound
 
 
-def test_equal_compute_compares_every_curve_past_its_plateau_at_the_compute_the_last_plateau_needed():
+def test_equal_compute_compares_every_curves_best_point_within_the_compute_the_last_plateau_needed():
     from bench.results.curves import equal_compute
 
     cheap = [_pt(50, 10, 30, 31, "cheap"), _pt(100, 20, 25, 26, "cheap"), _pt(200, 40, 24.5, 25.5, "cheap")]
@@ -151,6 +151,9 @@ def test_equal_compute_compares_every_curve_past_its_plateau_at_the_compute_the_
     assert rows["cheap"]["point"] is cheap[2] and rows["cheap"]["under_budget"]  # its last point, under C
     assert rows["dear"]["point"] is dear[1] and not rows["dear"]["under_budget"]  # not its 120-pass point
     assert rows["cheap"]["plateau"] is cheap[1] and all(r["past_plateau"] for r in rows.values())
+    worse = [_pt(50, 10, 5, 6, "worse"), _pt(100, 20, 8, 9, "worse"), _pt(200, 40, 9, 10, "worse")]
+    rows = equal_compute({("worse", 1): worse, ("dear", 1): dear})[1]["curves"]
+    assert rows["worse"]["point"] is worse[0] and rows["worse"]["past_plateau"]  # early stopping: its best within C
     falling = {("cheap", 1): cheap, ("dear", 1): dear[:2]}  # dear still falling: its last point sets C
     rows = equal_compute(falling)[1]["curves"]
     assert rows["dear"]["point"] is dear[1] and not rows["dear"]["plateau_shown"] and not rows["dear"]["past_plateau"]
@@ -256,9 +259,10 @@ def test_each_claim_is_decided_at_every_compute_point_and_marked_when_its_verdic
     points = claims.compute_points(agg)
     assert list(points) == ["50 updates", "100 updates", "equal compute"]
     assert sorted(points["50 updates"]["label"]) == ["imagine-flash", "lcm", "other", "teacher"]
-    # equal compute: LCM's plateau (100 updates, still falling: its last point) spent 600 passes; Imagine Flash's 100
+    # equal compute: LCM's plateau (100 updates, still falling: its last point) spent 600 passes; within them
+    # Imagine Flash's best point is its first (10.0 against 10.1)
     eq = points["equal compute"].set_index("label")
-    assert eq.loc["lcm", "fid"] == 5.0 and eq.loc["imagine-flash", "fid"] == 10.1
+    assert eq.loc["lcm", "fid"] == 5.0 and eq.loc["imagine-flash", "fid"] == 10.0
     lines, verdicts = claims.by_compute(agg)
     assert verdicts["b"] == {"50 updates": "reproduced", "100 updates": "not reproduced",
                              "equal compute": "not reproduced"}

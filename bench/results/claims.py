@@ -203,7 +203,8 @@ def adversarial_notes(agg: pd.DataFrame) -> list[str]:
 def compute_points(agg: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """A learning-curves run's rows (``bench/results/curves.py``) as one table per compute point, each decided as a
     run of its own: "N updates" (every curve's point at the suite's N updates) and "equal compute" (per step count,
-    each curve at its point of ``curves.equal_compute``: at most the compute of the last plateau, past its own).
+    each curve at its point of ``curves.equal_compute``: its best validation point within the compute of the last
+    plateau).
     The untrained rows (the teacher) are in every table; a curve's rows take the curve's label, and are the
     method's full variant when the curve is named after the method (or marked ``variant = "full"``). {} for a run
     without curves."""
@@ -239,8 +240,8 @@ def by_compute(agg: pd.DataFrame) -> tuple[list[str], dict[str, dict[str, str]]]
     lines = ["## Verdicts at each compute point", "",
              "Each claim decided by the same rules on each point of the learning curves: every curve at the same "
              "number of updates, and at equal compute (`bench/results/curves.py`, `equal_compute`: per step count, "
-             "every curve at its last point within the network passes of the last plateau). A claim *depends on the "
-             "budget* when its measured verdicts differ between points.", "",
+             "every curve at its best validation point within the network passes of the last plateau). A claim "
+             "*depends on the budget* when its measured verdicts differ between points.", "",
              "| claim | " + " | ".join(names) + " | depends on the budget |",
              "|---|" + "---|" * len(names) + "---|"]
     for key, (text, _) in CLAIMS.items():

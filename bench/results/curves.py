@@ -16,6 +16,7 @@ training continuing the cached shorter one, and its rows carry ``curve`` (the en
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -112,10 +113,11 @@ def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
 
     Rule: C = the largest, over the curves at that step count, of the network passes at each curve's plateau point
     (``plateau``; a curve whose plateau is not shown contributes its last point), the least compute at which every
-    curve has reached its plateau. Each curve is compared at its last point with at most C passes (no
-    interpolation; never more compute than C); a curve whose points all spent less than C is at its last point,
-    marked as ending under C. Every compared point is therefore at or past its curve's plateau; whether that
-    plateau is shown (a later point confirms it) is said per curve.
+    curve has reached its plateau. Each curve is compared at its best point (lowest validation FID, the fewer
+    passes on a tie) among those with at most C passes: the checkpoint early stopping on validation prompts keeps
+    within the budget (no interpolation; never more compute than C). A curve whose points all spent less than C is
+    marked as ending under C. The best point is at or after the plateau (an earlier point lower than every later
+    one would itself be the plateau); whether that plateau is shown (a later point confirms it) is said per curve.
     """
     out: dict = {}
     for steps in sorted({s for _, s in curves}):
@@ -124,7 +126,8 @@ def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
         budget = max(plat["network_passes"] for plat, _ in plateaus.values())
         rows = {}
         for c, pts in group.items():
-            point = [p for p in pts if p["network_passes"] <= budget][-1]  # its plateau point is one of them
+            within = [p for p in pts if p["network_passes"] <= budget]  # its plateau point is one of them
+            point = min(within, key=lambda p: (math.inf if missing(p.get("fid")) else p["fid"], p["network_passes"]))
             plat, shown = plateaus[c]
             rows[c] = {"point": point, "plateau": plat, "plateau_shown": shown,
                        "under_budget": pts[-1]["network_passes"] < budget,
@@ -176,7 +179,7 @@ def report(curves: dict[tuple[str, int], list[dict]]) -> str:
             p, plat = r["point"], r["plateau"]
             where = f"{plat['updates']}, {plat['network_passes']:,.0f}" if r["plateau_shown"] else "not shown"
             past = "yes" if r["past_plateau"] else ("no" if r["plateau_shown"] else "unknown")
-            over = " (its last point: ends under C)" if r["under_budget"] else ""
+            over = " (the curve ends under C)" if r["under_budget"] else ""
             lines.append(f"| {c} | {p['updates']} | {p['network_passes']:,.0f}{over} | {_m(p, 'fid')} | "
                          f"{_m(p, 'clip_score')} | {_m(p, 'accuracy')} | {where} | {past} |")
         lines.append("")
