@@ -290,6 +290,9 @@ def test_a_run_without_curves_has_no_compute_points():
     agg = tables.aggregate(_curve_rows().drop(columns="curve").iloc[:1])
     assert claims.compute_points(agg) == {} and claims.by_compute(agg) == ([], {})
     assert claims.budget_dependence({"a": "not measured"}) == "not measured"
+    assert claims.budget_dependence({"a": "reproduced", "b": "not reproduced", "c": "inconclusive"}) == "yes"
+    assert claims.budget_dependence({"a": "inconclusive", "b": "not reproduced"}) == "decided at some budgets only"
+    assert claims.budget_dependence({"a": "not reproduced", "b": "not reproduced", "c": "not measured"}) == "no"
 
 
 def test_table_a_shows_the_teacher_at_the_most_nfe_not_above_each_student_rows():

@@ -231,7 +231,7 @@ def compute_points(agg: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def by_compute(agg: pd.DataFrame) -> tuple[list[str], dict[str, dict[str, str]]]:
     """The verdict of each claim at each compute point of a curves run (``compute_points``): markdown lines and
-    {claim: {point: verdict}}. A claim *depends on the budget* when its measured verdicts differ between points."""
+    {claim: {point: verdict}}; the last column is ``budget_dependence``."""
     points = compute_points(agg)
     if not points:
         return [], {}
@@ -241,7 +241,8 @@ def by_compute(agg: pd.DataFrame) -> tuple[list[str], dict[str, dict[str, str]]]
              "Each claim decided by the same rules on each point of the learning curves: every curve at the same "
              "number of updates, and at equal compute (`bench/results/curves.py`, `equal_compute`: per step count, "
              "every curve at its best validation point within the network passes of the last plateau). A claim "
-             "*depends on the budget* when its measured verdicts differ between points.", "",
+             "*depends on the budget* when it is reproduced at some points and not at others; one that is "
+             "inconclusive at some points is *decided at some budgets only*.", "",
              "| claim | " + " | ".join(names) + " | depends on the budget |",
              "|---|" + "---|" * len(names) + "---|"]
     for key, (text, _) in CLAIMS.items():
@@ -251,9 +252,15 @@ def by_compute(agg: pd.DataFrame) -> tuple[list[str], dict[str, dict[str, str]]]
 
 
 def budget_dependence(verdicts: dict[str, str]) -> str:
-    """"yes" when a claim's measured verdicts differ between compute points, "no" when they agree, "not measured"."""
+    """Whether a claim's verdict depends on the training budget, from its verdicts at the compute points: "yes" when
+    it is reproduced at some and not at others; "decided at some budgets only" when it is inconclusive at some and
+    decided (one way) at the others; "no" when every measured point agrees; "not measured"."""
     measured = {v for v in verdicts.values() if v != MISSING}
-    return MISSING if not measured else ("yes" if len(measured) > 1 else "no")
+    if not measured:
+        return MISSING
+    if {REPRODUCED, NOT} <= measured:
+        return "yes"
+    return "decided at some budgets only" if len(measured) > 1 else "no"
 
 
 def report(agg: pd.DataFrame, title: str) -> tuple[str, dict]:

@@ -214,11 +214,14 @@ def plot(curves: dict[tuple[str, int], list[dict]], out: Path) -> None:
                     ax.plot([plat[x]], [plat[key]], marker="o", ms=11, mfc="none", mec=line.get_color(), mew=1.5)
             if all(not missing(p.get(x)) and p[x] > 0 for pts in curves.values() for p in pts):
                 ax.set_xscale("log")
+            if key == "fid":  # FID spans 1-step (tens) and 4-step (below one) students: a log axis shows both
+                ax.set_yscale("log")
             ax.set_xlabel(xlabel, fontsize=8)
             ax.set_title(SPECS[key].title + " (ringed: plateau by FID)", fontsize=9)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, max(1, len(labels))), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 * (1 + (len(labels) - 1) // 5), 1, 1))  # room for the legend below the panels
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
