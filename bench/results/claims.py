@@ -212,7 +212,7 @@ def compute_points(agg: pd.DataFrame) -> dict[str, pd.DataFrame]:
         return {}
     fixed = agg[agg["curve"].isna()]
     pts = agg[agg["curve"].notna()].copy()
-    pts["updates"] = [int(str(label).rsplit(" u=", 1)[1]) for label in pts["label"]]  # the point's nominal count
+    pts["updates"] = [curves.nominal_updates(label) for label in pts["label"]]  # the suite's count of the point
     pts["variant"] = [None if v == "full" or c == m else c for v, c, m in zip(pts["variant"], pts["curve"], pts["method"])]
     pts["label"] = pts["curve"]
     out = {f"{u} updates": pd.concat([fixed, pts[pts["updates"] == u]]) for u in sorted(pts["updates"].unique())}

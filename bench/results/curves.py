@@ -43,7 +43,8 @@ def points(df: pd.DataFrame) -> list[dict]:
         for updates, rows in sorted(by_updates.items()):
             trains = [r["train"] for r in rows]
             rec = {"curve": curve, "method": rows[0]["method"], "label": rows[0]["label"], "steps": int(rows[0]["steps"]),
-                   "nfe": int(nfe), "updates": updates, "n_rows": len(rows),
+                   "nfe": int(nfe), "updates": updates, "nominal_updates": nominal_updates(rows[0]["label"], updates),
+                   "n_rows": len(rows),
                    "train_seeds": sorted({r["train_seed"] for r in rows if not missing(r.get("train_seed"))}),
                    "network_passes": _mean(t["network_passes"] for t in trains),
                    "train_seconds": _mean(t.get("train_seconds") for t in trains),
@@ -60,6 +61,13 @@ def points(df: pd.DataFrame) -> list[dict]:
                 rec[f"{key}_seed_sd"] = (float(pd.Series(means).std(ddof=1)) if len(means) > 1 else None)
             out.append(rec)
     return out
+
+
+def nominal_updates(label: str, default: int | None = None) -> int | None:
+    """The suite's update count of a curve point's row (its label ends ``" u=N"``, ``suite._per_curve_point``); a
+    student of it may train fewer (progressive's per-step students). `default` for a label without one."""
+    head, sep, tail = str(label).rpartition(" u=")
+    return int(tail) if sep and head and tail.isdigit() else default
 
 
 def _mean(values) -> float | None:
