@@ -336,3 +336,40 @@ def test_the_allocation_table_says_where_each_student_trained():
     assert t.loc["flash", "least-trained time"] == "20.0% (t = 749)"
     assert t.loc["prog", "students"] == 2 and t.loc["prog", "share at the largest t"] == "50.0% (t = 999)"
     assert "teacher" not in t.index and tables.allocation_table(df.iloc[4:]) is None
+
+
+# --- the suite at equal compute, derived from the curves run ------------------------------------------------
+
+
+def test_the_equal_compute_suite_is_what_the_rule_derives_from_the_committed_curves_run():
+    import tomllib
+
+    from bench import suite as suite_mod
+    from bench.results import budgets
+    from tests.conftest import ROOT
+
+    run = ROOT / "results/reference/curves"
+    committed = ROOT / "bench/suites/paper-equal-compute.toml"
+    assert budgets.main([str(run), "--base", "paper", "--check", str(committed)]) == 0
+    text = budgets.equal_compute_suite(run, "paper")
+    parsed = suite_mod.parse(tomllib.loads(text), "derived")
+    chosen = budgets.chosen_updates(run)
+    for e in parsed.entries:
+        if e.name == "teacher":
+            continue
+        curve, updates = e.label.rsplit(" u=", 1)
+        assert all(chosen[curve][b.steps] == int(updates) == e.settings["student_updates"] for b in e.budgets)
+    # every step count of the paper suite's trained entries is served once, and the teacher is kept
+    paper = suite_mod.load("paper")
+    served = {(e.name, b.steps) for e in parsed.entries for b in e.budgets}
+    assert served == {(e.name, b.steps) for e in paper.entries for b in e.budgets}
+    assert parsed.prompts == "shapes-eval" and "student_updates" not in parsed.train
+
+
+def test_a_run_without_curves_gives_no_equal_compute_suite(tmp_path):
+    from bench.results import budgets
+
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no learning-curve rows"):
+        budgets.chosen_updates(tmp_path)
+    assert budgets.main([str(tmp_path)]) == 2

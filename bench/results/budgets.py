@@ -62,7 +62,7 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
     seeds = sorted({e["train_seed"] for e in suite["entries"] if e.get("train_seed") is not None})
     lines = [f'name = "{base}-equal-compute"',
              f'description = "The {base} suite at equal compute: each method trained for the update count the '
-             f'learning curves chose at each step count (bench/results/budgets.py from {run.as_posix()}: per step '
+             f'learning curves chose at each step count (bench/results/budgets.py from results/reference/{run.name}: per step '
              'count, each curve at its best validation point within the network passes of the last plateau); '
              'generated, do not edit"']
     body = "\n".join(line for line in head.splitlines()  # the base's own name, description and comments go
