@@ -23,6 +23,8 @@ from pathlib import Path
 from bench.results import curves
 from bench.rundir import load_rows
 
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
 
 def chosen_updates(run: Path) -> dict[str, dict[int, int]]:
     """{curve: {steps: nominal update count}}: the point ``curves.equal_compute`` compares for each curve at each
@@ -46,13 +48,13 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
     method and update count, labelled ``METHOD u=N``, with the step counts it serves there), the training seeds
     of the curves run, and the base suite's untrained entries (the teacher). Raises ValueError as
     ``chosen_updates``, and when the base suite has no [[methods]]."""
-    from bench import suite as suite_mod
-
     run = Path(run)
     config = json.loads((run / "config.json").read_text())
     suite = config["suite"]
     chosen = chosen_updates(run)
-    path = suite_mod.available()[base]
+    path = SUITES_DIR / f"{base}.toml"  # read as text: the suite module imports the methods (torch)
+    if not path.is_file():
+        raise ValueError(f"no suite {base!r} in {SUITES_DIR}")
     text = path.read_text()
     raw = tomllib.loads(text)
     head = text[:text.index("[[methods]]")] if "[[methods]]" in text else None
