@@ -37,9 +37,8 @@ def chosen_updates(run: Path) -> dict[str, dict[int, int]]:
     if not pts:
         raise ValueError(f"{run}: no learning-curve rows (run a suite with [curves], e.g. `flashbench run curves`)")
     out: dict[str, dict[int, int]] = {}
-    for steps, eq in curves.equal_compute(curves._curves(pts)).items():
-        for curve, r in eq["curves"].items():
-            out.setdefault(curve, {})[steps] = r["point"]["nominal_updates"]
+    for (curve, steps), updates in curves.equal_compute_updates(pts).items():
+        out.setdefault(curve, {})[steps] = updates
     return out
 
 
@@ -57,9 +56,9 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
         raise ValueError(f"no suite {base!r} in {SUITES_DIR}")
     text = path.read_text()
     raw = tomllib.loads(text)
-    head = text[:text.index("[[methods]]")] if "[[methods]]" in text else None
-    if head is None:
+    if "[[methods]]" not in text:
         raise ValueError(f"{path}: no [[methods]] entries")
+    head = text[:text.index("[[methods]]")]
     entries = {e["curve"]: e for e in suite["entries"] if e.get("curve")}
     seeds = sorted({e["train_seed"] for e in suite["entries"] if e.get("train_seed") is not None})
     lines = [f'name = "{base}-equal-compute"',
@@ -74,12 +73,12 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
     top, tables = (body, "") if cut < 0 else (body[:cut], body[cut:])
     lines += [top.rstrip(), f"train_seeds = {seeds}" if seeds else "", tables.rstrip(), ""]
     for m in raw["methods"]:
-        if m["name"] == "teacher" or m.get("label", m["name"]) not in entries:
-            if m["name"] == "teacher":
-                lines += _entry(m["name"], m.get("label", m["name"]), m["steps"], m.get("settings", {}),
-                                m.get("variant"))
-            continue
         label = m.get("label", m["name"])
+        if m["name"] == "teacher":  # untrained: as the base suite has it
+            lines += _entry(m["name"], label, m["steps"], m.get("settings", {}), m.get("variant"))
+            continue
+        if label not in entries:
+            continue
         curve = entries[label]
         settings = {k: v for k, v in curve["settings"].items() if k not in ("student_updates", "seed")}
         by_updates: dict[int, list[int]] = {}

@@ -216,14 +216,10 @@ def compute_points(agg: pd.DataFrame) -> dict[str, pd.DataFrame]:
     pts["variant"] = [None if v == "full" or c == m else c for v, c, m in zip(pts["variant"], pts["curve"], pts["method"])]
     pts["label"] = pts["curve"]
     out = {f"{u} updates": pd.concat([fixed, pts[pts["updates"] == u]]) for u in sorted(pts["updates"].unique())}
-    by_curve: dict = {}
-    for r in pts.to_dict("records"):
-        by_curve.setdefault((r["curve"], int(r["steps"])), []).append(
-            {"curve": r["curve"], "steps": int(r["steps"]), "updates": r["updates"],
-             "network_passes": r["train_network_passes"], "fid": r.get("fid"), "fid_ci_high": r.get("fid_ci_high"),
-             "fid_seed_sd": r.get("fid_seed_sd")})
-    eq = curves.equal_compute({k: sorted(v, key=lambda p: p["updates"]) for k, v in by_curve.items()})
-    chosen = {(c, steps): r["point"]["updates"] for steps, e in eq.items() for c, r in e["curves"].items()}
+    chosen = curves.equal_compute_updates([
+        {"curve": r["curve"], "steps": int(r["steps"]), "updates": r["updates"], "nominal_updates": r["updates"],
+         "network_passes": r["train_network_passes"], "fid": r.get("fid"), "fid_ci_high": r.get("fid_ci_high"),
+         "fid_seed_sd": r.get("fid_seed_sd")} for r in pts.to_dict("records")])
     keep = [chosen.get((c, int(s))) == u for c, s, u in zip(pts["curve"], pts["steps"], pts["updates"])]
     out["equal compute"] = pd.concat([fixed, pts[keep]])
     return out

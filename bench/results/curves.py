@@ -144,6 +144,13 @@ def equal_compute(curves: dict[tuple[str, int], list[dict]]) -> dict[int, dict]:
     return out
 
 
+def equal_compute_updates(pts: list[dict]) -> dict[tuple[str, int], int]:
+    """{(curve, steps): the suite's update count (``nominal_updates``) of the point ``equal_compute`` compares} for
+    point records as ``points`` makes them (at least curve, steps, updates, nominal_updates, network_passes, fid)."""
+    return {(c, steps): r["point"]["nominal_updates"]
+            for steps, eq in equal_compute(_curves(pts)).items() for c, r in eq["curves"].items()}
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 
