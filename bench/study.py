@@ -113,9 +113,9 @@ def _per_candidate(agg: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for label, g in ok.groupby("label", sort=False):
         sd = g["fid_seed_sd"].mean() if "fid_seed_sd" in g else float("nan")
-        gan = g["gan"].dropna() if "gan" in g else g["label"].iloc[:0]  # the adversarial term's verdict, if any
+        gan = next(iter(g["gan"].dropna()), None) if "gan" in g else None  # the adversarial term's verdict, if any
         rows.append({"label": label, "method": g["method"].iloc[0], "fid": g["fid"].mean(), "fid_sd": sd,
-                     "gan": gan.iloc[0] if len(gan) else None,
+                     "gan": gan,
                      "n": int(g["n_train_seeds"].max()) if "n_train_seeds" in g else 1,
                      "clip_score": g["clip_score"].mean(), "accuracy": g["accuracy"].mean()})
     return pd.DataFrame(rows)
