@@ -34,6 +34,7 @@ from methods.training import run_updates
 class ADDConfig(AdversarialConfig):
     EXTRA_DISC_UPDATES = True
 
+    lr: float = 1e-4  # the `lr` study's choice (results/reference/study-lr: lowest mean validation FID, 2 seeds)
     lambda_distill: float = 2.5
     r1_gamma: float = 1e-5  # ADD (Sauer et al. 2023, sec. 3.2): R1 on the discriminator, gamma 1e-5
     # beyond the paper (issue 20): unbounded, the GAN gradient of the randomly initialised heads is several times the

@@ -28,7 +28,7 @@ class DistillConfig:
 
     student_updates: int = 150  # x batch 32: the ablation suite over 3 training seeds fits 45 min on 2 cores
     batch_size: int = 32
-    lr: float = 5e-5
+    lr: float = 5e-5  # each method sets its own (the `lr` study chose them; methods/<name>.py)
     guidance_scale: float = 1.5  # the teacher's CFG scale when it builds targets
     seed: int = 0
     # LoRA adapters (peft) on the attention projections instead of the full UNet: the rank, 0 for full fine-tuning,

@@ -138,8 +138,10 @@ def test_gradient_statistics_do_not_change_the_student(tiny, tmp_path):
     a, _ = _train(tiny, tmp_path / "a", **plain)
     b, info = _train(tiny, tmp_path / "b", **plain, gan_grad_stats=True)
     assert "g_cos" in info.losses
+    # summing the two gradients apart reorders float additions; Adam turns a near-zero gradient's rounding into up
+    # to lr per update, so the tolerance is a small fraction of lr x updates (3e-4 at ADD's lr 1e-4), not of 1
     for (k, x), y in zip(a.nets[0].state_dict().items(), b.nets[0].state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_generator_loss_follows_gan_loss(tiny):
