@@ -5,6 +5,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 import torch
 
@@ -152,7 +153,7 @@ def test_ablation_rows_change_exactly_one_setting_from_the_defaults():
     for e in s.entries:
         if e.name == "imagine-flash":
             flash.setdefault(e.variant, []).append(e)
-    assert set(flash) >= {"full", "no-noise-correction", "no-backward-distillation", "no-srl"}
+    assert set(flash) >= {"full", "with-noise-correction", "no-backward-distillation", "no-srl"}
     assert {"no-discriminator", "with-discriminator"} & set(flash)
     assert all(sorted(e.train_seed for e in es) == [0, 1, 2] for es in flash.values())  # three training seeds each
     defaults = dataclasses.asdict(ImagineFlashConfig())
@@ -172,7 +173,7 @@ def test_paper_flow_ablation_rows_change_exactly_one_setting_from_its_full_row()
     s = suite_mod.load("paper-flow")
     assert s.backbone == {"kind": "shapes", "teacher": "flow"}
     flash = {e.variant: dataclasses.asdict(e.config) for e in s.entries if e.name == "imagine-flash"}
-    assert set(flash) == {"full", "no-noise-correction", "with-discriminator", "no-backward-distillation", "no-srl"}
+    assert set(flash) == {"full", "with-noise-correction", "with-discriminator", "no-backward-distillation", "no-srl"}
     for variant, cfg in flash.items():
         diff = {k for k in cfg if cfg[k] != flash["full"][k]}
         assert len(diff) == (variant != "full"), (variant, diff)
@@ -188,3 +189,22 @@ def test_bad_settings_are_rejected(bad):
 
     with pytest.raises(UserError):
         ImagineFlash.make_config(bad)
+
+
+@pytest.mark.parametrize("nc_variant", ["no-noise-correction", "with-noise-correction"])
+def test_claim_c_reads_noise_correction_from_the_row_that_removes_or_adds_it(nc_variant):
+    """Claim (c)'s noise-correction half compares full with the row that differs in noise correction, whichever
+    way the default points (the noise-correction study turned it off): FID tied and a colour statistic moved."""
+    from bench.results import claims
+
+    def row(variant, fid, contrast):
+        return {"label": variant, "method": "imagine-flash", "variant": variant, "steps": 3, "status": "ok",
+                "fid": fid, "fid_ci_low": fid - 0.5, "fid_ci_high": fid + 0.5,
+                "contrast": contrast, "contrast_ci_low": contrast - 0.01, "contrast_ci_high": contrast + 0.01}
+
+    df = pd.DataFrame([row("full", 3.0, 0.10), row("no-srl", 9.0, 0.10), row("no-backward-distillation", 8.0, 0.10),
+                       row("with-discriminator", 3.2, 0.10), row(nc_variant, 3.1, 0.15)])
+    out = claims.claim_c(df)
+    assert out["verdict"] == claims.REPRODUCED, out
+    assert any(nc_variant in e for e in out["evidence"])
+    assert claims.claim_c(df[df["variant"] != nc_variant])["verdict"] == claims.MISSING

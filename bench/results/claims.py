@@ -122,11 +122,16 @@ def claim_c(df) -> dict:
     """(c) removing SRL or backward distillation hurts most, the discriminator less; noise correction
     mainly changes colour/contrast."""
     full = _flash(df, 3, "full")
-    rows = {v: _flash(df, 3, v) for v in ("no-srl", "no-backward-distillation", "no-noise-correction")}
-    # the discriminator's row: removed from a full method that has it, or added to one that does not
+    rows = {v: _flash(df, 3, v) for v in ("no-srl", "no-backward-distillation")}
+    # the discriminator's and noise correction's rows: removed from a full method that has it, or added to one that
+    # does not (full is the defaults, which the studies chose)
     no_disc, with_disc = _flash(df, 3, "no-discriminator"), _flash(df, 3, "with-discriminator")
-    if full is None or any(r is None for r in rows.values()) or (no_disc is None and with_disc is None):
+    nc_variant = next((v for v in ("no-noise-correction", "with-noise-correction") if _flash(df, 3, v) is not None),
+                      None)
+    if full is None or any(r is None for r in rows.values()) or (no_disc is None and with_disc is None) \
+            or nc_variant is None:
         return {"verdict": MISSING, "evidence": []}
+    rows[nc_variant] = _flash(df, 3, nc_variant)
     if no_disc is not None:
         rows["no-discriminator"] = no_disc
     delta = {v: r["fid"] - full["fid"] for v, r in rows.items()}
@@ -142,7 +147,7 @@ def claim_c(df) -> dict:
     c1 = REPRODUCED if all(b == "worse" for b in big) and order else (
         NOT if any(b == "better" for b in big) or not order else INCONCLUSIVE)
     # c2: noise correction: FID tied, colour statistics moved
-    nc = rows["no-noise-correction"]
+    nc = rows[nc_variant]
     fid_tied = compare(nc, full, "fid") == "tied"
     colour_keys = ("saturation", "saturation_lowpass", "contrast")
     colour = {m: compare(full, nc, m) for m in colour_keys if m in full and m in nc}
