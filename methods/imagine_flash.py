@@ -44,7 +44,7 @@ class ImagineFlashConfig(AdversarialConfig):
     noise_correction: bool = False
     rollout_noise_correction: bool = True
     adversarial: bool = False  # off: the imagine-flash-adversarial study's choice (the paper's term is one setting away)
-    rho: float = 0.75  # γ(t) = ρ·t, the SRL teacher time (the imagine-flash-srl study's choice)
+    rho: float = 1.0  # γ(t) = ρ·t, the SRL teacher time (the imagine-flash-adversarial-srl study's choice)
     teacher_steps: int = 1  # k: guided teacher DDIM steps that build the target (the study's choice)
     lambda_adv: float = 0.1
     adv_times: str = "last"  # where the GAN term applies: the returned samples ("last") or every grid time

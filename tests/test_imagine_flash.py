@@ -99,7 +99,7 @@ def test_sampling_noise_correction_is_inference_only_and_rollout_noise_correctio
     cls = base.get("imagine-flash")
     ctx = base.Context(cache_dir=tmp_path, progress=False)
     settings = {"student_updates": 1, "batch_size": 2, "adversarial": False}
-    on = cls(tiny, cls.make_config(settings), ctx)
+    on = cls(tiny, cls.make_config({**settings, "noise_correction": True}), ctx)
     off = cls(tiny, cls.make_config({**settings, "noise_correction": False}), ctx)
     rollout_off = cls(tiny, cls.make_config({**settings, "rollout_noise_correction": False}), ctx)
     assert on.cache_stem(3) == off.cache_stem(3)  # the same student serves both rows
