@@ -341,17 +341,18 @@ def test_the_allocation_table_says_where_each_student_trained():
 # --- the suite at equal compute, derived from the curves run ------------------------------------------------
 
 
-def test_the_equal_compute_suite_is_what_the_rule_derives_from_the_committed_curves_run():
+@pytest.mark.parametrize(("curves", "base"), [("curves", "paper"), ("curves-flow", "paper-flow")])
+def test_the_equal_compute_suite_is_what_the_rule_derives_from_the_committed_curves_run(curves, base):
     import tomllib
 
     from bench import suite as suite_mod
     from bench.results import budgets
     from tests.conftest import ROOT
 
-    run = ROOT / "results/reference/curves"
-    committed = ROOT / "bench/suites/paper-equal-compute.toml"
-    assert budgets.main([str(run), "--base", "paper", "--check", str(committed)]) == 0
-    text = budgets.equal_compute_suite(run, "paper")
+    run = ROOT / "results/reference" / curves
+    committed = ROOT / f"bench/suites/{base}-equal-compute.toml"
+    assert budgets.main([str(run), "--base", base, "--check", str(committed)]) == 0
+    text = budgets.equal_compute_suite(run, base)
     parsed = suite_mod.parse(tomllib.loads(text), "derived")
     chosen = budgets.chosen_updates(run)
     for e in parsed.entries:
@@ -359,8 +360,8 @@ def test_the_equal_compute_suite_is_what_the_rule_derives_from_the_committed_cur
             continue
         curve, updates = e.label.rsplit(" u=", 1)
         assert all(chosen[curve][b.steps] == int(updates) == e.settings["student_updates"] for b in e.budgets)
-    # every step count of the paper suite's trained entries is served once, and the teacher is kept
-    paper = suite_mod.load("paper")
+    # every step count of the base suite's trained entries is served once, and the teacher is kept
+    paper = suite_mod.load(base)
     served = {(e.name, b.steps) for e in parsed.entries for b in e.budgets}
     assert served == {(e.name, b.steps) for e in paper.entries for b in e.budgets}
     assert parsed.prompts == "shapes-eval" and "student_updates" not in parsed.train
