@@ -317,6 +317,27 @@ def test_table_a_shows_the_teacher_at_the_most_nfe_not_above_each_student_rows()
     assert col[("teacher-dpm++", 4)] == "—"
 
 
+def test_table_a_counts_a_continued_students_training_seconds_over_every_session():
+    """A student continued from a cached shorter training (a curves point, an equal-compute row) spent its passes
+    and its seconds over several sessions: Table A's seconds are the counted total beside the counted passes, not
+    the last session's wall time (which loading a cached student makes ~0)."""
+    import pandas as pd
+
+    from bench.results import tables
+
+    def row(seed, train):
+        return {"label": "lcm u=400", "method": "lcm", "variant": None, "steps": 4, "nfe": 4, "n_samples": 10,
+                "status": "ok", "error": None, "train_seed": seed, "fid": 1.0, "train": train}
+
+    trains = [{"student_updates": 400, "network_passes": 64_000, "train_seconds": 130.0, "wall_seconds": 66.0},
+              {"student_updates": 400, "network_passes": 64_000, "train_seconds": 140.0, "wall_seconds": 0.2}]
+    a = tables.table_a(tables.aggregate(pd.DataFrame([row(s, t) for s, t in enumerate(trains)])))
+    assert a["train s"].tolist() == ["135"] and a["fwd+bwd passes (train)"].tolist() == ["64,000"]
+    older = [{k: v for k, v in t.items() if k != "train_seconds"} for t in trains]  # before the count existed
+    a = tables.table_a(tables.aggregate(pd.DataFrame([row(s, t) for s, t in enumerate(older)])))
+    assert a["train s"].tolist() == ["33"]
+
+
 def test_the_allocation_table_says_where_each_student_trained():
     import pandas as pd
 
@@ -374,3 +395,17 @@ def test_a_run_without_curves_gives_no_equal_compute_suite(tmp_path):
     with pytest.raises(ValueError, match="no learning-curve rows"):
         budgets.chosen_updates(tmp_path)
     assert budgets.main([str(tmp_path)]) == 2
+
+
+def test_an_equal_compute_suite_is_refused_from_another_teachers_curves_or_a_missing_check_file(tmp_path, capsys):
+    from bench.results import budgets
+    from tests.conftest import ROOT
+
+    flow = ROOT / "results/reference/curves-flow"
+    with pytest.raises(ValueError, match="use the curves run of the base suite's teacher"):
+        budgets.equal_compute_suite(flow, "paper")  # VP paper suite, flow-teacher curves
+    assert budgets.main([str(flow), "--base", "paper"]) == 2
+    assert budgets.main([str(flow), "--base", "paper-flow", "--check", str(tmp_path / "none.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "backbone" in err[0] and "no such file" in err[1]
+    assert not list(tmp_path.iterdir())

@@ -46,7 +46,8 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
     """The TOML text of the base suite with the curves' methods at their equal-compute update counts (one entry per
     method and update count, labelled ``METHOD u=N``, with the step counts it serves there), the training seeds
     of the curves run, and the base suite's untrained entries (the teacher). Raises ValueError as
-    ``chosen_updates``, and when the base suite has no [[methods]]."""
+    ``chosen_updates``, when the base suite has no [[methods]], and when the curves run trained against another
+    backbone (teacher) than the base suite's."""
     run = Path(run)
     config = json.loads((run / "config.json").read_text())
     suite = config["suite"]
@@ -58,6 +59,11 @@ def equal_compute_suite(run: Path, base: str = "paper") -> str:
     raw = tomllib.loads(text)
     if "[[methods]]" not in text:
         raise ValueError(f"{path}: no [[methods]] entries")
+    ran_on = {"kind": "shapes", **(suite.get("backbone") or {})}
+    base_on = {"kind": "shapes", **raw.get("backbone", {})}
+    if ran_on != base_on:  # the curves' update counts are a property of the teacher they trained against
+        raise ValueError(f"{run} trained against backbone {ran_on} but suite {base!r} runs on {base_on}; "
+                         "use the curves run of the base suite's teacher (e.g. curves-flow for paper-flow)")
     head = text[:text.index("[[methods]]")]
     entries = {e["curve"]: e for e in suite["entries"] if e.get("curve")}
     seeds = sorted({e["train_seed"] for e in suite["entries"] if e.get("train_seed") is not None})
@@ -123,9 +129,13 @@ def main(argv=None) -> int:
         print(f"budgets: {e}", file=sys.stderr)
         return 2
     if a.check:
+        if not Path(a.check).is_file():
+            print(f"budgets: --check {a.check}: no such file (a committed suite, e.g. "
+                  f"bench/suites/{a.base}-equal-compute.toml)", file=sys.stderr)
+            return 2
         if Path(a.check).read_text() != text:
             print(f"{a.check} differs from what {a.run} derives; regenerate it (python -m bench.results.budgets "
-                  f"{a.run} --base {a.base} > {a.check})")
+                  f"{a.run} --base {a.base} > {a.check})", file=sys.stderr)
             return 1
         return 0
     sys.stdout.write(text)
