@@ -49,7 +49,7 @@ def check_students(runs: list[Path], shard_rows: list[list[dict]]) -> None:
 
 def check_shards(runs: list[Path]) -> tuple[list[dict], list[Path]]:
     """(configs, runs) in shard order; UserError naming the first thing that does not fit."""
-    configs = [read_config(r) for r in runs]
+    configs = [read_config(r, "merge") for r in runs]
     for r, c in zip(runs, configs):
         if not c.get("shard"):
             raise UserError(f"{r} is not a shard (run it with --shard i/n)")

@@ -53,11 +53,12 @@ def load_floor(run: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def read_config(run: Path) -> dict:
-    """A run's config.json; UserError when the directory is not a flashbench run."""
+def read_config(run: Path, action: str = "resume") -> dict:
+    """A run's config.json; UserError naming `action` (what the caller would do with it: resume, merge) when the
+    directory is not a flashbench run."""
     path = Path(run) / CONFIG_FILE
     if not path.exists():
-        raise UserError(f"cannot resume {run}: it has no {CONFIG_FILE} (not a flashbench run)")
+        raise UserError(f"cannot {action} {run}: it has no {CONFIG_FILE} (not a flashbench run)")
     return json.loads(path.read_text())
 
 

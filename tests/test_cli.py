@@ -116,6 +116,7 @@ def test_new_run_never_overwrites(tiny_run):
     (["run", "--samples", "99999"], "has only"),
     (["run", "--resume", "nowhere"], "cannot resume"),
     (["table", "nowhere"], "has no results.jsonl"),
+    (["merge", "nowhere", "nowhere2", "--out", "out"], "cannot merge nowhere"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
     if "--device" in args:
