@@ -121,7 +121,12 @@ def build(ref: Path) -> str:
              "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, "
              "this block by `python -m bench.report`. Wall times include building FID reference statistics where a "
              "run's cache lacked them; a student loaded from the cache was trained by an earlier run (a study's, "
-             "with the same settings and seed). Runs with 1 torch thread ran two or three at a time.", ""]
+             "with the same settings and seed). Runs with 1 torch thread ran two or three at a time "
+             "(`--threads 1`, or `OMP_NUM_THREADS=1` for a study). A student is bit-reproducible at the thread count "
+             "it trained with, and a training continued from a cached shorter one equals the straight training "
+             "bit for bit; with another thread count the float reduction order differs and, after 150 updates, so "
+             "does the student, by about as much as another training seed (docs/studies.md, imagine-flash-srl). "
+             "To reproduce a row's students exactly, train them with the thread count in the last column.", ""]
     lines += run_table(ref) + ["", "### Shipped weights", ""] + weight_cards()
     default = ref / "default"
     if (default / "results.jsonl").exists():
