@@ -77,8 +77,8 @@ COMMITTED = sorted(REF.glob("study-*/" + study.CHOICE_FILE))
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.parent.name)
 def test_defaults_are_the_committed_studies_choices(path):
     """A default in the code is what its study chose (update both together: rerun the study). Where two committed
-    studies choose the same setting of a method, the one started last governs (imagine-flash-srl and
-    imagine-flash-adversarial-srl both choose Imagine Flash's rho)."""
+    studies choose the same setting of a method, the one started last governs (Imagine Flash's rho: the srl grid,
+    the adversarial-srl study and the srl confirmation)."""
     choice = json.loads(path.read_text())
     backbone = study.load(choice["study"]).get("backbone")
     if backbone is not None:  # a choice for another teacher: every shipped suite on that teacher uses it
@@ -105,14 +105,19 @@ def _superseded(path, method: str, key: str) -> bool:
         for other in COMMITTED if other != path)
 
 
-def test_a_setting_two_studies_chose_is_checked_against_the_later_one_only():
-    srl = REF / "study-imagine-flash-srl" / study.CHOICE_FILE
-    later = REF / "study-imagine-flash-adversarial-srl" / study.CHOICE_FILE
-    if not (srl.exists() and later.exists()):
-        pytest.skip("the two studies are not both committed")
-    first, last = sorted((srl, later), key=_started)  # whichever of the two was run last governs rho
-    assert _superseded(first, "imagine-flash", "rho") and not _superseded(last, "imagine-flash", "rho")
-    assert not _superseded(srl, "imagine-flash", "teacher_steps")  # only the srl study chose k
+@pytest.mark.parametrize(("key", "study_name"), [("rho", "imagine-flash-srl-confirm"),
+                                                  ("teacher_steps", "imagine-flash-srl-confirm"),
+                                                  ("adversarial", "imagine-flash-adversarial")])
+def test_a_setting_several_studies_chose_is_checked_against_the_latest_only(key, study_name):
+    """Imagine Flash's SRL and adversarial settings were chosen by several committed studies (the rho x k grid, the
+    adversarial x rho study, the confirmation of the grid's re-run pick with more seeds; the adversarial designs):
+    exactly one governs each setting, the one run last, which is the one the docs name."""
+    choosers = [p for p in COMMITTED if any(c["method"] == "imagine-flash" and key in c["settings"]
+                                            for c in json.loads(p.read_text())["chosen"].values())]
+    if len(choosers) < 2:
+        pytest.skip(f"one committed study chooses {key}")
+    governing = [p.parent.name for p in choosers if not _superseded(p, "imagine-flash", key)]
+    assert governing == [f"study-{study_name}"]
 
 
 def _suites_on_the_teacher_use(backbone: dict, choice: dict) -> None:
