@@ -352,6 +352,11 @@ def cmd_table(args) -> int:
     if not (args.run / RESULTS_FILE).exists():
         raise UserError(f"{args.run} has no {RESULTS_FILE}; give a run directory written by `flashbench run`")
     tables.write_all(args.run)
+    config = read_config(args.run, "rebuild the tables of")
+    if config.get("study"):  # a study run: its choice is derived from the results too, by the study's rule
+        study_mod.choose(args.run, study_mod.load(config["study"]))
+        print((args.run / "tables" / "study.md").read_text())
+        return 0
     print((args.run / "tables" / "main.md").read_text())
     return 0
 

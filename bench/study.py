@@ -105,17 +105,23 @@ def build_suite(study: dict, samples: int | None = None, train_seeds: list[int] 
 # --- rules ------------------------------------------------------------------------------------------
 
 
-def _per_candidate(agg: pd.DataFrame) -> pd.DataFrame:
+def _per_candidate(agg: pd.DataFrame, rows_df: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per candidate: FID and CLIP means over the study's budgets, the FID spread over training seeds, and (from the
+    run's rows, `rows_df`) ``fid_by_seed``: {training seed: mean FID over the budgets}, which ``beats`` pairs."""
     import pandas as pd
 
-    """Per candidate: FID and CLIP means over the study's budgets, and the FID spread over training seeds."""
     ok = agg[agg["status"] == "ok"]
+    by_seed: dict[str, dict[int, float]] = {}
+    if rows_df is not None and "train_seed" in rows_df and rows_df["train_seed"].notna().any():
+        good = rows_df[(rows_df["status"] == "ok") & rows_df["train_seed"].notna()]
+        for (label, seed), g in good.groupby(["label", "train_seed"], sort=False):
+            by_seed.setdefault(label, {})[int(seed)] = float(g["fid"].mean())
     rows = []
     for label, g in ok.groupby("label", sort=False):
         sd = g["fid_seed_sd"].mean() if "fid_seed_sd" in g else float("nan")
         gan = next(iter(g["gan"].dropna()), None) if "gan" in g else None  # the adversarial term's verdict, if any
         rows.append({"label": label, "method": g["method"].iloc[0], "fid": g["fid"].mean(), "fid_sd": sd,
-                     "gan": gan,
+                     "gan": gan, "fid_by_seed": by_seed.get(label),
                      "n": int(g["n_train_seeds"].max()) if "n_train_seeds" in g else 1,
                      "clip_score": g["clip_score"].mean(), "accuracy": g["accuracy"].mean()})
     return pd.DataFrame(rows)
@@ -127,11 +133,29 @@ def lowest_fid(table: pd.DataFrame, study: dict) -> tuple[str, str]:
     return best["label"], f"lowest mean FID ({best['fid']:.2f})"
 
 
-def beats(a: pd.Series, b: pd.Series) -> bool:
-    """a beats b: a's mean FID is lower than b's by more than one standard error of the difference
-    (training-seed spreads; with one seed each, by more than nothing)."""
+def difference(a: pd.Series, b: pd.Series) -> tuple[float, float, bool]:
+    """(how much lower a's FID is than b's, its standard error, whether paired). Paired by training seed where both
+    candidates were measured on the same two or more seeds (``fid_by_seed``): the mean of the per-seed differences
+    and its standard error (sample SD / sqrt(n)), the paired comparison of a design where each seed's students share
+    their initialisation and data order, and a sampling setting's candidates sample the very same students.
+    Otherwise unpaired: the difference of the means and sqrt(sd_a²/n_a + sd_b²/n_b) from the training-seed spreads
+    (0 with one seed each)."""
+    pa, pb = a.get("fid_by_seed"), b.get("fid_by_seed")
+    common = sorted(set(pa) & set(pb)) if isinstance(pa, dict) and isinstance(pb, dict) else []
+    if len(common) >= 2:
+        d = [pb[k] - pa[k] for k in common]
+        mean = sum(d) / len(d)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
+        return mean, sd / math.sqrt(len(d)), True
     se = math.sqrt(sum((r["fid_sd"] if not math.isnan(r["fid_sd"]) else 0.0) ** 2 / max(r["n"], 1) for r in (a, b)))
-    return b["fid"] - a["fid"] > se
+    return b["fid"] - a["fid"], se, False
+
+
+def beats(a: pd.Series, b: pd.Series) -> bool:
+    """a beats b: a's FID is lower than b's by more than one standard error of the difference (``difference``:
+    paired by training seed where both share two or more seeds; with one seed each, by more than nothing)."""
+    diff, se, _ = difference(a, b)
+    return diff > se
 
 
 def lowest_fid_beats_baseline(table: pd.DataFrame, study: dict) -> tuple[str, str]:
@@ -139,12 +163,15 @@ def lowest_fid_beats_baseline(table: pd.DataFrame, study: dict) -> tuple[str, st
     base = table[table["label"] == study["baseline"]].iloc[0]
     label, _ = lowest_fid(table[table["label"] != study["baseline"]], study)
     best = table[table["label"] == label].iloc[0]
-    if beats(best, base):
+    diff, se, paired = difference(best, base)
+    by = (f"by more than one standard error ({'paired by training seed: ' if paired else ''}"
+          f"{diff:.2f} lower, standard error {se:.2f})")
+    if diff > se:
         return label, (f"{label} (FID {best['fid']:.2f} ± {best['fid_sd']:.2f}) beats the baseline "
-                       f"{base['label']} ({base['fid']:.2f} ± {base['fid_sd']:.2f}) by more than one standard error")
+                       f"{base['label']} ({base['fid']:.2f} ± {base['fid_sd']:.2f}) {by}")
     return base["label"], (f"the best other candidate, {label} (FID {best['fid']:.2f} ± {best['fid_sd']:.2f}), "
                            f"does not beat the baseline {base['label']} ({base['fid']:.2f} ± {base['fid_sd']:.2f}) "
-                           "by more than one standard error")
+                           f"{by}")
 
 
 RULES = {"lowest-fid": lowest_fid, "lowest-fid-beats-baseline": lowest_fid_beats_baseline}
@@ -154,8 +181,8 @@ def choose(run: Path, study: dict) -> dict:
     """Apply the study's rule to a finished run; writes choice.json and tables/study.md, returns the choice."""
     from bench.results import tables
 
-    agg = tables.aggregate(tables.load(run)[0])
-    table = _per_candidate(agg)
+    rows_df = tables.load(run)[0]
+    table = _per_candidate(tables.aggregate(rows_df), rows_df)
     if table.empty:
         raise UserError(f"{run}: no finished candidate rows; nothing to choose from")
     cands = candidates(study)
@@ -169,7 +196,7 @@ def choose(run: Path, study: dict) -> dict:
                          "why": why}
     out = {"study": study["name"], "rule": rule, "rule_doc": RULES[rule].__doc__, "base": study.get("base", {}),
            "steps": study["steps"], "chosen": chosen,
-           "candidates": [{k: v for k, v in r.items() if not (k == "gan" and not isinstance(v, str))}
+           "candidates": [{k: v for k, v in r.items() if not (k in ("gan", "fid_by_seed") and not isinstance(v, (str, dict)))}
                           for r in table.to_dict("records")]}  # "gan" only where a candidate has the term
     io.write_json(Path(run) / CHOICE_FILE, out)
     io.write_text(Path(run) / "tables" / "study.md", report(table, out, study))

@@ -216,3 +216,23 @@ steps = [1]
     assert flash[0]["train"]["passes"]["teacher"]["forward"] == flash[0]["train"]["teacher_nfe"] > 0
     table = (tmp_path / "run" / "tables" / "main.md").read_text()
     assert " ± " in table.split("flash")[1].split("\n")[0]  # mean ± spread over the two students
+
+
+def test_table_rederives_a_study_runs_choice_by_the_studys_rule(tmp_path):
+    """`flashbench table` on a study run rebuilds its tables and its choice (choice.json, tables/study.md) from the
+    results, as the study's rule in bench/study.py now decides it: a rule's change reaches every committed study."""
+    import json
+    import shutil
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "study"
+    shutil.copytree(ROOT / "results/reference/study-imagine-flash-noise-correction", run)
+    committed = json.loads((run / "choice.json").read_text())
+    (run / "choice.json").unlink()
+    (run / "tables" / "study.md").unlink()
+    code, err = flashbench_in_process("table", run, cwd=tmp_path)
+    assert code == 0, err
+    again = json.loads((run / "choice.json").read_text())
+    assert again["chosen"] == committed["chosen"] and (run / "tables" / "study.md").exists()
+    assert "paired by training seed" in again["chosen"]["all"]["why"]

@@ -37,6 +37,25 @@ def test_a_candidate_is_kept_only_if_it_beats_the_baseline(challenger, sd, kept)
     assert math.isclose(math.sqrt(0.5**2 / 3 + sd**2 / 3), math.sqrt(0.25 / 3 + sd**2 / 3))
 
 
+def test_a_challenger_lower_in_every_training_seed_beats_the_baseline_paired_whatever_the_seeds_spread():
+    """The noise-correction study's shape: both candidates sample the same three students, whose FIDs differ by
+    about 3 between seeds while the challenger is 0.5-0.8 lower in each. Paired by seed that is a difference
+    several standard errors wide; compared through the two spreads (as if the students were independent) it is
+    not. Without two shared seeds the comparison stays unpaired."""
+    base = {"label": "on", "fid": 13.30, "fid_sd": 2.27, "fid_by_seed": {0: 15.0, 1: 12.4, 2: 12.5}}
+    off = {"label": "off", "fid": 12.64, "fid_sd": 2.06, "fid_by_seed": {0: 14.2, 1: 11.8, 2: 11.9}}
+    t = _table([base, off])
+    diff, se, paired = study.difference(t.iloc[1], t.iloc[0])
+    assert paired and math.isclose(diff, 2 / 3, rel_tol=1e-9) and se < 0.1
+    assert study.beats(t.iloc[1], t.iloc[0]) and study.lowest_fid_beats_baseline(t, {"baseline": "on"})[0] == "off"
+    assert "paired by training seed" in study.lowest_fid_beats_baseline(t, {"baseline": "on"})[1]
+    unpaired = _table([{k: v for k, v in r.items() if k != "fid_by_seed"} for r in (base, off)])
+    assert not study.difference(unpaired.iloc[1], unpaired.iloc[0])[2]
+    assert not study.beats(unpaired.iloc[1], unpaired.iloc[0])
+    one_shared = _table([base, {**off, "fid_by_seed": {0: 14.2, 7: 11.8}}])
+    assert not study.difference(one_shared.iloc[1], one_shared.iloc[0])[2]
+
+
 def test_studies_never_choose_on_evaluation_prompts():
     s = {**study.load("teacher-guidance"), "prompts": "shapes-eval"}
     with pytest.raises(UserError, match="never chosen on the evaluation prompts"):
