@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,9 +145,7 @@ def difference(a: pd.Series, b: pd.Series) -> tuple[float, float, bool]:
     common = sorted(set(pa) & set(pb)) if isinstance(pa, dict) and isinstance(pb, dict) else []
     if len(common) >= 2:
         d = [pb[k] - pa[k] for k in common]
-        mean = sum(d) / len(d)
-        sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1))
-        return mean, sd / math.sqrt(len(d)), True
+        return statistics.mean(d), statistics.stdev(d) / math.sqrt(len(d)), True
     se = math.sqrt(sum((r["fid_sd"] if not math.isnan(r["fid_sd"]) else 0.0) ** 2 / max(r["n"], 1) for r in (a, b)))
     return b["fid"] - a["fid"], se, False
 
@@ -166,7 +165,7 @@ def lowest_fid_beats_baseline(table: pd.DataFrame, study: dict) -> tuple[str, st
     diff, se, paired = difference(best, base)
     by = (f"by more than one standard error ({'paired by training seed: ' if paired else ''}"
           f"{diff:.2f} lower, standard error {se:.2f})")
-    if diff > se:
+    if beats(best, base):
         return label, (f"{label} (FID {best['fid']:.2f} ± {best['fid_sd']:.2f}) beats the baseline "
                        f"{base['label']} ({base['fid']:.2f} ± {base['fid_sd']:.2f}) {by}")
     return base["label"], (f"the best other candidate, {label} (FID {best['fid']:.2f} ± {best['fid_sd']:.2f}), "
@@ -175,6 +174,11 @@ def lowest_fid_beats_baseline(table: pd.DataFrame, study: dict) -> tuple[str, st
 
 
 RULES = {"lowest-fid": lowest_fid, "lowest-fid-beats-baseline": lowest_fid_beats_baseline}
+
+
+# candidate fields written to choice.json only where a candidate has them: the GAN verdict (a candidate with the
+# term) and the per-seed FIDs (a run with training seeds)
+_ONLY_WHEN = {"gan": str, "fid_by_seed": dict}
 
 
 def choose(run: Path, study: dict) -> dict:
@@ -196,8 +200,8 @@ def choose(run: Path, study: dict) -> dict:
                          "why": why}
     out = {"study": study["name"], "rule": rule, "rule_doc": RULES[rule].__doc__, "base": study.get("base", {}),
            "steps": study["steps"], "chosen": chosen,
-           "candidates": [{k: v for k, v in r.items() if not (k in ("gan", "fid_by_seed") and not isinstance(v, (str, dict)))}
-                          for r in table.to_dict("records")]}  # "gan" only where a candidate has the term
+           "candidates": [{k: v for k, v in r.items() if k not in _ONLY_WHEN or isinstance(v, _ONLY_WHEN[k])}
+                          for r in table.to_dict("records")]}
     io.write_json(Path(run) / CHOICE_FILE, out)
     io.write_text(Path(run) / "tables" / "study.md", report(table, out, study))
     return out
