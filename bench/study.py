@@ -14,7 +14,8 @@ methods' Config classes; ``tests/test_studies.py`` checks every committed study 
     train_seeds = [0, 1, 2]            # trained methods: one student per seed (mean over seeds)
     samples = 500
     rule = "lowest-fid"                # a key of RULES
-    baseline = "no-discriminator"      # optional: with rule "lowest-fid-beats-baseline"
+    baseline = "no-discriminator"      # optional: with rule "lowest-fid-beats-baseline" (with group_by = "method",
+                                       # a list: each method's incumbent)
     group_by = "method"                # optional: choose one candidate per method
     [base]                             # settings every candidate shares
     solver = "dpmsolver++"
@@ -65,9 +66,34 @@ def load(name: str) -> dict:
         raise unknown(f"rule in {path.name}", raw.get("rule"), RULES)
     if ("candidates" in raw) == ("grid" in raw):
         raise UserError(f"{path.name}: give exactly one of [candidates] or [grid]")
-    if raw.get("rule") == "lowest-fid-beats-baseline" and raw.get("baseline") not in raw.get("candidates", {}):
-        raise UserError(f"{path.name}: rule lowest-fid-beats-baseline needs baseline = one of the candidates")
+    if raw.get("rule") == "lowest-fid-beats-baseline":
+        _check_baselines(raw, path.name)
     return raw
+
+
+def baselines(study: dict) -> list[str]:
+    """The study's baseline labels: one (``baseline = "label"``) or, with ``group_by = "method"``, one per method."""
+    b = study.get("baseline")
+    return [b] if isinstance(b, str) else list(b) if isinstance(b, list) else []
+
+
+def _check_baselines(raw: dict, name: str) -> None:
+    """rule lowest-fid-beats-baseline: every baseline is a candidate and, grouped by method, each method has exactly
+    one; UserError naming what is wrong."""
+    cands = raw.get("candidates", {})
+    labels = baselines(raw)
+    if not labels or any(label not in cands for label in labels):
+        raise UserError(f"{name}: rule lowest-fid-beats-baseline needs baseline = one of the candidates "
+                        f"(or, with group_by = \"method\", a list of one per method)")
+    if raw.get("group_by") == "method":
+        method = {k: v.get("name", raw.get("method")) for k, v in cands.items()}
+        for m in dict.fromkeys(method.values()):
+            n = sum(method[label] == m for label in labels)
+            if n != 1:
+                raise UserError(f"{name}: group_by = \"method\" needs exactly one baseline per method; "
+                                f"{m} has {n}")
+    elif len(labels) != 1:
+        raise UserError(f"{name}: one baseline label (a list needs group_by = \"method\")")
 
 
 def candidates(study: dict) -> dict[str, dict]:
@@ -159,8 +185,8 @@ def beats(a: pd.Series, b: pd.Series) -> bool:
 
 def lowest_fid_beats_baseline(table: pd.DataFrame, study: dict) -> tuple[str, str]:
     """The lowest-FID candidate other than the baseline, kept only if it beats the baseline (``beats``)."""
-    base = table[table["label"] == study["baseline"]].iloc[0]
-    label, _ = lowest_fid(table[table["label"] != study["baseline"]], study)
+    base = table[table["label"].isin(baselines(study))].iloc[0]  # the group's one baseline (load checks it)
+    label, _ = lowest_fid(table[table["label"] != base["label"]], study)
     best = table[table["label"] == label].iloc[0]
     diff, se, paired = difference(best, base)
     by = (f"by more than one standard error ({'paired by training seed: ' if paired else ''}"

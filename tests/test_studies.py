@@ -56,6 +56,34 @@ def test_a_challenger_lower_in_every_training_seed_beats_the_baseline_paired_wha
     assert not study.difference(one_shared.iloc[1], one_shared.iloc[0])[2]
 
 
+def test_a_baseline_per_method_is_each_groups_incumbent(tmp_path):
+    """group_by = "method" with a list of baselines (lr-confirm): each method's pick is kept only if it beats that
+    method's own incumbent; the list must name one candidate per method, and a list needs group_by."""
+    t = _table([{"label": "a old", "method": "a", "fid": 5.0, "fid_sd": 0.5, "fid_by_seed": {0: 5.5, 1: 4.5}},
+                {"label": "a new", "method": "a", "fid": 4.0, "fid_sd": 0.5, "fid_by_seed": {0: 4.5, 1: 3.5}},
+                {"label": "b old", "method": "b", "fid": 5.0, "fid_sd": 0.5, "fid_by_seed": {0: 5.5, 1: 4.5}},
+                {"label": "b new", "method": "b", "fid": 4.9, "fid_sd": 0.5, "fid_by_seed": {0: 4.0, 1: 5.8}}])
+    st = {"baseline": ["a old", "b old"], "group_by": "method"}
+    assert study.lowest_fid_beats_baseline(t[t["method"] == "a"], st)[0] == "a new"  # 1.0 lower in both seeds
+    assert study.lowest_fid_beats_baseline(t[t["method"] == "b"], st)[0] == "b old"  # 0.1 lower, se 0.9
+
+    def load(extra: str):
+        (tmp_path / "s.toml").write_text('name = "s"\nsteps = [1]\nrule = "lowest-fid-beats-baseline"\n' + extra +
+                                         '[candidates]\n"a1" = { name = "lcm", lr = 1e-4 }\n'
+                                         '"a2" = { name = "lcm", lr = 2e-4 }\n"b1" = { name = "add", lr = 1e-4 }\n')
+        return study.load(str(tmp_path / "s.toml"))
+
+    assert study.baselines(load('group_by = "method"\nbaseline = ["a1", "b1"]\n')) == ["a1", "b1"]
+    with pytest.raises(UserError, match="exactly one baseline per method; add has 0"):
+        load('group_by = "method"\nbaseline = ["a1"]\n')
+    with pytest.raises(UserError, match="exactly one baseline per method; lcm has 2"):
+        load('group_by = "method"\nbaseline = ["a1", "a2", "b1"]\n')
+    with pytest.raises(UserError, match="needs group_by"):
+        load('baseline = ["a1", "b1"]\n')
+    with pytest.raises(UserError, match="needs baseline = one of the candidates"):
+        load('baseline = "zz"\n')
+
+
 def test_studies_never_choose_on_evaluation_prompts():
     s = {**study.load("teacher-guidance"), "prompts": "shapes-eval"}
     with pytest.raises(UserError, match="never chosen on the evaluation prompts"):
@@ -124,18 +152,21 @@ def _superseded(path, method: str, key: str) -> bool:
         for other in COMMITTED if other != path)
 
 
-@pytest.mark.parametrize(("key", "study_name"), [("rho", "imagine-flash-srl-confirm"),
-                                                  ("teacher_steps", "imagine-flash-srl-confirm"),
-                                                  ("adversarial", "imagine-flash-adversarial")])
-def test_a_setting_several_studies_chose_is_checked_against_the_latest_only(key, study_name):
-    """Imagine Flash's SRL and adversarial settings were chosen by several committed studies (the rho x k grid, the
-    adversarial x rho study, the confirmation of the grid's re-run pick with more seeds; the adversarial designs):
-    exactly one governs each setting, the one run last, which is the one the docs name."""
-    choosers = [p for p in COMMITTED if any(c["method"] == "imagine-flash" and key in c["settings"]
+@pytest.mark.parametrize(("method", "key", "study_name"), [("imagine-flash", "rho", "imagine-flash-srl-confirm"),
+                                                            ("imagine-flash", "teacher_steps", "imagine-flash-srl-confirm"),
+                                                            ("imagine-flash", "adversarial", "imagine-flash-adversarial"),
+                                                            ("imagine-flash", "lr", "lr-confirm"),
+                                                            ("add", "lr", "lr-confirm")])
+def test_a_setting_several_studies_chose_is_checked_against_the_latest_only(method, key, study_name):
+    """Some settings were chosen by several committed studies: Imagine Flash's SRL settings (the rho x k grid, the
+    adversarial x rho study, the confirmation of the grid's re-run pick with more seeds), its adversarial design, and
+    Imagine Flash's and ADD's learning rates (the lr sweep, then the confirmation of its re-run's picks against the
+    incumbents). Exactly one governs each setting, the one run last, which is the one the docs name."""
+    choosers = [p for p in COMMITTED if any(c["method"] == method and key in c["settings"]
                                             for c in json.loads(p.read_text())["chosen"].values())]
     if len(choosers) < 2:
-        pytest.skip(f"one committed study chooses {key}")
-    governing = [p.parent.name for p in choosers if not _superseded(p, "imagine-flash", key)]
+        pytest.skip(f"one committed study chooses {method}'s {key}")
+    governing = [p.parent.name for p in choosers if not _superseded(p, method, key)]
     assert governing == [f"study-{study_name}"]
 
 
