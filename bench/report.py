@@ -118,15 +118,21 @@ def weight_cards() -> list[str]:
 def build(ref: Path) -> str:
     lines = ["### Where the figures come from", "",
              "Each reference run below was made on this project's machine (2 CPU cores, no GPU) with the command "
-             "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, "
-             "this block by `python -m bench.report`. Wall times include building FID reference statistics where a "
-             "run's cache lacked them; a student loaded from the cache was trained by an earlier run (a study's, "
-             "with the same settings and seed). Runs with 1 torch thread ran two or three at a time "
-             "(`--threads 1`, or `OMP_NUM_THREADS=1` for a study). A student is bit-reproducible at the thread count "
-             "it trained with, and a training continued from a cached shorter one equals the straight training "
-             "bit for bit; with another thread count the float reduction order differs and, after 150 updates, so "
-             "does the student, by about as much as another training seed (docs/studies.md, imagine-flash-srl). "
-             "To reproduce a row's students exactly, train them with the thread count in the last column.", ""]
+             "shown, into `results/reference/`; tables are copied from its files by `python -m bench.readme`, this "
+             "block by `python -m bench.report`. Wall times include building FID reference statistics where a run's "
+             "cache lacked them; a student loaded from the cache was trained by an earlier run (a study's, with the "
+             "same settings and seed). Runs with 1 torch thread (`--threads 1`, or `OMP_NUM_THREADS=1` for a study) "
+             "sometimes ran beside one or two others, so a run's wall time, and the training seconds of the students "
+             "it trained, can be longer than alone would take; network passes are exact. A student is bit-reproducible"
+             " at the thread count it trained with, and a training continued from a cached shorter one equals the "
+             "straight training bit for bit, except ADD's: its discriminator head start draws its batches at indices "
+             "after the run's last update, so a continued ADD student differs from a straight one (`paper`'s ADD at 1 "
+             "step: FID 44.33 continued, 43.79 straight; its rows continue `curves`' 100-update students, and "
+             "`paper-flow`'s `curves-flow`'s, because the references ran in that order; to reproduce those rows "
+             "exactly, run `curves` before `paper` and `curves-flow` before `paper-flow` with the same cache). With "
+             "another thread count the float reduction order differs and, after 150 updates, so does the student, by "
+             "about as much as another training seed (docs/studies.md, imagine-flash-srl). To reproduce a row's "
+             "students exactly, train them with the thread count in the last column.", ""]
     lines += run_table(ref) + ["", "### Shipped weights", ""] + weight_cards()
     default = ref / "default"
     if (default / "results.jsonl").exists():
